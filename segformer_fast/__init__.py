@@ -1,0 +1,20 @@
+"""segformer_fast: fast, memory-lean SegFormer and SETR for PyTorch.
+
+Fused Triton / CUDA / C++ kernels behind torch.autograd, each with a pure-PyTorch reference beside it.
+"""
+
+from .backends import available_backends
+from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
+from .models import SegFormer, segformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SEGFORMER_VARIANTS",
+    "LayerNormEps",
+    "SegFormer",
+    "SegFormerConfig",
+    "available_backends",
+    "get_config",
+    "segformer",
+]

@@ -1,0 +1,174 @@
+"""Which implementation runs each fused op, and why the others cannot.
+
+Backends:
+- ``torch``: the pure-PyTorch reference modules. Always present; the correctness oracle.
+- ``triton``: Triton kernels. Needs the ``triton`` package and a CUDA device, or
+  ``TRITON_INTERPRET=1`` set before triton is imported (runs the kernels on the CPU, slowly).
+- ``cuda``: the compiled CUDA extension ``segformer_fast._C_cuda`` and a CUDA device.
+- ``cpp``: the compiled CPU extension ``segformer_fast._C_cpu`` (C++ with OpenMP).
+
+The choice is explicit: a ``backend`` argument per model/module, the environment variable
+``SEGFORMER_FAST_BACKEND`` as the default, and :func:`available_backends` to inspect.
+"auto" picks, per op and per tensor device, the fastest backend present that implements the op.
+Asking for a backend that is missing is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendStatus",
+    "available_backends",
+    "default_backend",
+    "validate_backend",
+    "resolve_backend",
+    "cpu_extension",
+    "cuda_extension",
+]
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+ENV_VAR = "SEGFORMER_FAST_BACKEND"
+# Preference order for "auto", per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is missing, or what it runs on when present
+
+
+@functools.lru_cache(maxsize=None)
+def _import_extension(name: str):
+    try:
+        return importlib.import_module(f"segformer_fast.{name}"), ""
+    except ImportError as exc:  # not built, or built against another torch
+        return None, str(exc)
+
+
+def cpu_extension():
+    """The compiled CPU extension module, or None when it was not built."""
+    return _import_extension("_C_cpu")[0]
+
+
+def cuda_extension():
+    """The compiled CUDA extension module, or None when it was not built."""
+    return _import_extension("_C_cuda")[0]
+
+
+def _cuda_device_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_status() -> BackendStatus:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return BackendStatus("triton", False, "the triton package is not installed (pip install triton)")
+    if _cuda_device_present():
+        return BackendStatus("triton", True, f"triton {triton.__version__} on CUDA")
+    if triton_interpret():
+        return BackendStatus("triton", True, f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1, CPU)")
+    return BackendStatus(
+        "triton", False, "triton is installed but there is no CUDA device; set TRITON_INTERPRET=1 to run on the CPU (slow)"
+    )
+
+
+def _extension_status(backend: str, module: str, how: str, needs_cuda: bool) -> BackendStatus:
+    ext, err = _import_extension(module)
+    if ext is None:
+        if "No module named" in err:
+            err = "not built"
+        return BackendStatus(backend, False, f"extension segformer_fast.{module} {err}; {how}")
+    if needs_cuda and not _cuda_device_present():
+        return BackendStatus(backend, False, f"segformer_fast.{module} is built but there is no CUDA device")
+    return BackendStatus(backend, True, f"segformer_fast.{module} loaded")
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it is usable here and why (not).
+
+    Example:
+        >>> import segformer_fast
+        >>> segformer_fast.available_backends()["torch"].available
+        True
+    """
+    build = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
+    build_cuda = "build it with `pip install --no-build-isolation -e .` where torch has CUDA and nvcc is found"
+    return {
+        "torch": BackendStatus("torch", True, "pure-PyTorch reference, always present"),
+        "triton": _triton_status(),
+        "cuda": _extension_status("cuda", "_C_cuda", build_cuda, needs_cuda=True),
+        "cpp": _extension_status("cpp", "_C_cpu", build, needs_cuda=False),
+    }
+
+
+def default_backend() -> str:
+    """``SEGFORMER_FAST_BACKEND`` if set, else "auto"."""
+    return validate_backend(os.environ.get(ENV_VAR, "auto") or "auto", check_available=False)
+
+
+def validate_backend(backend: str, check_available: bool = True) -> str:
+    """Normalise a backend name; raise if it is unknown or (optionally) not available here."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    name = backend.lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    if check_available and name != "auto":
+        status = available_backends()[name]
+        if not status.available:
+            raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
+    return name
+
+
+def resolve_backend(backend: str, device_type: str, implemented: tuple[str, ...]) -> str:
+    """The backend an op runs with, for a tensor on ``device_type``.
+
+    Args:
+        backend: "auto" or one of BACKENDS.
+        device_type: the input tensor's ``device.type`` ("cpu", "cuda", ...).
+        implemented: the backends this op has an implementation for.
+    Returns:
+        A backend name from ``implemented``. "auto" falls back to "torch" when nothing faster is
+        present; an explicit backend that is missing, unimplemented or wrong for the device raises.
+    """
+    name = validate_backend(backend, check_available=False)
+    status = available_backends()
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(device_type, ("torch",)):
+            if cand in implemented and status[cand].available and _runs_on(cand, device_type):
+                return cand
+        return "torch"
+    if name not in implemented:
+        raise NotImplementedError(f"this op has no {name!r} implementation; it has {implemented}")
+    if not status[name].available:
+        raise RuntimeError(f"backend {name!r} is not available: {status[name].reason}")
+    if not _runs_on(name, device_type):
+        raise ValueError(f"backend {name!r} cannot run on {device_type} tensors")
+    return name
+
+
+def _runs_on(backend: str, device_type: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "cpp":
+        return device_type == "cpu"
+    if backend == "cuda":
+        return device_type == "cuda"
+    if backend == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
+    return False

@@ -1,0 +1,3 @@
+from .segformer import MiTEncoder, MiTStage, SegFormer, segformer
+
+__all__ = ["MiTEncoder", "MiTStage", "SegFormer", "segformer"]
