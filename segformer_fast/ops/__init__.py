@@ -1,0 +1,1 @@
+"""Fused ops. One sub-package per op: its pure-PyTorch reference, its kernels and its dispatch."""
