@@ -5,11 +5,18 @@ Fused Triton / CUDA / C++ kernels behind torch.autograd, each with a pure-PyTorc
 
 from .backends import available_backends
 from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
+from .io import CheckpointMismatchError, LoadReport, export_state_dict, from_pretrained, load_weights, save_weights
 from .models import SegFormer, segformer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
+    "LoadReport",
+    "export_state_dict",
+    "from_pretrained",
+    "load_weights",
+    "save_weights",
     "SEGFORMER_VARIANTS",
     "LayerNormEps",
     "SegFormer",

@@ -1,0 +1,196 @@
+"""End-to-end timing of our SegFormer against the reference and Hugging Face, in one run.
+
+Used by ``segformer-fast benchmark`` and by ``benchmarks/`` (pytest-benchmark). Providers:
+``fast`` (our model, fastest available backend), ``reference`` (backend "torch"), ``hf``
+(transformers' SegformerForSemanticSegmentation with the same weights), and with compile=True
+``fast_compile`` and ``hf_compile``. Timings interleave the providers round by round, so a ratio
+compares runs made under the same machine load.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .configs import get_config
+from .models.segformer import SegFormer
+from .utils.memory import SavedTensorRecorder
+
+__all__ = ["BenchRow", "Provider", "build_providers", "run_benchmark", "format_table"]
+
+
+@dataclass
+class Provider:
+    name: str
+    module: torch.nn.Module
+    infer: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BenchRow:
+    provider: str
+    mode: str  # "inference" or "train"
+    times_s: list[float]
+    batch: int
+    saved_bytes: int | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.median_s
+
+
+def _ours(name: str, model: SegFormer) -> Provider:
+    return Provider(name, model, model, lambda x, y: model.loss(model(x), y))
+
+
+def _hf(name: str, model) -> Provider:
+    return Provider(name, model, lambda x: model(pixel_values=x).logits, lambda x, y: model(pixel_values=x, labels=y).loss)
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_providers(
+    variant: str = "b0",
+    num_classes: int = 150,
+    backend: str = "auto",
+    compile: bool = False,
+    hf: bool = True,
+    device: str = "cpu",
+    seed: int = 0,
+    names: tuple[str, ...] | None = None,
+) -> dict[str, Provider]:
+    """The models to compare, all carrying the same random weights (drop path and dropout kept)."""
+    torch.manual_seed(seed)
+    cfg = get_config(variant, num_classes=num_classes)
+    reference = SegFormer(cfg, backend="torch").to(device)
+    fast = SegFormer(cfg, backend=backend).to(device)
+    fast.load_state_dict(reference.state_dict())
+    out = {"fast": _ours("fast", fast), "reference": _ours("reference", reference)}
+    if hf and have_transformers():
+        from .io.hf import to_hf
+
+        hf_model = to_hf(reference)
+        out["hf"] = _hf("hf", hf_model)
+        if compile:
+            out["hf_compile"] = _hf("hf_compile", torch.compile(hf_model))
+    if compile:
+        out["fast_compile"] = _ours("fast_compile", torch.compile(fast))
+    if names is not None:
+        out = {k: v for k, v in out.items() if k in names}
+    return out
+
+
+def _step(p: Provider, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+    if labels is None:
+        with torch.no_grad():
+            p.infer(x)
+    else:
+        p.module.zero_grad(set_to_none=True)
+        p.loss(x, labels).backward()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_benchmark(
+    providers: dict[str, Provider],
+    size: int | tuple[int, int] = 512,
+    batch: int = 1,
+    train: bool = False,
+    warmup: int = 1,
+    repeat: int = 3,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Time every provider on the same input, interleaved round by round.
+
+    Returns one BenchRow per provider; in train mode each also carries the saved-activation bytes
+    (what autograd keeps for backward over forward + loss, parameters excluded).
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    device = next(next(iter(providers.values())).module.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, h, w, generator=gen).to(device)
+    labels = None
+    if train:
+        labels = torch.randint(0, _num_classes(providers), (batch, h, w), generator=gen).to(device)
+    for p in providers.values():
+        p.module.train(train)
+
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    rounds = warmup + repeat
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds * len(providers), desc="benchmark", unit="run", leave=False)
+    for r in range(rounds):
+        for name, p in providers.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(p, x, labels)
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    rows = []
+    for name, p in providers.items():
+        saved = None
+        if train:
+            with SavedTensorRecorder(list(p.module.parameters()) + list(p.module.buffers())) as rec:
+                loss = p.loss(x, labels)
+            del loss
+            saved = rec.bytes
+        rows.append(BenchRow(name, "train" if train else "inference", times[name], batch, saved))
+    return rows
+
+
+def _num_classes(providers: dict[str, Provider]) -> int:
+    for p in providers.values():
+        cfg = getattr(p.module, "config", None)
+        if hasattr(cfg, "num_classes"):
+            return cfg.num_classes
+        if hasattr(cfg, "num_labels"):
+            return cfg.num_labels
+    raise ValueError("cannot tell the number of classes")
+
+
+def format_table(rows: list[BenchRow], baseline: str = "hf") -> str:
+    """A text table: latency, images/s, speed-up vs ``baseline`` and vs reference, saved MiB."""
+    by = {r.provider: r for r in rows}
+    base = by.get(baseline) or by.get("reference")
+    ref = by.get("reference")
+    header = f"{'provider':<14}{'mode':<11}{'median ms':>11}{'images/s':>10}{'vs ' + base.provider:>12}{'vs reference':>14}"
+    show_mem = any(r.saved_bytes is not None for r in rows)
+    if show_mem:
+        header += f"{'saved MiB':>11}{'saved vs ' + base.provider:>16}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = (f"{r.provider:<14}{r.mode:<11}{r.median_s * 1e3:>11.1f}{r.images_per_s:>10.2f}"
+                f"{base.median_s / r.median_s:>11.2f}x{ref.median_s / r.median_s if ref else float('nan'):>13.2f}x")
+        if show_mem:
+            ratio = r.saved_bytes / base.saved_bytes if base.saved_bytes else float("nan")
+            line += f"{r.saved_bytes / 2**20:>11.1f}{ratio:>15.2f}x"
+        lines.append(line)
+    return "\n".join(lines)

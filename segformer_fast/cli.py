@@ -1,0 +1,114 @@
+"""The ``segformer-fast`` command: ``info`` and ``benchmark``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+__all__ = ["main"]
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    from . import __version__
+    from .backends import available_backends, default_backend
+
+    print(f"segformer_fast {__version__}")
+    print(f"python         {platform.python_version()} ({sys.platform})")
+    print(f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    if torch.cuda.is_available():
+        print(f"device         {torch.cuda.get_device_name(0)} (cuda)")
+    else:
+        print(f"device         cpu ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)")
+    print(f"default        backend={default_backend()!r} (SEGFORMER_FAST_BACKEND)")
+    print("backends:")
+    for name, st in available_backends().items():
+        mark = "yes" if st.available else "no "
+        print(f"  {name:<7}{mark}  {st.reason}")
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    import torch
+
+    from .benchmark import build_providers, format_table, have_transformers, run_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hw = (args.size, args.width or args.size)
+    providers = build_providers(
+        args.model, num_classes=args.num_classes, backend=args.backend, compile=args.compile, device=device
+    )
+    mode = "train step (forward + loss + backward)" if args.train else "inference (forward, no grad)"
+    print(f"SegFormer-{args.model.upper()} {hw[0]}x{hw[1]} batch {args.batch}, {mode}, on {device}; "
+          f"median of {args.repeat} after {args.warmup} warm-up")
+    if not have_transformers():
+        print("(transformers not installed: no Hugging Face comparison; pip install transformers)")
+    rows = run_benchmark(providers, size=hw, batch=args.batch, train=args.train, warmup=args.warmup,
+                         repeat=args.repeat, progress=not args.no_progress)
+    print(format_table(rows))
+    fast = providers["fast"].module
+    print(f"fast backend: {fast.backend!r}")
+    if args.json:
+        record = {
+            "model": args.model, "size": list(hw), "batch": args.batch, "train": args.train, "device": device,
+            "torch": torch.__version__,
+            "rows": [{"provider": r.provider, "mode": r.mode, "times_s": r.times_s, "median_s": r.median_s,
+                      "images_per_s": r.images_per_s, "saved_bytes": r.saved_bytes} for r in rows],
+        }
+        from .utils.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(record, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .configs import SEGFORMER_VARIANTS
+
+    parser = argparse.ArgumentParser(
+        prog="segformer-fast",
+        description="Fast, memory-lean SegFormer for PyTorch: inspect backends and benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="torch version, device and which backends are available (and why not)")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="time our model vs the reference and Hugging Face (same weights, one run)",
+        description="Time SegFormer (fast backend) against the pure-PyTorch reference and, when transformers "
+        "is installed, the Hugging Face model, in one interleaved run with the same weights. --train times a "
+        "training step and reports saved-activation memory.",
+    )
+    p.add_argument("--model", default="b0", choices=sorted(SEGFORMER_VARIANTS), help="variant (default b0)")
+    p.add_argument("--size", type=int, default=512, help="image height (and width unless --width), default 512")
+    p.add_argument("--width", type=int, default=None, help="image width (default: --size)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--train", action="store_true", help="time forward+loss+backward and report saved activations")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd fast and HF models")
+    p.add_argument("--backend", default="auto", help="backend of the fast model (auto, torch, triton, cuda, cpp)")
+    p.add_argument("--num-classes", type=int, default=150, help="classes (default 150, ADE20K)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``from_pretrained``: build a SegFormer from a Hugging Face-format directory, a hub id or our own file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..configs import SEGFORMER_VARIANTS, SegFormerConfig
+
+__all__ = ["from_pretrained", "config_from_hf"]
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def config_from_hf(hf: dict, num_classes: int | None = None) -> SegFormerConfig:
+    """A SegFormerConfig from a Hugging Face ``config.json`` dict (SegformerConfig fields)."""
+    if hf.get("model_type", "segformer") != "segformer":
+        raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not a segformer")
+    if num_classes is None:
+        labels = hf.get("id2label")
+        num_classes = len(labels) if labels else int(hf.get("num_labels", 150))
+    fields = dict(
+        hidden_sizes=hf.get("hidden_sizes", (32, 64, 160, 256)),
+        depths=hf.get("depths", (2, 2, 2, 2)),
+        num_heads=hf.get("num_attention_heads", (1, 2, 5, 8)),
+        sr_ratios=hf.get("sr_ratios", (8, 4, 2, 1)),
+        patch_sizes=hf.get("patch_sizes", (7, 3, 3, 3)),
+        strides=hf.get("strides", (4, 2, 2, 2)),
+        mlp_ratios=hf.get("mlp_ratios", (4, 4, 4, 4)),
+        decoder_dim=hf.get("decoder_hidden_size", 256),
+        in_channels=hf.get("num_channels", 3),
+        drop_path_rate=hf.get("drop_path_rate", 0.1),
+        attn_drop=hf.get("attention_probs_dropout_prob", 0.0),
+        proj_drop=hf.get("hidden_dropout_prob", 0.0),
+        decoder_dropout=hf.get("classifier_dropout_prob", 0.1),
+        num_classes=num_classes,
+    )
+    name = "custom"
+    for key, known in SEGFORMER_VARIANTS.items():
+        if tuple(fields["hidden_sizes"]) == known.hidden_sizes and tuple(fields["depths"]) == known.depths:
+            name = key
+    return SegFormerConfig(name=name).replace(**fields)
+
+
+def _weight_files(directory: str) -> list[str]:
+    for name in _WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return [path]
+    for name in _INDEX_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(directory, s) for s in shards]
+    raise FileNotFoundError(f"no weights in {directory!r}: expected one of {_WEIGHT_FILES + _INDEX_FILES}")
+
+
+def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = None, backend: str | None = None,
+                    strict: bool = True, **overrides):
+    """A SegFormer with pretrained weights.
+
+    Args:
+        name_or_path: a local Hugging Face-format directory (config.json + model.safetensors /
+            pytorch_model.bin, sharded or not), a .safetensors file written by ``save_weights``, or a
+            hub id such as "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded with
+            huggingface_hub when the network allows).
+        num_classes: override the number of classes (e.g. for a backbone-only checkpoint); a head
+            whose size then differs is a shape conflict (use strict=False to leave it initialised).
+        backend: as in :func:`segformer_fast.segformer`.
+        **overrides: SegFormerConfig fields to change (e.g. drop_path_rate).
+    Returns:
+        A SegFormer in eval mode.
+
+    Example:
+        >>> model = segformer_fast.from_pretrained("./segformer-b0-finetuned-ade-512-512")
+    """
+    from ..models.segformer import segformer
+    from .weights import load_weights, read_state_dict
+
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path):
+        _, metadata = read_state_dict(path)
+        if "config" not in metadata:
+            raise ValueError(f"{path!r} carries no model config; build the model with segformer() and use load_weights")
+        cfg = SegFormerConfig.from_dict(json.loads(metadata["config"]))
+        if num_classes is not None:
+            cfg = cfg.replace(num_classes=num_classes)
+        files = [path]
+    else:
+        if not os.path.isdir(path):
+            path = _download(path)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = config_from_hf(json.load(f), num_classes)
+        files = _weight_files(path)
+    model = segformer(cfg, num_classes=cfg.num_classes, backend=backend, **overrides)
+    if len(files) == 1:
+        load_weights(model, files[0], strict=strict)
+    else:
+        merged = {}
+        for f in files:
+            merged.update(read_state_dict(f)[0])
+        load_weights(model, merged, strict=strict)
+    return model.eval()
+
+
+def _download(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local file or directory, and huggingface_hub is not installed to fetch it "
+            "(pip install huggingface_hub)"
+        ) from exc
+    return snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.json"])

@@ -1,0 +1,91 @@
+"""Our reference SegFormer is Hugging Face's function: same logits, loss and gradients."""
+
+import pytest
+import torch
+
+import segformer_fast as sf
+from segformer_fast.io.weights import convert_to_layout, detect_layout
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "b0": dict(),
+    # B2's widths, heads and decoder dim with fewer blocks, to keep CI short
+    "b2-short": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 1, 1, 1], decoder_hidden_size=768),
+}
+
+
+def _hf_model(name, **extra):
+    cfg = transformers.SegformerConfig(num_labels=7, **CONFIGS[name], **extra)
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(cfg)
+    with torch.no_grad():  # non-trivial BN statistics and affine, so eval mode tests them
+        bn = model.decode_head.batch_norm
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.1)
+    return model
+
+
+def _ours_from(hf):
+    variant = "b2" if hf.config.decoder_hidden_size == 768 else "b0"
+    model = sf.segformer(variant, num_classes=hf.config.num_labels, backend="torch",
+                         depths=tuple(hf.config.depths), drop_path_rate=hf.config.drop_path_rate,
+                         decoder_dropout=hf.config.classifier_dropout_prob)
+    report = sf.load_weights(model, hf)
+    assert report.decoder_loaded and not report.missing and not report.unexpected
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("hw", [(256, 256), (192, 320), (97, 131)])
+def test_eval_logits_match_hf(name, hw):
+    hf = _hf_model(name).eval()
+    ours = _ours_from(hf).eval()
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+        got = ours(x)
+    assert got.shape == want.shape == (2, 7, -(-hw[0] // 4), -(-hw[1] // 4))
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_train_loss_and_gradients_match_hf(name):
+    hf = _hf_model(name, drop_path_rate=0.0, classifier_dropout_prob=0.0).train()
+    ours = _ours_from(hf).train()
+    x = torch.randn(2, 3, 96, 80)
+    labels = torch.randint(0, 7, (2, 96, 80))
+    labels[:, :10] = 255
+
+    hf_loss = hf(pixel_values=x, labels=labels).loss
+    hf_loss.backward()
+    loss = ours.loss(ours(x), labels)
+    loss.backward()
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
+
+    layout = detect_layout(hf.state_dict().keys())
+    grads = convert_to_layout({n: p.grad for n, p in ours.named_parameters()}, ours.config, layout)
+    hf_params = dict(hf.named_parameters())
+    assert set(grads) == set(hf_params), set(grads) ^ set(hf_params)
+    for key, g in grads.items():
+        want = hf_params[key].grad
+        scale = want.abs().max().item() + 1e-12
+        assert (g - want).abs().max().item() <= 1e-4 * scale + 1e-7, key
+    # BatchNorm's running statistics moved identically
+    torch.testing.assert_close(ours.decoder.bn.running_mean, hf.decode_head.batch_norm.running_mean)
+    torch.testing.assert_close(ours.decoder.bn.running_var, hf.decode_head.batch_norm.running_var)
+    assert ours.decoder.bn.num_batches_tracked.item() == hf.decode_head.batch_norm.num_batches_tracked.item() == 1
+
+
+def test_to_hf_round_trip():
+    from segformer_fast.io.hf import to_hf
+
+    ours = sf.segformer("b0", num_classes=4, backend="torch", depths=(1, 1, 1, 1)).eval()
+    hf = to_hf(ours).eval()
+    ours.set_layer_norm_eps(sf.LayerNormEps(1e-5, 1e-5, 1e-5, 1e-5))  # HF's convention
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - ours(x)).abs().max() <= 1e-5
