@@ -11,16 +11,19 @@ from torch import nn
 from ..backends import default_backend, validate_backend
 from ..configs import LayerNormEps, SegFormerConfig, get_config
 from ..nn import AllMLPDecoder, Block, OverlapPatchEmbed
+from ..nn.decode_head_fused import FusedAllMLPDecoder
 
 __all__ = ["MiTStage", "MiTEncoder", "SegFormer", "segformer", "MIN_IMAGE_SIDE"]
 
 MIN_IMAGE_SIDE = 32  # below this, stage 1's 8x8 spatial reduction has no full patch
+MEMORY_MODES = ("save", "recompute")
 
 
 class MiTStage(nn.Module):
     """One MiT stage: overlapped patch embedding, `depth` blocks, LayerNorm, tokens -> NCHW."""
 
-    def __init__(self, cfg: SegFormerConfig, i: int, drop_path: list[float]):
+    def __init__(self, cfg: SegFormerConfig, i: int, drop_path: list[float], backend: str | None = None,
+                 memory: str = "save"):
         super().__init__()
         dim = cfg.hidden_sizes[i]
         in_ch = cfg.in_channels if i == 0 else cfg.hidden_sizes[i - 1]
@@ -37,6 +40,8 @@ class MiTStage(nn.Module):
                 drop_path=p,
                 eps=cfg.ln_eps.block,
                 sr_eps=cfg.ln_eps.sr,
+                backend=backend,
+                memory=memory,
             )
             for p in drop_path
         )
@@ -54,13 +59,13 @@ class MiTStage(nn.Module):
 class MiTEncoder(nn.Module):
     """The Mix Transformer encoder: four stages at 1/4, 1/8, 1/16, 1/32 resolution."""
 
-    def __init__(self, cfg: SegFormerConfig):
+    def __init__(self, cfg: SegFormerConfig, backend: str | None = None, memory: str = "save"):
         super().__init__()
         total = sum(cfg.depths)
         rates = [cfg.drop_path_rate * k / max(total - 1, 1) for k in range(total)]
         starts = [sum(cfg.depths[:i]) for i in range(cfg.num_stages)]
         self.stages = nn.ModuleList(
-            MiTStage(cfg, i, rates[starts[i] : starts[i] + cfg.depths[i]]) for i in range(cfg.num_stages)
+            MiTStage(cfg, i, rates[starts[i] : starts[i] + cfg.depths[i]], backend, memory) for i in range(cfg.num_stages)
         )
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -88,17 +93,24 @@ class SegFormer(nn.Module):
         torch.Size([1, 19, 16, 24])
     """
 
-    def __init__(self, config: SegFormerConfig, backend: str = "auto"):
+    def __init__(self, config: SegFormerConfig, backend: str = "auto", memory: str = "save"):
         super().__init__()
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         self.config = config
         self.backend = validate_backend(backend)
-        self.encoder = MiTEncoder(config)
-        self.decoder = AllMLPDecoder(
+        self.memory = memory
+        # backend "torch" is the pure reference; every other backend uses the fused layers, whose
+        # ops pick their implementation per call (see segformer_fast.backends).
+        fused = {} if self.backend == "torch" else {"backend": self.backend}
+        self.encoder = MiTEncoder(config, fused.get("backend"), memory)
+        self.decoder = (FusedAllMLPDecoder if fused else AllMLPDecoder)(
             config.hidden_sizes,
             config.decoder_dim,
             config.num_classes,
             dropout=config.decoder_dropout,
             dropout2d=config.decoder_dropout2d,
+            **fused,
         )
         self.apply(_init_weights)
 
@@ -159,7 +171,8 @@ class SegFormer(nn.Module):
         self.config = self.config.replace(ln_eps=eps)
 
     def extra_repr(self) -> str:
-        return f"variant={self.config.name}, num_classes={self.config.num_classes}, backend={self.backend!r}"
+        return (f"variant={self.config.name}, num_classes={self.config.num_classes}, backend={self.backend!r}, "
+                f"memory={self.memory!r}")
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -178,7 +191,8 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def segformer(variant: str | SegFormerConfig = "b0", num_classes: int = 150, backend: str | None = None, **overrides) -> SegFormer:
+def segformer(variant: str | SegFormerConfig = "b0", num_classes: int = 150, backend: str | None = None,
+              memory: str = "save", **overrides) -> SegFormer:
     """Build a SegFormer with random weights.
 
     Args:
@@ -186,6 +200,8 @@ def segformer(variant: str | SegFormerConfig = "b0", num_classes: int = 150, bac
         num_classes: classifier outputs (150 for ADE20K, 19 for Cityscapes).
         backend: "auto" (default, or SEGFORMER_FAST_BACKEND), "torch" (pure reference), "triton",
             "cuda" or "cpp". A backend that is not available raises.
+        memory: activation policy of the fused layers: "save" (default) or "recompute" (Mix-FFN
+            keeps only its input and recomputes the rest in backward). Ignored by backend "torch".
         **overrides: any SegFormerConfig field, e.g. ``depths=(1, 1, 1, 1)``, ``drop_path_rate=0.0``.
     Returns:
         A SegFormer nn.Module (train mode, as nn.Modules start).
@@ -194,4 +210,4 @@ def segformer(variant: str | SegFormerConfig = "b0", num_classes: int = 150, bac
         >>> model = segformer("b2", num_classes=19, drop_path_rate=0.0)
     """
     cfg = get_config(variant, num_classes=num_classes, **overrides)
-    return SegFormer(cfg, backend=default_backend() if backend is None else backend)
+    return SegFormer(cfg, backend=default_backend() if backend is None else backend, memory=memory)

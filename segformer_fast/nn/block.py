@@ -40,13 +40,30 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         eps: float = 1e-6,
         sr_eps: float = 1e-5,
+        backend: str | None = None,
+        memory: str = "save",
     ):
+        """``backend=None`` builds the pure-PyTorch reference layers; any backend name builds the
+        fused layers, whose ops resolve that backend per call. ``memory`` ("save" or "recompute")
+        is the fused Mix-FFN's activation policy."""
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps)
+        if backend is None:
+            self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps)
+        else:
+            from .attention_fused import FusedSpatialReductionAttention
+
+            self.attn = FusedSpatialReductionAttention(
+                dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps, backend=backend
+            )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MixFFN(dim, dim * mlp_ratio, proj_drop)
+        if backend is None:
+            self.mlp = MixFFN(dim, dim * mlp_ratio, proj_drop)
+        else:
+            from .mix_ffn_fused import FusedMixFFN
+
+            self.mlp = FusedMixFFN(dim, dim * mlp_ratio, proj_drop, memory=memory, backend=backend)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw))

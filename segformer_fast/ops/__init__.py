@@ -1,1 +1,5 @@
 """Fused ops. One sub-package per op: its pure-PyTorch reference, its kernels and its dispatch."""
+
+from .dwconv3x3_gelu import dwconv3x3_gelu  # noqa: F401
+from .upsample_sum import upsample_sum, upsample_sum_reference  # noqa: F401
+from .sr_attention import sr_attention, sr_attention_reference  # noqa: F401

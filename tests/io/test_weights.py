@@ -170,7 +170,7 @@ def test_save_weights_atomic_and_from_pretrained(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     sf.save_weights(src, path)
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
-    loaded = sf.from_pretrained(path)
+    loaded = sf.from_pretrained(path, backend="torch")
     assert loaded.config == src.config and not loaded.training
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(_outputs(loaded, x), _outputs(src, x), rtol=0, atol=0)
@@ -225,7 +225,7 @@ def test_from_pretrained_hand_written_hf4_directory(tmp_path):
               "num_attention_heads": [1, 2, 5, 8], "sr_ratios": [8, 4, 2, 1], "decoder_hidden_size": 256,
               "id2label": {"0": "a", "1": "b", "2": "c"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = sf.from_pretrained(tmp_path)
+    model = sf.from_pretrained(tmp_path, backend="torch")
     assert model.config.ln_eps.block == 1e-5
     src.set_layer_norm_eps(model.config.ln_eps)
     x = torch.randn(1, 3, 64, 64)

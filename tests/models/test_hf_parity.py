@@ -89,3 +89,59 @@ def test_to_hf_round_trip():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (hf(pixel_values=x).logits - ours(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fast_backend_matches_hf(name):
+    """The default (fused) model: same logits in eval, same loss and gradients in training."""
+    hf = _hf_model(name, drop_path_rate=0.0, classifier_dropout_prob=0.0).eval()
+    variant = "b2" if hf.config.decoder_hidden_size == 768 else "b0"
+    fast = sf.segformer(variant, num_classes=7, backend="auto", depths=tuple(hf.config.depths),
+                        drop_path_rate=0.0, decoder_dropout=0.0)
+    sf.load_weights(fast, hf)
+    fast.eval()
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+        got = fast(x)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-5 * max(scale, 1.0)
+
+    hf.train()
+    fast.train()
+    x = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 7, (2, 64, 96))
+    hf_loss = hf(pixel_values=x, labels=labels).loss
+    hf_loss.backward()
+    loss = fast.loss(fast(x), labels)
+    loss.backward()
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
+    grads = convert_to_layout({n: p.grad for n, p in fast.named_parameters()}, fast.config,
+                              detect_layout(hf.state_dict().keys()))
+    hf_params = dict(hf.named_parameters())
+    for key, g in grads.items():
+        want = hf_params[key].grad
+        assert (g - want).abs().max().item() <= 1e-4 * want.abs().max().item() + 1e-6, key
+
+
+def test_recompute_memory_mode_same_gradients_less_memory():
+    from segformer_fast.utils.memory import SavedTensorRecorder
+
+    torch.manual_seed(0)
+    save = sf.segformer("b0", num_classes=5, depths=(1, 1, 1, 1), drop_path_rate=0.0, decoder_dropout=0.0)
+    recompute = sf.segformer("b0", num_classes=5, depths=(1, 1, 1, 1), drop_path_rate=0.0, decoder_dropout=0.0,
+                             memory="recompute")
+    recompute.load_state_dict(save.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    labels = torch.randint(0, 5, (1, 64, 64))
+    saved = {}
+    for name, m in (("save", save), ("recompute", recompute)):
+        with SavedTensorRecorder(list(m.parameters()) + list(m.buffers())) as rec:
+            loss = m.loss(m(x), labels)
+        loss.backward()
+        saved[name] = rec.bytes
+    assert saved["recompute"] < saved["save"]
+    for (n, a), b in zip(save.named_parameters(), recompute.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        sf.segformer("b0", memory="checkpointed")

@@ -1,0 +1,237 @@
+"""Dispatch and autograd of the fused depthwise 3x3 conv + bias + GELU.
+
+Two ``torch.library`` custom ops, so ``torch.compile`` traces through without graph breaks:
+``segformer_fast::dwconv3x3_gelu`` (forward) and ``segformer_fast::dwconv3x3_gelu_backward``
+(grads of x, weight, bias). Each runs one backend per call: "torch" (PyTorch composition),
+"triton", "cpp" (segformer_fast._C_cpu) or "cuda" (segformer_fast._C_cuda); "auto" picks the
+fastest present for the tensor's device (see :mod:`segformer_fast.backends`).
+
+Memory: autograd saves only x (and the weight and bias, which are parameters). The backward
+recomputes z = conv(x) + bias for GELU'(z) instead of keeping z or y.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...backends import cpu_extension, cuda_extension, resolve_backend, validate_backend
+from ...utils.debug import empty
+from .reference import dwconv3x3_gelu_reference
+
+__all__ = ["dwconv3x3_gelu", "IMPLEMENTED"]
+
+IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
+_ACT_CODES = {"none": 1, "tanh": 2}  # the compiled kernels' GELU codes (0 is identity)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _gelu_grad(z: torch.Tensor, approximate: str) -> torch.Tensor:
+    """dGELU/dz, fp32."""
+    if approximate == "tanh":
+        k0 = 0.7978845608028654  # sqrt(2 / pi)
+        t = torch.tanh(k0 * (z + 0.044715 * z**3))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k0 * (1.0 + 0.134145 * z * z)
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def _torch_bwd(grad_y, x, hw, weight, bias, approximate):
+    """The backward as a PyTorch composition (NCHW views, fp32), recomputing z from x."""
+    b, n, c = x.shape
+    h, w = hw
+    xf = x.float().transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+    wf = weight.float()
+    z = F.conv2d(xf, wf, bias.float(), padding=1, groups=c)
+    gz = grad_y.float().transpose(1, 2).reshape(b, c, h, w) * _gelu_grad(z, approximate)
+    grad_x = F.conv2d(gz, wf.flip(-1, -2), padding=1, groups=c)  # transposed conv = conv with the kernel flipped
+    grad_w = torch.nn.grad.conv2d_weight(xf, wf.shape, gz, padding=1, groups=c)
+    grad_b = gz.sum((0, 2, 3))
+    grad_x = grad_x.flatten(2).transpose(1, 2).to(x.dtype).contiguous()
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype)
+
+
+def _cpp_module():
+    ext = cpu_extension()
+    if ext is None or not hasattr(ext, "dwconv3x3_gelu_fwd"):
+        raise RuntimeError(
+            "segformer_fast._C_cpu has no dwconv3x3_gelu; build it with `pip install --no-build-isolation -e .`"
+        )
+    return ext
+
+
+def _cuda_module():
+    ext = cuda_extension()
+    if ext is None or not hasattr(ext, "dwconv3x3_gelu_fwd"):
+        raise RuntimeError(
+            "segformer_fast._C_cuda has no dwconv3x3_gelu; build it with `pip install --no-build-isolation -e .` "
+            "where torch has CUDA and nvcc is found"
+        )
+    return ext
+
+
+def _forward_impl(x, hw, weight, bias, approximate, backend):
+    name = resolve_backend(backend, x.device.type, IMPLEMENTED)
+    if name == "torch":
+        return dwconv3x3_gelu_reference(x, hw, weight, bias, approximate)
+    if name == "triton":
+        from .triton_kernels import dwconv3x3_gelu_fwd
+
+        return dwconv3x3_gelu_fwd(x, hw, weight, bias, approximate)
+    b, n, c = x.shape
+    if name == "cpp":  # fp32 kernels: other dtypes are upcast
+        y = empty(b, n, c, dtype=torch.float32, device=x.device)
+        _cpp_module().dwconv3x3_gelu_fwd(
+            x.float().contiguous(), weight.float().contiguous(), bias.float().contiguous(), y, hw[0], hw[1],
+            _ACT_CODES[approximate],
+        )  # fmt: skip
+        return y.to(x.dtype)
+    y = empty(b, n, c, dtype=x.dtype, device=x.device)
+    _cuda_module().dwconv3x3_gelu_fwd(x, weight, bias, y, hw[0], hw[1], _ACT_CODES[approximate])
+    return y
+
+
+def _backward_impl(grad_y, x, hw, weight, bias, approximate, backend):
+    name = resolve_backend(backend, x.device.type, IMPLEMENTED)
+    grad_y = grad_y.contiguous()
+    if name == "torch":
+        return _torch_bwd(grad_y, x, hw, weight, bias, approximate)
+    if name == "triton":
+        from .triton_kernels import dwconv3x3_gelu_bwd
+
+        return dwconv3x3_gelu_bwd(grad_y, x, hw, weight, bias, approximate)
+    b, n, c = x.shape
+    grad_w = empty(c, 1, 3, 3, dtype=torch.float32, device=x.device)
+    grad_b = empty(c, dtype=torch.float32, device=x.device)
+    if name == "cpp":
+        grad_x = empty(b, n, c, dtype=torch.float32, device=x.device)
+        _cpp_module().dwconv3x3_gelu_bwd(
+            grad_y.float().contiguous(), x.float().contiguous(), weight.float().contiguous(),
+            bias.float().contiguous(), grad_x, grad_w, grad_b, hw[0], hw[1], _ACT_CODES[approximate],
+        )  # fmt: skip
+        grad_x = grad_x.to(x.dtype)
+    else:
+        grad_x = empty(b, n, c, dtype=x.dtype, device=x.device)
+        _cuda_module().dwconv3x3_gelu_bwd(
+            grad_y, x, weight, bias, grad_x, grad_w, grad_b, hw[0], hw[1], _ACT_CODES[approximate]
+        )
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype)
+
+
+@torch.library.custom_op("segformer_fast::dwconv3x3_gelu", mutates_args=())
+def _dwconv3x3_gelu_op(
+    x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias: torch.Tensor, approximate: str, backend: str
+) -> torch.Tensor:
+    return _forward_impl(x, (h, w), weight, bias, approximate, backend)
+
+
+@_dwconv3x3_gelu_op.register_fake
+def _(x, h, w, weight, bias, approximate, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("segformer_fast::dwconv3x3_gelu_backward", mutates_args=())
+def _dwconv3x3_gelu_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    h: int,
+    w: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    approximate: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_y, x, (h, w), weight, bias, approximate, backend)
+
+
+@_dwconv3x3_gelu_backward_op.register_fake
+def _(grad_y, x, h, w, weight, bias, approximate, backend):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(bias, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, w, weight, bias, approximate, backend = inputs
+    ctx.save_for_backward(x, weight, bias)  # only the input: z is recomputed in backward
+    ctx.hw = (h, w)
+    ctx.approximate = approximate
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y):
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _dwconv3x3_gelu_backward_op(
+        grad_y.contiguous(), x, ctx.hw[0], ctx.hw[1], weight, bias, ctx.approximate, ctx.backend
+    )
+    return grad_x, None, None, grad_w, grad_b, None, None
+
+
+_dwconv3x3_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, hw, weight, bias, approximate) -> tuple[int, int]:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (isinstance(hw, (tuple, list)) and len(hw) == 2):
+        raise TypeError(f"hw must be a pair (H, W), got {hw!r}")
+    h, w = (int(v) for v in hw)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, C) tokens, got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+    b, n, c = x.shape
+    if h < 1 or w < 1 or h * w != n:
+        raise ValueError(f"hw={tuple(hw)} does not match x of shape {tuple(x.shape)}: need H * W == N = {n}")
+    if tuple(weight.shape) != (c, 1, 3, 3):
+        raise ValueError(
+            f"weight must be (C, 1, 3, 3) = ({c}, 1, 3, 3) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    if tuple(bias.shape) != (c,):
+        raise ValueError(f"bias must be (C,) = ({c},) for x of shape {tuple(x.shape)}, got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype} (shape {tuple(t.shape)})")
+    if weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"weight and bias must share a dtype that is x's ({x.dtype}) or float32; "
+            f"got weight {weight.dtype}, bias {bias.dtype}"
+        )
+    if weight.device != x.device or bias.device != x.device:
+        raise ValueError(f"x, weight and bias must be on one device; got {x.device}, {weight.device}, {bias.device}")
+    if approximate not in _ACT_CODES:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return h, w
+
+
+def dwconv3x3_gelu(
+    x: torch.Tensor,
+    hw: tuple[int, int],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    approximate: str = "none",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GELU(depthwise 3x3 conv(x) + bias) on (B, N, C) tokens, with no transposes.
+
+    Zero padding 1, stride 1; fp32 accumulation for fp16/bf16 inputs. Differentiable in x,
+    weight and bias; autograd keeps only x (backward recomputes the conv).
+
+    Args:
+        x: (B, N, C) tokens, N = H * W row-major; a non-contiguous x is made contiguous.
+        hw: (H, W).
+        weight: (C, 1, 3, 3), the ``weight`` of ``nn.Conv2d(C, C, 3, padding=1, groups=C)``.
+        bias: (C,).
+        approximate: "none" (exact erf GELU) or "tanh".
+        backend: "auto", "torch", "triton", "cpp" or "cuda".
+    Returns:
+        (B, N, C) in x's dtype.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        >>> y = dwconv3x3_gelu(torch.randn(2, 7 * 9, 64), (7, 9), conv.weight, conv.bias)
+    """
+    h, w = _check_inputs(x, hw, weight, bias, approximate)
+    backend = validate_backend(backend, check_available=False)
+    return _dwconv3x3_gelu_op(x.contiguous(), h, w, weight.contiguous(), bias.contiguous(), approximate, backend)

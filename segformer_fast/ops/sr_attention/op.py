@@ -1,0 +1,421 @@
+"""Spatial-reduction attention (MiT / PVT "efficient self-attention"): dispatch, autograd, public API.
+
+    q   = x Wq^T + bq                                   x: (B, N, C), N = H*W
+    r   = patches(x) Wsr^T + bsr                        (B, M, C), M = (H//sr)*(W//sr)   [sr > 1]
+    kvx = LayerNorm(r)  (sr > 1)  or  x  (sr = 1)
+    k, v = kvx Wk^T + bk, kvx Wv^T + bv                   (B, M, C) each
+    o   = softmax(q_h k_h^T / sqrt(d)) v_h  per head      (B, N, C), heads side by side in C
+    y   = o Wp^T + bp                                   returned: after the output projection
+
+The reduction is the Conv2d(k=s=sr) written as a matmul over non-overlapping patches of the token
+layout (reduce.py): no NCHW copy. The attention core is flash-style: the (N, M) scores never exist
+as a whole, forward or backward.
+
+Saved for backward: x and the row log-sum-exp (B, h, N) only -- not q, k, v, nor o. The backward
+recomputes q, the reduction, k and v (matmuls, cheap next to attention), then O from the saved lse
+(P = exp(S - lse), one pass with no online max), then
+    dO = dy Wp,  dWp = dy^T O,  Delta = rowsum(dO * O) per head,
+    dP = dO V^T, dS = P * (dP - Delta),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d),  dV = P^T dO,
+and chains through the projections, the LayerNorm and the patch matmul (whose adjoint scatters
+the patch gradients back to the tokens; cropped tokens get no gradient from the reduction).
+This keeps the saved activations at about C + h values per token against 3C or more for eager
+attention, at the price of one extra attention forward in the backward.
+
+Implementations (``backend``):
+- ``torch``: PyTorch ops. Attention core on CPU: ATen's tiled CPU flash-attention kernels
+  (the kernels behind F.scaled_dot_product_attention, forward and backward, with lse); on other
+  devices a query-chunked recomputation whose score tile is bounded (_CHUNK_ELEMS).
+- ``triton``: the attention core in Triton (triton_kernels.py), head dims 32 and 64; any other head
+  dim runs the torch core. The reduction runs as torch matmuls.
+- ``cuda``: the patch gather / scatter and a fused bias + LayerNorm (forward and backward) from
+  csrc/sr_attention/sr_attention.cu, the matmuls on cuBLAS via torch, the attention core in Triton
+  when present (head dim 32/64), else the torch core.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...backends import cuda_extension, resolve_backend, validate_backend
+from .reduce import conv_weight_matrix, patchify, reduced_size, unpatchify_add
+
+__all__ = ["sr_attention", "IMPLEMENTED", "attention_core_fwd", "attention_core_bwd"]
+
+IMPLEMENTED = ("torch", "triton", "cuda")
+_CHUNK_ELEMS = 1 << 22  # max score-tile elements of the chunked torch core (16 MiB fp32)
+_WEIGHT_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "proj_weight", "proj_bias",
+                 "sr_weight", "sr_bias", "norm_weight", "norm_bias")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention core: o, lse = attn(q, k, v) and its backward; q, o: (B, N, C); k, v: (B, M, C)
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # (B, h, L, d), a view
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)  # (B, L, C); a view for ATen's (B, L, h, d) outputs
+
+
+def _chunk_rows(n: int, m: int, bh: int) -> int:
+    return max(1, min(n, _CHUNK_ELEMS // max(1, m * bh)))
+
+
+def _torch_core_fwd(q, k, v, num_heads, scale):
+    if q.device.type == "cpu" and q.dtype != torch.float64:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), scale=scale
+        )
+        return _tokens(o), lse
+    return _chunked_core_fwd(q, k, v, num_heads, scale)
+
+
+def _chunked_core_fwd(q, k, v, num_heads, scale):
+    qh, kh, vh = _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads)
+    b, h, n, _ = qh.shape
+    step = _chunk_rows(n, kh.shape[2], b * h)
+    outs, lses = [], []
+    for s in range(0, n, step):  # score tile (B, h, step, M): bounded, never (N, M)
+        sc = (qh[:, :, s: s + step].float() @ kh.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(sc, -1)
+        outs.append((torch.exp(sc - lse[..., None]) @ vh.float()).to(q.dtype))
+        lses.append(lse)
+    return _tokens(torch.cat(outs, 2)), torch.cat(lses, 2)
+
+
+def _torch_core_bwd(do, q, k, v, o, lse, num_heads, scale):
+    qh, kh, vh, oh, doh = (_heads(t, num_heads) for t in (q, k, v, o, do))
+    if q.device.type == "cpu" and q.dtype != torch.float64:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            doh, qh, kh, vh, oh, lse, 0.0, False, scale=scale
+        )
+        return _tokens(dq), _tokens(dk), _tokens(dv)
+    return _chunked_core_bwd(do, q, k, v, o, lse, num_heads, scale)
+
+
+def _chunked_core_bwd(do, q, k, v, o, lse, num_heads, scale):
+    qh, kh, vh, oh, doh = (_heads(t, num_heads) for t in (q, k, v, o, do))
+    b, h, n, _ = qh.shape
+    kf, vf = kh.float(), vh.float()
+    delta = (doh.float() * oh.float()).sum(-1)  # (B, h, N)
+    dk, dv, dqs = torch.zeros_like(kf), torch.zeros_like(vf), []
+    step = _chunk_rows(n, kh.shape[2], b * h)
+    for s in range(0, n, step):
+        e = s + step
+        qc, doc = qh[:, :, s:e].float(), doh[:, :, s:e].float()
+        p = torch.exp((qc @ kf.transpose(-1, -2)) * scale - lse[:, :, s:e, None])  # (B, h, chunk, M)
+        dv += p.transpose(-1, -2) @ doc
+        ds = p * (doc @ vf.transpose(-1, -2) - delta[:, :, s:e, None])
+        dqs.append((ds @ kf) * scale)
+        dk += (ds.transpose(-1, -2) @ qc) * scale
+    return _tokens(torch.cat(dqs, 2).to(q.dtype)), _tokens(dk.to(k.dtype)), _tokens(dv.to(v.dtype))
+
+
+def _use_triton_core(name: str, q: torch.Tensor, num_heads: int) -> bool:
+    if name == "torch" or q.dtype == torch.float64:
+        return False
+    from ...backends import available_backends
+
+    if name == "cuda" and not available_backends()["triton"].available:
+        return False
+    from .triton_kernels import TRITON_HEAD_DIMS
+
+    return q.shape[2] // num_heads in TRITON_HEAD_DIMS
+
+
+def attention_core_fwd(q, k, v, num_heads: int, scale: float, name: str = "torch", lse=None):
+    """Flash-style attention on token layouts. q: (B, N, C); k, v: (B, M, C) -> o (B, N, C), lse (B, h, N) fp32.
+
+    With ``lse`` given (the triton core) O is recomputed from it; the torch core recomputes both.
+    """
+    if _use_triton_core(name, q, num_heads):
+        from .triton_kernels import sr_attention_fwd_triton
+
+        o, lse2 = sr_attention_fwd_triton(q, k, v, num_heads, scale, None if lse is None else lse.contiguous())
+        return o, lse2
+    o, lse2 = _torch_core_fwd(q, k, v, num_heads, scale)
+    return o, (lse2 if lse is None else lse)
+
+
+def attention_core_bwd(do, q, k, v, o, lse, num_heads: int, scale: float, name: str = "torch"):
+    """Gradients dq (B, N, C), dk, dv (B, M, C) of the attention core, recomputing P from q, k and lse."""
+    if _use_triton_core(name, q, num_heads):
+        from .triton_kernels import sr_attention_bwd_triton
+
+        return sr_attention_bwd_triton(do.contiguous(), q, k, v, o, lse.contiguous(), num_heads, scale)
+    return _torch_core_bwd(do, q, k, v, o, lse, num_heads, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# reduction + LayerNorm: kvx (B, M, C) from x, and its backward
+
+
+def _cuda_ext():
+    ext = cuda_extension()
+    if ext is None or not hasattr(ext, "sr_attention_bias_ln_fwd"):
+        raise RuntimeError("the cuda extension has no sr_attention kernels; rebuild with "
+                           "`pip install --no-build-isolation -e .` where torch has CUDA and nvcc is found")
+    return ext
+
+
+def _reduce_ln_fwd(x, hw, sr, w, eps, name):
+    """kvx (B, M, C) and what the backward needs (patches, pre-norm r, mean, rstd)."""
+    if sr == 1:
+        return x, None
+    c = x.shape[2]
+    wmat = conv_weight_matrix(w["sr_weight"])  # (C, sr*sr*C)
+    if name == "cuda":
+        ext = _cuda_ext()
+        patches = ext.sr_attention_patchify(x, hw[0], hw[1], sr)  # (B, M, sr*sr*C)
+        r = torch.matmul(patches, wmat.t())  # (B, M, C), bias folded into the LN kernel
+        kvx, mean, rstd = ext.sr_attention_bias_ln_fwd(r, w["sr_bias"], w["norm_weight"], w["norm_bias"], eps)
+        return kvx, (patches, r, mean, rstd)
+    patches = patchify(x, hw, sr)
+    r = F.linear(patches, wmat, w["sr_bias"])  # (B, M, C)
+    kvx, mean, rstd = torch.native_layer_norm(r, (c,), w["norm_weight"], w["norm_bias"], eps)
+    return kvx, (patches, r, mean, rstd)
+
+
+def _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name):
+    """Adds the reduction's input gradient into dx (in place); returns dsr_weight, dsr_bias, dnorm_weight, dnorm_bias."""
+    if sr == 1:
+        dx.add_(dkvx)
+        return None, None, None, None
+    patches, r, mean, rstd = saved
+    c = dx.shape[2]
+    if name == "cuda":
+        dr, dnw, dnb, dsb = _cuda_ext().sr_attention_bias_ln_bwd(
+            dkvx.contiguous(), r, w["sr_bias"], w["norm_weight"], mean, rstd)
+    else:
+        dr, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
+            dkvx, r, [c], mean, rstd, w["norm_weight"], w["norm_bias"], [True, True, True])
+        dsb = dr.sum((0, 1))
+    wmat = conv_weight_matrix(w["sr_weight"])
+    dr2 = dr.reshape(-1, c)
+    dwmat = dr2.t() @ patches.reshape(dr2.shape[0], -1)  # (C, sr*sr*C)
+    dsw = dwmat.view(c, sr, sr, c).permute(0, 3, 1, 2)  # back to the conv layout (C, C, sr, sr)
+    dpatches = torch.matmul(dr, wmat)  # (B, M, sr*sr*C)
+    if name == "cuda":
+        _cuda_ext().sr_attention_unpatchify_add(dx, dpatches.contiguous(), hw[0], hw[1], sr)
+    else:
+        unpatchify_add(dx, dpatches, hw, sr)
+    return dsw.contiguous(), dsb, dnw, dnb
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole layer
+
+
+def _qkv(x, hw, sr, w, eps, name):
+    q = F.linear(x, w["q_weight"], w["q_bias"])  # (B, N, C)
+    kvx, saved = _reduce_ln_fwd(x, hw, sr, w, eps, name)  # (B, M, C)
+    # K and V as two matmuls on the shared reduced tokens: one matmul on [Wk; Wv] would need that
+    # (2C, C) concatenation copied on every call, which costs more than it saves at M << N.
+    k = F.linear(kvx, w["k_weight"], w["k_bias"])  # (B, M, C)
+    v = F.linear(kvx, w["v_weight"], w["v_bias"])
+    return q, k, v, kvx, saved
+
+
+def _fwd(x, hw, num_heads, sr, w, eps, name):
+    q, k, v, _, _ = _qkv(x, hw, sr, w, eps, name)
+    o, lse = attention_core_fwd(q, k, v, num_heads, (x.shape[2] // num_heads) ** -0.5, name)
+    return F.linear(o, w["proj_weight"], w["proj_bias"]), lse
+
+
+def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, name):
+    c = x.shape[2]
+    scale = (c // num_heads) ** -0.5
+    q, k, v, kvx, saved = _qkv(x, hw, sr, w, eps, name)
+    o, _ = attention_core_fwd(q, k, v, num_heads, scale, name, lse=lse)  # recomputed from the saved lse
+    dy2, o2 = dy.reshape(-1, c), o.reshape(-1, c)
+    g = {"proj_weight": dy2.t() @ o2, "proj_bias": dy2.sum(0)}
+    do = torch.matmul(dy, w["proj_weight"])  # (B, N, C)
+    dq, dk, dv = attention_core_bwd(do, q, k, v, o, lse, num_heads, scale, name)
+    dq2 = dq.reshape(-1, c)
+    g["q_weight"], g["q_bias"] = dq2.t() @ x.reshape(-1, c), dq2.sum(0)
+    dx = torch.matmul(dq, w["q_weight"]).contiguous()  # (B, N, C)
+    kvx2 = kvx.reshape(-1, c)
+    for name, d in (("k", dk), ("v", dv)):  # separate outputs: the op's results must not alias
+        d2 = d.reshape(-1, c)
+        g[f"{name}_weight"], g[f"{name}_bias"] = d2.t() @ kvx2, d2.sum(0)
+    dkvx = torch.matmul(dk, w["k_weight"]).add_(torch.matmul(dv, w["v_weight"]))  # (B, M, C)
+    g["sr_weight"], g["sr_bias"], g["norm_weight"], g["norm_bias"] = _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name)
+    return dx, g
+
+
+def _resolve(backend: str, device_type: str) -> str:
+    name = resolve_backend(backend, device_type, IMPLEMENTED)
+    if name == "cuda" and backend == "auto":
+        ext = cuda_extension()
+        if ext is None or not hasattr(ext, "sr_attention_bias_ln_fwd"):  # extension built before this op
+            name = resolve_backend("auto", device_type, ("torch", "triton"))
+    return name
+
+
+@torch.library.custom_op("segformer_fast::sr_attention", mutates_args=())
+def _sr_attention_op(
+    x: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
+    q_weight: torch.Tensor, q_bias: Optional[torch.Tensor], k_weight: torch.Tensor, k_bias: Optional[torch.Tensor],
+    v_weight: torch.Tensor, v_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
+    sr_weight: Optional[torch.Tensor], sr_bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+    eps: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = dict(zip(_WEIGHT_NAMES, (q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
+                                 sr_weight, sr_bias, norm_weight, norm_bias)))
+    y, lse = _fwd(x, (height, width), num_heads, sr, w, eps, _resolve(backend, x.device.type))
+    return y.contiguous(), lse.contiguous()
+
+
+@_sr_attention_op.register_fake
+def _(x, height, width, num_heads, sr, *args):
+    b, n, c = x.shape
+    return x.new_empty((b, n, c)), x.new_empty((b, num_heads, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("segformer_fast::sr_attention_backward", mutates_args=())
+def _sr_attention_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
+    weights: list[Optional[torch.Tensor]], eps: float, backend: str,
+) -> list[torch.Tensor]:
+    """Returns [dx] + the gradient of every weight in ``weights`` that is not None, in order."""
+    w = dict(zip(_WEIGHT_NAMES, weights))
+    dx, g = _bwd(grad, x, lse, (height, width), num_heads, sr, w, eps, _resolve(backend, x.device.type))
+    return [dx] + [g[k].to(w[k].dtype).contiguous() for k in _WEIGHT_NAMES if w[k] is not None]
+
+
+@_sr_attention_backward_op.register_fake
+def _(grad, x, lse, height, width, num_heads, sr, weights, eps, backend):
+    return [torch.empty_like(x)] + [torch.empty_like(t) for t in weights if t is not None]
+
+
+def _setup_context(ctx, inputs, output):
+    x, height, width, num_heads, sr, *weights, eps, backend = inputs
+    ctx.args = (height, width, num_heads, sr, eps, backend)
+    ctx.present = [t is not None for t in weights]
+    ctx.save_for_backward(x, output[1], *[t for t in weights if t is not None])
+
+
+def _backward(ctx, grad, _grad_lse):
+    x, lse, *present = ctx.saved_tensors
+    height, width, num_heads, sr, eps, backend = ctx.args
+    it = iter(present)
+    weights = [next(it) if p else None for p in ctx.present]
+    res = torch.ops.segformer_fast.sr_attention_backward(
+        grad.contiguous(), x, lse, height, width, num_heads, sr, weights, eps, backend)
+    it = iter(res[1:])
+    grads = [next(it) if p else None for p in ctx.present]
+    return (res[0], None, None, None, None, *grads, None, None)
+
+
+torch.library.register_autograd("segformer_fast::sr_attention", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def _validate(x, hw, num_heads, sr, w, eps):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"sr_attention: x must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"sr_attention: x must be floating point, got {x.dtype}")
+    if x.ndim != 3:
+        raise ValueError(f"sr_attention: x must be (B, N, C), got shape {tuple(x.shape)}")
+    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in hw)):
+        raise TypeError(f"sr_attention: hw must be a pair of ints (H, W), got {hw!r}")
+    b, n, c = x.shape
+    if hw[0] < 1 or hw[1] < 1 or hw[0] * hw[1] != n:
+        raise ValueError(f"sr_attention: hw={tuple(hw)} does not match N={n} tokens of x {tuple(x.shape)}")
+    for name, val in (("num_heads", num_heads), ("sr", sr)):
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise TypeError(f"sr_attention: {name} must be an int, got {type(val).__name__}")
+    if num_heads < 1 or c % num_heads:
+        raise ValueError(f"sr_attention: C={c} is not divisible by num_heads={num_heads}")
+    if sr < 1:
+        raise ValueError(f"sr_attention: sr must be >= 1, got {sr}")
+    if min(reduced_size(tuple(hw), sr)) < 1:
+        raise ValueError(f"sr_attention: a {hw[0]}x{hw[1]} map is smaller than one {sr}x{sr} reduction patch")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"sr_attention: eps must be a non-negative float, got {eps!r}")
+    shapes = {"q_weight": (c, c), "k_weight": (c, c), "v_weight": (c, c), "proj_weight": (c, c),
+              "q_bias": (c,), "k_bias": (c,), "v_bias": (c,), "proj_bias": (c,),
+              "sr_weight": (c, c, sr, sr), "sr_bias": (c,), "norm_weight": (c,), "norm_bias": (c,)}
+    required = {"q_weight", "k_weight", "v_weight", "proj_weight"} | (
+        {"sr_weight", "norm_weight", "norm_bias"} if sr > 1 else set())
+    for name, t in w.items():
+        if t is None:
+            if name in required:
+                raise ValueError(f"sr_attention: {name} is required" + (f" when sr={sr} > 1" if name in
+                                 ("sr_weight", "norm_weight", "norm_bias") else ""))
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sr_attention: {name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"sr_attention: {name} must have shape {shapes[name]}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"sr_attention: {name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}")
+
+
+def sr_attention(
+    x: torch.Tensor,
+    hw: tuple[int, int],
+    num_heads: int,
+    *,
+    q_weight: torch.Tensor,
+    q_bias: Optional[torch.Tensor],
+    k_weight: torch.Tensor,
+    k_bias: Optional[torch.Tensor],
+    v_weight: torch.Tensor,
+    v_bias: Optional[torch.Tensor],
+    proj_weight: torch.Tensor,
+    proj_bias: Optional[torch.Tensor],
+    sr: int = 1,
+    sr_weight: Optional[torch.Tensor] = None,
+    sr_bias: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused spatial-reduction attention of a MiT block, output projection included.
+
+    Args:
+        x: (B, N, C) normalised tokens, N = H*W, row-major over (H, W).
+        hw: (H, W).
+        num_heads: h; C % h == 0, head dim d = C / h, scale d**-0.5.
+        q_weight, k_weight, v_weight, proj_weight: (C, C) nn.Linear weights; the biases (C,) or None.
+        sr: reduction ratio; 1 means plain multi-head attention (no reduction, no LayerNorm).
+        sr_weight: (C, C, sr, sr) Conv2d weight, sr_bias (C,) or None; norm_weight, norm_bias (C,)
+            and eps: the LayerNorm after the reduction. Needed when sr > 1, ignored when sr == 1.
+        backend: "auto", "torch", "triton" or "cuda" (see the module docstring).
+    Returns:
+        (B, N, C): proj(attention(x)), before any dropout. Same dtype as x; weights must match it.
+
+    Example:
+        >>> m = SpatialReductionAttention(64, 2, sr_ratio=4)
+        >>> y = sr_attention(x, (32, 32), 2, sr=4, q_weight=m.q.weight, q_bias=m.q.bias, ...,
+        ...                  sr_weight=m.sr.weight, sr_bias=m.sr.bias,
+        ...                  norm_weight=m.sr_norm.weight, norm_bias=m.sr_norm.bias)
+    """
+    w = dict(q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
+             proj_weight=proj_weight, proj_bias=proj_bias, sr_weight=sr_weight, sr_bias=sr_bias,
+             norm_weight=norm_weight, norm_bias=norm_bias)
+    if sr == 1 and isinstance(sr, int):
+        w.update(sr_weight=None, sr_bias=None, norm_weight=None, norm_bias=None)
+    _validate(x, hw, num_heads, sr, w, eps)
+    backend = validate_backend(backend, check_available=False)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *w.values()))
+    if not needs_grad and not torch.compiler.is_compiling():  # inference: skip the op dispatcher's overhead
+        return _fwd(x.contiguous(), tuple(hw), num_heads, sr, w, float(eps), _resolve(backend, x.device.type))[0]
+    y, _ = torch.ops.segformer_fast.sr_attention(
+        x.contiguous(), int(hw[0]), int(hw[1]), num_heads, sr, *(w[k] for k in _WEIGHT_NAMES), float(eps), backend)
+    return y
