@@ -53,7 +53,8 @@ def _cmd_benchmark(args) -> int:
                          repeat=args.repeat, progress=not args.no_progress)
     print(format_table(rows))
     fast = providers["fast"].module
-    print(f"fast backend: {fast.backend!r}")
+    ops = ", ".join(f"{k}={v}" for k, v in fast.op_backends().items())
+    print(f"fast: backend={fast.backend!r} ({ops})")
     if args.json:
         record = {
             "model": args.model, "size": list(hw), "batch": args.batch, "train": args.train, "device": device,

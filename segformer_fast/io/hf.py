@@ -39,8 +39,10 @@ def to_hf(model, attn_implementation: str | None = None):
 
     from .weights import detect_layout, export_state_dict
 
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    hf = SegformerForSemanticSegmentation(hf_config(model.config), **kwargs)
+    config = hf_config(model.config)
+    if attn_implementation:  # "eager", "sdpa", ...
+        config._attn_implementation = attn_implementation
+    hf = SegformerForSemanticSegmentation(config)
     layout = detect_layout(hf.state_dict().keys())
     missing, unexpected = hf.load_state_dict(export_state_dict(model, layout), strict=True)
     hf.train(model.training)

@@ -159,6 +159,19 @@ class SegFormer(nn.Module):
         up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(up, labels.long(), ignore_index=ignore_index)
 
+    def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
+        """Which implementation each fused op runs with on ``device`` (default: the model's)."""
+        from ..backends import resolve_backend
+        from ..ops.dwconv3x3_gelu.op import IMPLEMENTED as DWCONV
+        from ..ops.sr_attention.op import IMPLEMENTED as ATTN
+        from ..ops.upsample_sum.op import IMPLEMENTED as UPSUM
+
+        if self.backend == "torch":
+            return {"sr_attention": "reference", "dwconv3x3_gelu": "reference", "upsample_sum": "reference"}
+        dev = torch.device(device) if device is not None else self.decoder.classifier.weight.device
+        return {name: resolve_backend(self.backend, dev.type, impl)
+                for name, impl in (("sr_attention", ATTN), ("dwconv3x3_gelu", DWCONV), ("upsample_sum", UPSUM))}
+
     def set_layer_norm_eps(self, eps: LayerNormEps) -> None:
         """Set every LayerNorm's epsilon by role (weights loaded from another convention need this)."""
         for stage in self.encoder.stages:

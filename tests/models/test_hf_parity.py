@@ -145,3 +145,35 @@ def test_recompute_memory_mode_same_gradients_less_memory():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match="memory must be one of"):
         sf.segformer("b0", memory="checkpointed")
+
+
+def _score_like_shapes(shapes, dims):
+    """Saved shapes ending in an N x M score/probability matrix, for the stages where N x M is large."""
+    return [s for s in shapes for _, n, m in dims if n * m >= 65536 and len(s) >= 2 and tuple(s[-2:]) in ((n, m), (m, n))]
+
+
+def test_fast_model_training_keeps_no_attention_matrix():
+    """Training forward of the fused model at 320x256 (stage 1: N = 5120, M = 80) saves no N x M tensor."""
+    from segformer_fast.utils.memory import SavedTensorRecorder
+
+    kw = dict(num_classes=5, depths=(1, 1, 1, 1), drop_path_rate=0.0)
+    x = torch.randn(2, 3, 320, 256)
+    fast = sf.segformer("b0", backend="auto", **kw).train()
+    cfg = fast.config
+    dims, (h, w) = [], (320, 256)
+    for i in range(4):
+        h, w = -(-h // cfg.strides[i]), -(-w // cfg.strides[i])
+        dims.append((2 * cfg.num_heads[i], h * w, (h // cfg.sr_ratios[i]) * (w // cfg.sr_ratios[i])))
+    assert dims[0][1:] == (5120, 80)
+    with SavedTensorRecorder() as rec:
+        fast.loss(fast(x), torch.randint(0, 5, (2, 320, 256)))
+    assert rec.shapes, "the recorder saw nothing"
+    assert _score_like_shapes(rec.shapes, dims) == []
+
+    # the same check catches a model that does keep the probabilities (Hugging Face, eager attention)
+    from segformer_fast.io.hf import to_hf
+
+    hf = to_hf(fast, attn_implementation="eager").train()
+    with SavedTensorRecorder() as rec:
+        hf(pixel_values=x)
+    assert _score_like_shapes(rec.shapes, dims)
