@@ -4,15 +4,18 @@ Fused Triton / CUDA / C++ kernels behind torch.autograd, each with a pure-PyTorc
 """
 
 from .backends import available_backends
+from .export import export_onnx
 from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
 from .io import CheckpointMismatchError, LoadReport, export_state_dict, from_pretrained, load_weights, save_weights
 from .models import SegFormer, segformer
+from .patch import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "export_onnx",
     "export_state_dict",
     "from_pretrained",
     "load_weights",
@@ -23,5 +26,8 @@ __all__ = [
     "SegFormerConfig",
     "available_backends",
     "get_config",
+    "is_patched",
+    "patch",
+    "unpatch",
     "segformer",
 ]

@@ -11,6 +11,7 @@ import torch
 from ..backends import default_backend, validate_backend
 from ..ops.sr_attention import sr_attention
 from .attention import SpatialReductionAttention
+from ._autocast import fp32_under_autocast
 
 __all__ = ["FusedSpatialReductionAttention"]
 
@@ -50,6 +51,7 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
         fused.train(module.training)
         return fused
 
+    @fp32_under_autocast
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x: (B, N, C) with N = H*W; returns (B, N, C)."""
         if self.training and self.attn_drop > 0:

@@ -43,6 +43,7 @@ from torch import nn
 from ..backends import validate_backend
 from ..ops.upsample_sum.op import upsample_sum_nhwc
 from .decode_head import AllMLPDecoder
+from ._autocast import fp32_under_autocast
 
 __all__ = ["FusedAllMLPDecoder"]
 
@@ -253,6 +254,7 @@ class FusedAllMLPDecoder(AllMLPDecoder):
             return self.process_group if self.process_group is not None else dist.group.WORLD
         return None
 
+    @fp32_under_autocast
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """features: four (B, C_i, H_i, W_i) maps, finest first; returns (B, classes, H_1, W_1).
 

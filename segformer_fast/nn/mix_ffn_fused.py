@@ -25,6 +25,7 @@ from torch import nn
 from ..backends import validate_backend
 from ..ops.dwconv3x3_gelu import dwconv3x3_gelu
 from ..ops.dwconv3x3_gelu.op import _dwconv3x3_gelu_backward_op, _dwconv3x3_gelu_op
+from ._autocast import fp32_under_autocast
 
 __all__ = ["FusedMixFFN"]
 
@@ -125,6 +126,7 @@ class FusedMixFFN(nn.Module):
     def extra_repr(self) -> str:
         return f"memory={self.memory!r}, backend={self.backend!r}, approximate={self.approximate!r}"
 
+    @fp32_under_autocast
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x: (B, N, C) with N = H*W; returns (B, N, C)."""
         if x.dim() != 3 or x.shape[-1] != self.fc1.in_features:

@@ -1,0 +1,97 @@
+"""ONNX export with dynamic height and width.
+
+Fused ops are custom torch.library ops that ONNX has no kernels for, so the exported graph is the
+reference function of the same weights: for a segformer_fast model, a reference-backend twin
+loaded with its state dict; for a patched Hugging Face model, an unpatched copy. The graph takes
+``images`` (B, 3, H, W) and returns ``logits`` (B, K, ceil(H/4), ceil(W/4)).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+__all__ = ["export_onnx"]
+
+
+class _LogitsOnly(nn.Module):
+    """A Hugging Face Segformer whose forward takes images and returns only the logits."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=images).logits
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    from .models.segformer import SegFormer
+    from .patch import is_patched, unpatch
+
+    if isinstance(model, SegFormer):
+        twin = SegFormer(model.config, backend="torch")
+        twin.load_state_dict(model.state_dict())
+        return twin.to(next(model.parameters()).device)
+    if type(model).__name__.startswith("Segformer") and hasattr(model, "decode_head"):
+        hf = copy.deepcopy(model)
+        if is_patched(hf):
+            unpatch(hf)
+        return _LogitsOnly(hf)
+    raise TypeError(f"export_onnx supports segformer_fast.SegFormer and transformers "
+                    f"SegformerForSemanticSegmentation; got {type(model).__name__}")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = True,
+                example_size: tuple[int, int] = (512, 512), batch: int = 2, dynamic_batch: bool = True) -> str:
+    """Export a SegFormer to ONNX, written atomically.
+
+    Args:
+        model: a ``segformer_fast.SegFormer`` (any backend, patched or not) or a (patched)
+            transformers ``SegformerForSemanticSegmentation``. The model itself is not modified.
+        path: output ``.onnx`` file.
+        dynamic_hw: make height and width dynamic (any size >= 32); else fixed to ``example_size``.
+        example_size: (H, W) of the tracing input.
+        batch, dynamic_batch: the tracing batch (2: a batch of 1 would be specialised), and whether
+            the batch dimension is dynamic.
+    Returns:
+        The path written.
+
+    Example:
+        >>> segformer_fast.export_onnx(model, "segformer.onnx")
+        >>> import onnxruntime; sess = onnxruntime.InferenceSession("segformer.onnx")
+    """
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as exc:
+        raise ImportError("export_onnx needs onnx and onnxscript: pip install onnx onnxscript") from exc
+    path = os.fspath(path)
+    net = _exportable(model).eval()
+    device = next(net.parameters()).device
+    x = torch.randn(batch, 3, *example_size, device=device)
+    shapes = {}
+    if dynamic_batch:
+        shapes[0] = torch.export.Dim("batch", min=1, max=1024)
+    if dynamic_hw:
+        shapes[2] = torch.export.Dim("height", min=32, max=16384)
+        shapes[3] = torch.export.Dim("width", min=32, max=16384)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
+                              output_names=["logits"],
+                              dynamic_shapes=({k: v for k, v in shapes.items()},) if shapes else None,
+                              verbose=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

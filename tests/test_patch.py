@@ -1,0 +1,214 @@
+"""patch()/unpatch() on Hugging Face and our own models, torch.compile, autocast and ONNX export."""
+
+import pytest
+import torch
+
+import segformer_fast as sf
+from segformer_fast.io.weights import convert_to_layout, detect_layout
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf(num_labels=5, **kw):
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(num_labels=num_labels, depths=[1, 2, 1, 1], **kw)
+    model = transformers.SegformerForSemanticSegmentation(cfg)
+    with torch.no_grad():
+        model.decode_head.batch_norm.running_var.uniform_(0.5, 2.0)
+        model.decode_head.batch_norm.running_mean.normal_(0, 0.1)
+    return model
+
+
+def test_patch_hf_keeps_parameters_keys_and_logits():
+    hf = _hf().eval()
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+    params = [id(p) for p in hf.parameters()]
+    sd = hf.state_dict()
+    opt = torch.optim.SGD(hf.parameters(), lr=0.1)  # built before patching: must keep working
+
+    assert sf.patch(hf) is hf and sf.is_patched(hf)
+    assert type(hf.decode_head).__name__ == "PatchedSegformerDecodeHead"
+    assert type(hf.segformer.stages[0].blocks[0].attention).__name__ == "PatchedSegformerAttention"
+    assert type(hf.segformer.stages[0].blocks[0].mlp).__name__ == "PatchedSegformerMixMLP"
+    assert [id(p) for p in hf.parameters()] == params
+    new_sd = hf.state_dict()
+    assert list(new_sd) == list(sd)
+    assert all(new_sd[k].data_ptr() == sd[k].data_ptr() for k in sd)
+    with torch.no_grad():
+        got = hf(pixel_values=x).logits
+    assert (got - want).abs().max() <= 1e-4
+
+    hf.train()
+    hf.config.classifier_dropout_prob = 0.0
+    hf.decode_head.dropout.p = 0.0
+    labels = torch.randint(0, 5, (2, 97, 131))
+    loss = hf(pixel_values=x, labels=labels).loss
+    loss.backward()
+    opt.step()  # the optimizer's params are the patched model's params
+    assert all(p.grad is not None for p in hf.parameters())
+
+    sf.unpatch(hf)
+    assert not sf.is_patched(hf)
+    assert type(hf.decode_head).__name__ == "SegformerDecodeHead"
+    assert [id(p) for p in hf.parameters()] == params
+
+
+def test_patched_hf_training_matches_unpatched():
+    ref = _hf(drop_path_rate=0.0, classifier_dropout_prob=0.0).train()
+    fast = _hf(drop_path_rate=0.0, classifier_dropout_prob=0.0).train()
+    fast.load_state_dict(ref.state_dict())
+    sf.patch(fast, memory="recompute")
+    x = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 5, (2, 64, 96))
+    out_ref = ref(pixel_values=x, labels=labels, output_hidden_states=True)
+    out = fast(pixel_values=x, labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    assert len(out.hidden_states) == len(out_ref.hidden_states) == 4
+    out.loss.backward()
+    out_ref.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        want = ref_params[name].grad
+        assert (p.grad - want).abs().max() <= 1e-4 * want.abs().max() + 1e-6, name
+    torch.testing.assert_close(fast.decode_head.batch_norm.running_var, ref.decode_head.batch_norm.running_var)
+
+
+def test_patch_our_reference_model_and_unpatch():
+    model = sf.segformer("b0", num_classes=4, backend="torch", depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        want = model(x)
+    keys = list(model.state_dict())
+    sf.patch(model)
+    assert type(model.decoder).__name__ == "FusedAllMLPDecoder"
+    assert type(model.encoder.stages[0].blocks[0].mlp).__name__ == "FusedMixFFN"
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert (model(x) - want).abs().max() <= 1e-4
+    sf.unpatch(model)
+    assert type(model.decoder).__name__ == "AllMLPDecoder"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_patch_errors():
+    with pytest.raises(TypeError, match="patch\\(\\) supports segformer_fast.SegFormer"):
+        sf.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown backend"):
+        sf.patch(_hf(), backend="fastest")
+    with pytest.raises(ValueError, match="memory must be one of"):
+        sf.patch(_hf(), memory="everything")
+    if not sf.available_backends()["cuda"].available:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            sf.patch(_hf(), backend="cuda")
+
+
+def test_patch_image_classification_model():
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(num_labels=3, depths=[1, 1, 1, 1])
+    model = transformers.SegformerForImageClassification(cfg).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+        sf.patch(model)
+        got = model(pixel_values=x).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
+def _fast_backend():
+    return "auto" if sf.available_backends()["cpp"].available else "torch"
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_compile_fullgraph_patched_model(mode):
+    """Our patched model compiles as one graph, forward and backward: every fused op is traceable."""
+    torch._dynamo.reset()
+    model = sf.segformer("b0", num_classes=4, backend="torch", depths=(1, 1, 1, 1), drop_path_rate=0.0,
+                         decoder_dropout=0.0)
+    sf.patch(model, backend=_fast_backend())
+    model.train(mode == "train")
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    if mode == "eval":
+        with torch.no_grad():
+            assert (compiled(x) - model(x)).abs().max() <= 1e-4
+    else:
+        compiled(x).float().sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compile_patched_hf_pieces_fullgraph_and_no_new_breaks():
+    """The patched HF layers compile as single graphs (forward and backward), and patching adds no
+    graph break to the whole model (transformers' own output capturing breaks it either way)."""
+    torch._dynamo.reset()
+    hf = _hf(drop_path_rate=0.0, classifier_dropout_prob=0.0).train()
+    x = torch.randn(1, 3, 64, 64)
+    before = torch._dynamo.explain(hf)(pixel_values=x).graph_break_count
+    torch._dynamo.reset()
+    sf.patch(hf, backend=_fast_backend())
+    after = torch._dynamo.explain(hf)(pixel_values=x).graph_break_count
+    assert after <= before
+
+    torch._dynamo.reset()
+    block = hf.segformer.stages[0].blocks[0]  # patched attention + Mix-FFN (the stage carries HF's capture hooks)
+    tokens = torch.randn(1, 16 * 16, 32, requires_grad=True)
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(tokens, 16, 16)
+    feats = [torch.randn(1, c, 16 // 2**i, 16 // 2**i, requires_grad=True) for i, c in enumerate((32, 64, 160, 256))]
+    logits = torch.compile(hf.decode_head, fullgraph=True, backend="aot_eager")(feats)
+    (out.sum() + logits.sum()).backward()
+    assert block.attention.q_proj.weight.grad is not None and block.mlp.fc1.weight.grad is not None
+    assert hf.decode_head.linear_fuse.weight.grad is not None and feats[3].grad is not None
+
+
+def test_autocast_bf16_patched_within_low_precision_tolerance():
+    hf = _hf().eval()
+    ref = _hf().eval()
+    ref.load_state_dict(hf.state_dict())
+    sf.patch(hf)
+    x = 4.0 * torch.randn(1, 3, 64, 96)  # large activations
+    with torch.no_grad():
+        want = ref(pixel_values=x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = hf(pixel_values=x).logits.float()
+            torch_low = ref(pixel_values=x).logits.float()
+    assert torch.isfinite(got).all()
+    err, err_torch = (got - want).abs().max().item(), (torch_low - want).abs().max().item()
+    assert err <= 2 * err_torch + 1e-2 * want.abs().max().item(), (err, err_torch)
+
+    hf.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = hf(pixel_values=x, labels=torch.randint(0, 5, (1, 64, 96))).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in hf.parameters() if p.grad is not None)
+
+
+def test_export_onnx_dynamic_hw(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = sf.segformer("b0", num_classes=4, depths=(1, 1, 1, 1)).eval()  # fast backend
+    path = sf.export_onnx(model, tmp_path / "m.onnx", example_size=(64, 64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    sess = ort.InferenceSession(str(path))
+    for hw in [(64, 96), (97, 131)]:
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4
+
+
+def test_export_onnx_patched_hf(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    hf = sf.patch(_hf().eval())
+    sf.export_onnx(hf, tmp_path / "hf.onnx", example_size=(64, 64))
+    assert sf.is_patched(hf)  # the model itself is left as it was
+    sess = ort.InferenceSession(str(tmp_path / "hf.onnx"))
+    for hw in [(64, 64), (96, 160)]:
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            want = hf(pixel_values=x).logits
+        assert (torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]) - want).abs().max() <= 1e-4
