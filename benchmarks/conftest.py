@@ -2,7 +2,8 @@
 
 Providers are named alike everywhere: ``fast`` (our fused path), ``reference`` (our pure-PyTorch
 oracle), ``hf`` (Hugging Face transformers), ``hf_compile`` (the same under torch.compile; only with
---bench-compile, since compiling on a CPU takes minutes). Shapes come from the model registry.
+--bench-compile, since compiling on a CPU takes minutes); model benchmarks add ``patched``
+(Hugging Face after segformer_fast.patch), ``fast_compile`` and ``patched_compile``. Shapes come from the model registry.
 1024-pixel cases carry the ``large`` mark (deselect with ``-m "not large"``).
 
 Each benchmark records ``extra_info`` (provider, case, saved bytes); at the end of the session the
@@ -27,6 +28,8 @@ from segformer_fast.utils.atomic import atomic_write_text
 from segformer_fast.utils.memory import SavedTensorRecorder
 
 PROVIDERS = ("fast", "reference", "hf", "hf_compile")
+# end-to-end model benchmarks add the patched Hugging Face model and compiled variants
+MODEL_PROVIDERS = PROVIDERS + ("patched", "fast_compile", "patched_compile")
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 _RECORDS: list[dict] = []
@@ -72,10 +75,10 @@ def size_param(size: int):
 
 
 def skip_unavailable(provider: str, request) -> None:
-    if provider.startswith("hf"):
-        pytest.importorskip("transformers", reason="the hf providers need transformers")
-    if provider == "hf_compile" and not request.config.getoption("--bench-compile"):
-        pytest.skip("hf_compile runs only with --bench-compile (compiling takes minutes on a CPU)")
+    if provider.startswith(("hf", "patched")):
+        pytest.importorskip("transformers", reason="the hf and patched providers need transformers")
+    if provider.endswith("_compile") and not request.config.getoption("--bench-compile"):
+        pytest.skip(f"{provider} runs only with --bench-compile (compiling takes minutes on a CPU)")
 
 
 def saved_bytes(fn, exclude=()) -> int:

@@ -5,7 +5,7 @@ import torch
 
 from segformer_fast.benchmark import build_providers
 
-from .conftest import PROVIDERS, run, saved_bytes, size_param, skip_unavailable
+from .conftest import MODEL_PROVIDERS, run, saved_bytes, size_param, skip_unavailable
 
 _CACHE: dict = {}
 
@@ -21,7 +21,7 @@ def _providers(variant, device, compile_hf):
 @pytest.mark.parametrize("mode", ["inference", "train"])
 @pytest.mark.parametrize("size", [size_param(512), size_param(1024)])
 @pytest.mark.parametrize("variant", ["b0", "b2"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", MODEL_PROVIDERS)
 def test_segformer(benchmark, request, device, provider, variant, size, mode):
     skip_unavailable(provider, request)
     providers = _providers(variant, device, request.config.getoption("--bench-compile"))

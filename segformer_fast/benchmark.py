@@ -2,8 +2,9 @@
 
 Used by ``segformer-fast benchmark`` and by ``benchmarks/`` (pytest-benchmark). Providers:
 ``fast`` (our model, fastest available backend), ``reference`` (backend "torch"), ``hf``
-(transformers' SegformerForSemanticSegmentation with the same weights), and with compile=True
-``fast_compile`` and ``hf_compile``. Timings interleave the providers round by round, so a ratio
+(transformers' SegformerForSemanticSegmentation with the same weights), ``patched`` (that HF model
+after ``segformer_fast.patch``), and with compile=True ``fast_compile``, ``hf_compile`` and
+``patched_compile``. Timings interleave the providers round by round, so a ratio
 compares runs made under the same machine load.
 """
 
@@ -84,10 +85,15 @@ def build_providers(
     if hf and have_transformers():
         from .io.hf import to_hf
 
+        from .patch import patch
+
         hf_model = to_hf(reference)
+        patched = patch(to_hf(reference), backend=backend)
         out["hf"] = _hf("hf", hf_model)
+        out["patched"] = _hf("patched", patched)
         if compile:
             out["hf_compile"] = _hf("hf_compile", torch.compile(hf_model))
+            out["patched_compile"] = _hf("patched_compile", torch.compile(patched))
     if compile:
         out["fast_compile"] = _ours("fast_compile", torch.compile(fast))
     if names is not None:
