@@ -8,6 +8,8 @@ from .export import export_onnx
 from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
 from .io import CheckpointMismatchError, LoadReport, export_state_dict, from_pretrained, load_weights, save_weights
 from .models import SegFormer, segformer
+from .models.setr import SETR, setr, setr_loss
+from .io.setr_weights import load_setr_weights
 from .patch import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
@@ -30,4 +32,8 @@ __all__ = [
     "patch",
     "unpatch",
     "segformer",
+    "SETR",
+    "setr",
+    "setr_loss",
+    "load_setr_weights",
 ]

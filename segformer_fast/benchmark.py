@@ -21,7 +21,7 @@ from .configs import get_config
 from .models.segformer import SegFormer
 from .utils.memory import SavedTensorRecorder
 
-__all__ = ["BenchRow", "Provider", "build_providers", "run_benchmark", "format_table"]
+__all__ = ["BenchRow", "Provider", "SETR_MODELS", "build_providers", "run_benchmark", "format_table"]
 
 
 @dataclass
@@ -75,8 +75,14 @@ def build_providers(
     seed: int = 0,
     names: tuple[str, ...] | None = None,
 ) -> dict[str, Provider]:
-    """The models to compare, all carrying the same random weights (drop path and dropout kept)."""
+    """The models to compare, all carrying the same random weights (drop path and dropout kept).
+
+    ``variant`` "b0".."b5" is a SegFormer; a name from ``SETR_MODELS`` ("setr-pup", "setr-mla-b16", ...)
+    a SETR, compared as fast vs reference only (no Hugging Face SETR exists).
+    """
     torch.manual_seed(seed)
+    if variant in SETR_MODELS:
+        return _setr_providers(variant, num_classes, backend, device, names)
     cfg = get_config(variant, num_classes=num_classes)
     reference = SegFormer(cfg, backend="torch").to(device)
     fast = SegFormer(cfg, backend=backend).to(device)
@@ -99,6 +105,25 @@ def build_providers(
     if names is not None:
         out = {k: v for k, v in out.items() if k in names}
     return out
+
+
+# SETR models by name: decoder and ViT encoder ("-b16": ViT-B/16, else the paper's ViT-L/16).
+SETR_MODELS = {f"setr-{d}{suffix}": (d, enc) for d in ("naive", "pup", "mla")
+               for suffix, enc in (("", "vit-l16"), ("-b16", "vit-b16"))}
+
+
+def _setr_providers(name: str, num_classes: int, backend: str, device: str,
+                    names: tuple[str, ...] | None) -> dict[str, Provider]:
+    from .models.setr import SETR, setr_loss
+    from .configs import get_setr_config
+
+    decoder, encoder = SETR_MODELS[name]
+    cfg = get_setr_config(encoder, decoder=decoder, num_classes=num_classes)
+    reference = SETR(cfg, backend="torch").to(device)
+    fast = SETR(cfg, backend=backend).to(device)
+    fast.load_state_dict(reference.state_dict())
+    out = {n: Provider(n, m, m, lambda x, y, m=m: setr_loss(m(x), y)) for n, m in (("fast", fast), ("reference", reference))}
+    return out if names is None else {k: v for k, v in out.items() if k in names}
 
 
 def _step(p: Provider, x: torch.Tensor, labels: torch.Tensor | None) -> None:

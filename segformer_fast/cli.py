@@ -45,7 +45,8 @@ def _cmd_benchmark(args) -> int:
         args.model, num_classes=args.num_classes, backend=args.backend, compile=args.compile, device=device
     )
     mode = "train step (forward + loss + backward)" if args.train else "inference (forward, no grad)"
-    print(f"SegFormer-{args.model.upper()} {hw[0]}x{hw[1]} batch {args.batch}, {mode}, on {device}; "
+    label = args.model.upper() if args.model.startswith("setr-") else f"SegFormer-{args.model.upper()}"
+    print(f"{label} {hw[0]}x{hw[1]} batch {args.batch}, {mode}, on {device}; "
           f"median of {args.repeat} after {args.warmup} warm-up")
     if not have_transformers():
         print("(transformers not installed: no Hugging Face comparison; pip install transformers)")
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "is installed, the Hugging Face model, in one interleaved run with the same weights. --train times a "
         "training step and reports saved-activation memory.",
     )
-    p.add_argument("--model", default="b0", choices=sorted(SEGFORMER_VARIANTS), help="variant (default b0)")
+    from .benchmark import SETR_MODELS
+
+    p.add_argument("--model", default="b0", choices=sorted(SEGFORMER_VARIANTS) + sorted(SETR_MODELS),
+                   help="SegFormer variant (default b0), or a SETR: setr-{naive,pup,mla} (ViT-L/16), ...-b16 (ViT-B/16)")
     p.add_argument("--size", type=int, default=512, help="image height (and width unless --width), default 512")
     p.add_argument("--width", type=int, default=None, help="image width (default: --size)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_benchmark)
+    from .train.cli import register as register_train; register_train(sub)  # train, predict, evaluate
+    from .memory_report import register as register_memory; register_memory(sub)  # memory
     return parser
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config"]
+__all__ = ["LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
+           "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "get_setr_config"]
 
 
 @dataclass(frozen=True)
@@ -121,4 +122,121 @@ def get_config(variant: str | SegFormerConfig, **overrides) -> SegFormerConfig:
         if key not in SEGFORMER_VARIANTS:
             raise ValueError(f"unknown SegFormer variant {variant!r}; known: {sorted(SEGFORMER_VARIANTS)}")
         cfg = SEGFORMER_VARIANTS[key]
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# ----- SETR --------------------------------------------------------------------------------------
+
+SETR_DECODERS = ("naive", "pup", "mla")
+# The paper's layer choices on the 24-layer ViT-L, as fractions of the depth (1-based layer numbers):
+# auxiliary heads of Naive/PUP on layers 10, 15, 20; MLA taps layers 6, 12, 18, 24.
+_AUX_LAYERS_OF_24 = (10, 15, 20)
+_MLA_LAYERS_OF_24 = (6, 12, 18, 24)
+
+
+def _scaled_indices(depth: int, layers_of_24: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(0, min(depth - 1, round(depth * k / 24) - 1)) for k in layers_of_24)
+
+
+@dataclass(frozen=True)
+class SETRConfig:
+    """Architecture of a SETR (plain ViT encoder at 1/16 + Naive, PUP or MLA decoder).
+
+    ``aux_layers`` (Naive/PUP auxiliary heads) and ``mla_layers`` (MLA taps) are 0-based block
+    indices; None scales the paper's ViT-L choice (9, 14, 19) and (5, 11, 17, 23) to ``depth``.
+    The encoder has no final LayerNorm: each head (or the MLA neck) normalises its own input, as
+    mmsegmentation builds SETR (VisionTransformer with final_norm=False).
+    """
+
+    name: str = "vit-l16"
+    decoder: str = "pup"
+    img_size: int = 512
+    patch_size: int = 16
+    in_channels: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: int = 4
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    drop_rate: float = 0.0  # dropout after the position embedding and in attention/MLP outputs
+    drop_path_rate: float = 0.0  # mmseg's SETR configs use 0
+    num_classes: int = 150
+    head_channels: int = 256  # Naive/PUP conv width; the MLA neck width
+    mla_head_channels: int = 128  # per-level width of the MLA head
+    aux_layers: tuple[int, ...] | None = None
+    mla_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.decoder not in SETR_DECODERS:
+            raise ValueError(f"unknown SETR decoder {self.decoder!r}; choose one of {SETR_DECODERS}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for field_name in ("img_size", "patch_size", "depth", "num_classes", "head_channels", "mla_head_channels"):
+            if getattr(self, field_name) < 1:
+                raise ValueError(f"SETRConfig.{field_name} must be >= 1, got {getattr(self, field_name)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        for field_name in ("aux_layers", "mla_layers"):
+            value = getattr(self, field_name)
+            if value is not None and any(not 0 <= i < self.depth for i in value):
+                raise ValueError(f"SETRConfig.{field_name}={value} has indices outside 0..{self.depth - 1}")
+        if self.mla_layers is not None and len(self.mla_layers) != 4:
+            raise ValueError(f"SETRConfig.mla_layers needs 4 block indices, got {self.mla_layers}")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the position-embedding grid (img_size / patch_size)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def aux_indices(self) -> tuple[int, ...]:
+        """Blocks whose outputs feed the auxiliary heads (Naive/PUP)."""
+        return self.aux_layers if self.aux_layers is not None else _scaled_indices(self.depth, _AUX_LAYERS_OF_24)
+
+    @property
+    def mla_indices(self) -> tuple[int, ...]:
+        """Blocks whose outputs feed the MLA neck."""
+        return self.mla_layers if self.mla_layers is not None else _scaled_indices(self.depth, _MLA_LAYERS_OF_24)
+
+    @property
+    def uses_cls_token(self) -> bool:
+        """Naive/PUP run a cls token through the encoder; MLA keeps the parameter but drops the
+        token before the first block (mmseg's SETR-MLA builds its ViT with with_cls_token=False)."""
+        return self.decoder != "mla"
+
+    def replace(self, **overrides) -> "SETRConfig":
+        """A copy with some fields changed; lists are turned into tuples."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown SETRConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return dataclasses.replace(self, **clean)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SETRConfig":
+        return cls().replace(**data)
+
+
+SETR_VARIANTS: dict[str, SETRConfig] = {
+    "vit-l16": SETRConfig(name="vit-l16", embed_dim=1024, depth=24, num_heads=16),
+    "vit-b16": SETRConfig(name="vit-b16", embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def get_setr_config(variant: str | SETRConfig = "vit-l16", **overrides) -> SETRConfig:
+    """The registered SETR encoder config (``"vit-l16"``, ``"vit-b16"``), with overrides applied."""
+    if isinstance(variant, SETRConfig):
+        cfg = variant
+    else:
+        if not isinstance(variant, str):
+            raise TypeError(f"variant must be a name like 'vit-l16' or a SETRConfig, got {type(variant).__name__}")
+        key = variant.lower()
+        if key not in SETR_VARIANTS:
+            raise ValueError(f"unknown SETR encoder variant {variant!r}; known: {sorted(SETR_VARIANTS)}")
+        cfg = SETR_VARIANTS[key]
     return cfg.replace(**overrides) if overrides else cfg

@@ -240,6 +240,27 @@ _IGNORABLE = {
 }
 
 
+def apply_rules(rules: list[Rule], sd: Mapping[str, torch.Tensor]):
+    """Native tensors from a source state dict by ``rules``.
+
+    Returns (converted {native key: tensor}, missing source keys, used source keys, has_decoder).
+    A checkpoint with no decoder tensors at all is backbone-only: its decoder rules are not missing.
+    """
+    has_decoder = any(s in sd for r in rules if r.decoder for s in r.source)
+    converted: dict[str, torch.Tensor] = {}
+    missing, used = [], set()
+    for rule in rules:
+        present = [s in sd for s in rule.source]
+        if not all(present):
+            if not (rule.optional or (rule.decoder and not has_decoder)):
+                missing += [s for s, p in zip(rule.source, present) if not p]
+            continue
+        tensors = [sd[s] for s in rule.source]
+        used.update(rule.source)
+        converted.update(zip(rule.native, rule.to_native(tensors) if rule.to_native else tensors))
+    return converted, missing, used, has_decoder
+
+
 # ----- reading sources ---------------------------------------------------------------------------
 
 
@@ -372,20 +393,7 @@ def load_weights(model, source, strict: bool = True) -> LoadReport:
     cfg = model.config
     target = model.state_dict()
 
-    converted: dict[str, torch.Tensor] = {}
-    missing, used = [], set()
-    decoder_rules = [r for r in _rules(layout, cfg) if r.decoder]
-    has_decoder = any(s in sd for r in decoder_rules for s in r.source)
-    for rule in _rules(layout, cfg):
-        present = [s in sd for s in rule.source]
-        if not all(present):
-            if not (rule.optional or (rule.decoder and not has_decoder)):
-                missing += [s for s, p in zip(rule.source, present) if not p]
-            continue
-        tensors = [sd[s] for s in rule.source]
-        used.update(rule.source)
-        for native, t in zip(rule.native, rule.to_native(tensors) if rule.to_native else tensors):
-            converted[native] = t
+    converted, missing, used, has_decoder = apply_rules(_rules(layout, cfg), sd)
 
     ignored, unexpected = [], []
     for k in sd:

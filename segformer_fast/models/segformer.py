@@ -2,21 +2,88 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backends import default_backend, validate_backend
 from ..configs import LayerNormEps, SegFormerConfig, get_config
 from ..nn import AllMLPDecoder, Block, OverlapPatchEmbed
 from ..nn.decode_head_fused import FusedAllMLPDecoder
+from ..ops.upsample_cross_entropy import upsample_cross_entropy
 
-__all__ = ["MiTStage", "MiTEncoder", "SegFormer", "segformer", "MIN_IMAGE_SIDE"]
+__all__ = ["MiTStage", "MiTEncoder", "SegFormer", "segformer", "MIN_IMAGE_SIDE", "check_image_batch"]
 
 MIN_IMAGE_SIDE = 32  # below this, stage 1's 8x8 spatial reduction has no full patch
-MEMORY_MODES = ("save", "recompute")
+# What training keeps for backward: "save" (the fused ops' own minimum), "recompute" (Mix-FFN keeps
+# only its input), "checkpoint" ("recompute" plus activation checkpointing of every block, patch
+# embedding, stage norm and the decoder: each keeps only its input, the forward reruns in backward).
+MEMORY_MODES = ("save", "recompute", "checkpoint")
+
+
+def _run(fn, *args, checkpointed: bool):
+    """fn(*args), under non-reentrant activation checkpointing when ``checkpointed``."""
+    if checkpointed:  # keeps the tensor args, saved (visible to saved-tensor hooks) as the region's input
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Undo any change to ``module``'s buffers (BatchNorm running statistics) made inside the block."""
+    kept = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in kept:
+                b.copy_(saved)
+
+
+class _LossMethod:
+    """``model.loss(...)`` dispatches on the model's backend; ``SegFormer.loss(...)`` on the class is the reference."""
+
+    def __init__(self, method, reference):
+        self.method, self.reference = method, reference
+        self.__doc__ = method.__doc__
+
+    def __get__(self, obj, objtype=None):
+        return self.reference if obj is None else types.MethodType(self.method, obj)
+
+
+def check_image_batch(images: torch.Tensor, in_channels: int, min_side: int, param: torch.Tensor) -> None:
+    """Raise a clear TypeError/ValueError for an image batch a model cannot segment.
+
+    Args:
+        images: the batch to check, expected (B, in_channels, H, W) floats with H, W >= ``min_side``.
+        param: one of the model's weights; the images must share its device and (outside autocast) dtype.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got rank {images.ndim} shape {tuple(images.shape)}")
+    if images.shape[1] != in_channels:
+        raise ValueError(
+            f"images have {images.shape[1]} channels, the model expects {in_channels} "
+            f"(shape {tuple(images.shape)}; channels-first (B, C, H, W) layout)"
+        )
+    h, w = images.shape[-2:]
+    if h < min_side or w < min_side:
+        raise ValueError(f"images must be at least {min_side}x{min_side}, got {h}x{w}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {images.dtype} (convert and normalise first)")
+    if images.device != param.device:
+        raise ValueError(f"images are on {images.device} but the model is on {param.device}")
+    if images.dtype != param.dtype and not torch.is_autocast_enabled(images.device.type):
+        raise TypeError(
+            f"images are {images.dtype} but the model's weights are {param.dtype}; "
+            "convert one of them or run under torch.autocast"
+        )
 
 
 class MiTStage(nn.Module):
@@ -41,19 +108,24 @@ class MiTStage(nn.Module):
                 eps=cfg.ln_eps.block,
                 sr_eps=cfg.ln_eps.sr,
                 backend=backend,
-                memory=memory,
+                memory="recompute" if memory == "checkpoint" else memory,
             )
             for p in drop_path
         )
         self.norm = nn.LayerNorm(dim, eps=cfg.ln_eps.stage)
+        self.checkpoint = memory == "checkpoint"
+
+    def _finish(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = self.norm(x)  # (B, N, C)
+        return x.reshape(x.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C, ceil(H/stride), ceil(W/stride))."""
-        x, hw = self.patch_embed(x)
+        ckpt = self.checkpoint and self.training and torch.is_grad_enabled()
+        x, hw = _run(self.patch_embed, x, checkpointed=ckpt)
         for block in self.blocks:
-            x = block(x, hw)
-        x = self.norm(x)  # (B, N, C)
-        return x.reshape(x.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2).contiguous()
+            x = _run(block, x, hw, checkpointed=ckpt)
+        return _run(self._finish, x, hw, checkpointed=ckpt)
 
 
 class MiTEncoder(nn.Module):
@@ -116,48 +188,52 @@ class SegFormer(nn.Module):
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise a clear error for input the model cannot segment."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.ndim != 4:
-            raise ValueError(f"images must be (B, C, H, W), got rank {images.ndim} shape {tuple(images.shape)}")
-        if images.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"images have {images.shape[1]} channels, the model expects {self.config.in_channels} "
-                f"(shape {tuple(images.shape)}; channels-first (B, C, H, W) layout)"
-            )
-        h, w = images.shape[-2:]
-        if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
-            raise ValueError(f"images must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}, got {h}x{w}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor, got {images.dtype} (convert and normalise first)")
-        param = self.decoder.classifier.weight
-        if images.device != param.device:
-            raise ValueError(f"images are on {images.device} but the model is on {param.device}")
-        if images.dtype != param.dtype and not torch.is_autocast_enabled(images.device.type):
-            raise TypeError(
-                f"images are {images.dtype} but the model's weights are {param.dtype}; "
-                "convert one of them or run under torch.autocast"
-            )
+        check_image_batch(images, self.config.in_channels, MIN_IMAGE_SIDE, self.decoder.classifier.weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
-        return self.decoder(self.encoder(images))
+        feats = self.encoder(images)
+        if not (self.memory == "checkpoint" and self.training and torch.is_grad_enabled()):
+            return self.decoder(feats)
+        reruns = 0
+
+        def decode(*features):
+            nonlocal reruns
+            reruns += 1
+            if reruns == 1:
+                return self.decoder(list(features))
+            with _buffers_kept(self.decoder):  # the rerun in backward must not count the batch twice
+                return self.decoder(list(features))
+
+        return _run(decode, *feats, checkpointed=True)
 
     @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    def _reference_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(logits, labels)
+        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(up, labels.long(), weight=weight, ignore_index=ignore_index)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of logits upsampled (bilinear, align_corners=False) to the labels' size.
+
+        Backend "torch" computes it literally (F.interpolate + F.cross_entropy); every other
+        backend uses the fused segformer_fast.ops.upsample_cross_entropy, which never stores the
+        full-resolution logits. ``SegFormer.loss(logits, labels)`` called on the class is the literal form.
 
         Args:
             logits: (B, K, h, w). labels: (B, H, W) integer class ids; ``ignore_index`` pixels are skipped.
+            weight: optional (K,) class weights (weighted mean, as F.cross_entropy).
         Returns:
             The mean loss over non-ignored pixels (a scalar).
         """
-        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-            raise ValueError(f"labels must be (B, H, W) with B={logits.shape[0]}, got shape {tuple(labels.shape)}")
-        if labels.is_floating_point():
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(up, labels.long(), ignore_index=ignore_index)
+        if self.backend == "torch":
+            return self._reference_loss(logits, labels, ignore_index, weight)
+        _check_labels(logits, labels)
+        return upsample_cross_entropy(logits, labels, ignore_index, weight, backend=self.backend)
+
+    loss = _LossMethod(_loss, _reference_loss.__func__)
 
     def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
         """Which implementation each fused op runs with on ``device`` (default: the model's)."""
@@ -188,6 +264,13 @@ class SegFormer(nn.Module):
                 f"memory={self.memory!r}")
 
 
+def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be (B, H, W) with B={logits.shape[0]}, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
 def _init_weights(m: nn.Module) -> None:
     # The NVlabs initialisation: truncated normal for Linear, He (fan-out) normal for convs.
     if isinstance(m, nn.Linear):
@@ -213,8 +296,11 @@ def segformer(variant: str | SegFormerConfig = "b0", num_classes: int = 150, bac
         num_classes: classifier outputs (150 for ADE20K, 19 for Cityscapes).
         backend: "auto" (default, or SEGFORMER_FAST_BACKEND), "torch" (pure reference), "triton",
             "cuda" or "cpp". A backend that is not available raises.
-        memory: activation policy of the fused layers: "save" (default) or "recompute" (Mix-FFN
-            keeps only its input and recomputes the rest in backward). Ignored by backend "torch".
+        memory: what training keeps for backward: "save" (default), "recompute" (the fused Mix-FFN
+            keeps only its input and recomputes the rest in backward; no effect with backend
+            "torch") or "checkpoint" ("recompute" plus activation checkpointing of each block,
+            patch embedding, stage norm and the decoder, while training with grad enabled;
+            gradients as with "save").
         **overrides: any SegFormerConfig field, e.g. ``depths=(1, 1, 1, 1)``, ``drop_path_rate=0.0``.
     Returns:
         A SegFormer nn.Module (train mode, as nn.Modules start).

@@ -3,3 +3,4 @@
 from .dwconv3x3_gelu import dwconv3x3_gelu  # noqa: F401
 from .upsample_sum import upsample_sum, upsample_sum_reference  # noqa: F401
 from .sr_attention import sr_attention, sr_attention_reference  # noqa: F401
+from .upsample_cross_entropy import upsample_cross_entropy, upsample_cross_entropy_reference  # noqa: F401

@@ -1,0 +1,235 @@
+"""SETR: a plain ViT encoder (features at 1/16) with the Naive, PUP or MLA decoder, built from segformer_fast.nn.
+
+Input sizes: any H, W >= the patch size (16). An image whose sides are not multiples of 16 is
+zero-padded at the bottom and right up to the next multiple (as mmseg's ViT does with its
+"corner" adaptive padding), segmented, and the logits cropped back to H x W. The learned position
+embedding is interpolated bilinearly when the padded grid differs from img_size / 16.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import default_backend, validate_backend
+from ..configs import SETRConfig, get_setr_config
+from ..nn.setr_heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUpHead
+from ..nn.setr_heads_fused import FusedMLANeck, FusedSETRMLAHead, FusedSETRUpHead
+from ..nn.vit_block import ViTBlock
+from .segformer import SegFormer, _init_weights, check_image_batch
+
+__all__ = ["ViTEncoder", "SETR", "SETROutput", "setr", "setr_loss"]
+
+MEMORY_MODES = ("save", "recompute")  # what the fused MLP keeps for backward (see nn.mlp.FusedMlp)
+
+
+class SETROutput(NamedTuple):
+    """What a SETR returns in training: the main logits and the auxiliary heads' logits.
+
+    All are (B, K, H, W) at the input resolution; ``aux_logits`` is empty when the model has no
+    auxiliary heads.
+    """
+
+    logits: torch.Tensor
+    aux_logits: tuple[torch.Tensor, ...]
+
+
+class ViTEncoder(nn.Module):
+    """ViT encoder of SETR: patch-16 conv embedding, cls token, learned position embedding, blocks.
+
+    Parameter names: patch_embed (Conv2d), cls_token (1, 1, C), pos_embed (1, 1 + G*G, C) with
+    G = img_size / patch_size, blocks.{i} (:class:`ViTBlock`). No final LayerNorm (see SETRConfig).
+    """
+
+    def __init__(self, cfg: SETRConfig, backend: str | None = None, memory: str = "save"):
+        super().__init__()
+        self.config = cfg
+        c, g = cfg.embed_dim, cfg.grid_size
+        self.patch_embed = nn.Conv2d(cfg.in_channels, c, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + g * g, c))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = [cfg.drop_path_rate * k / max(cfg.depth - 1, 1) for k in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            ViTBlock(c, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, p, cfg.ln_eps, backend, memory)
+            for p in rates
+        )
+
+    def position_embedding(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cls part (1, 1, C), grid part (1, h*w, C)), the grid resized bilinearly to h x w if needed."""
+        g = self.config.grid_size
+        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if (h, w) != (g, g):
+            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            grid = grid.flatten(2).transpose(1, 2)
+        return cls_pos, grid
+
+    def forward(self, images: torch.Tensor, indices: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """(B, 3, H, W) with H, W multiples of the patch size -> {block index: (B, C, H/16, W/16)}."""
+        x = self.patch_embed(images)  # (B, C, h, w)
+        b, c, h, w = x.shape
+        cls_pos, grid_pos = self.position_embedding(h, w)
+        x = x.flatten(2).transpose(1, 2) + grid_pos  # (B, h*w, C)
+        skip = 0
+        if self.config.uses_cls_token:
+            x = torch.cat([(self.cls_token + cls_pos).expand(b, -1, -1), x], dim=1)  # (B, 1 + h*w, C)
+            skip = 1
+        x = self.pos_drop(x)
+        feats, last = {}, max(indices)
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = block(x)
+            if i in indices:
+                feats[i] = x[:, skip:].transpose(1, 2).reshape(b, c, h, w)
+        return feats
+
+
+class SETR(nn.Module):
+    """SETR semantic segmentation model (ViT encoder + Naive, PUP or MLA decoder).
+
+    ``model(images)`` maps (B, 3, H, W) images (any H, W >= 16; see the module docstring for
+    padding) to logits (B, num_classes, H, W) in eval mode, and to a :class:`SETROutput` (main and
+    auxiliary logits, all at H x W) in training mode. Use :func:`setr_loss` for the loss.
+
+    Auxiliary heads (``aux=True``): Naive/PUP on blocks ``config.aux_indices`` (9, 14, 19 for
+    ViT-L), each a copy of the main head's kind (PUP's with two x2 stages); MLA one 1x1 classifier
+    per neck level.
+
+    Example:
+        >>> model = segformer_fast.setr("pup", num_classes=19, embed_dim=64, depth=4, num_heads=2, img_size=64)
+        >>> model.eval()(torch.randn(1, 3, 64, 80)).shape
+        torch.Size([1, 19, 64, 80])
+    """
+
+    def __init__(self, config: SETRConfig, backend: str = "auto", memory: str = "save", aux: bool = True):
+        super().__init__()
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        self.config, self.memory, self.aux = config, memory, bool(aux)
+        self.backend = validate_backend(backend)
+        fused = self.backend != "torch"  # "torch" is the pure reference; every other backend the fused layers
+        cfg, c, d, k = config, config.embed_dim, config.head_channels, config.num_classes
+        self.encoder = ViTEncoder(cfg, self.backend if fused else None, memory)
+        self.neck = None
+        if cfg.decoder == "mla":
+            self.neck = (FusedMLANeck if fused else MLANeck)(c, d, eps=cfg.ln_eps)
+            self.decode_head = (FusedSETRMLAHead if fused else SETRMLAHead)(d, cfg.mla_head_channels, k)
+            aux_heads = [ClassifierHead(d, k) for _ in range(4)] if aux else []
+        else:
+            up = FusedSETRUpHead if fused else SETRUpHead
+            main, extra = ((4, 3, 2), (2, 3, 2)) if cfg.decoder == "pup" else ((1, 1, 1), (1, 1, 1))
+            self.decode_head = up(c, d, k, *main, eps=cfg.ln_eps)
+            aux_heads = [up(c, d, k, *extra, eps=cfg.ln_eps) for _ in cfg.aux_indices] if aux else []
+        self.aux_heads = nn.ModuleList(aux_heads)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.encoder.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.encoder.cls_token, std=0.02)
+
+    @property
+    def feature_indices(self) -> tuple[int, ...]:
+        """Blocks whose outputs the decoder reads (MLA: the four taps; else the last block)."""
+        return self.config.mla_indices if self.config.decoder == "mla" else (self.config.depth - 1,)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a clear error for input the model cannot segment."""
+        check_image_batch(images, self.config.in_channels, self.config.patch_size, self.decode_head.conv_seg.weight)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | SETROutput:
+        self.check_images(images)
+        h, w = images.shape[-2:]
+        p = self.config.patch_size
+        hp, wp = math.ceil(h / p) * p, math.ceil(w / p) * p
+        if (hp, wp) != (h, w):
+            images = F.pad(images, (0, wp - w, 0, hp - h))  # zeros at the bottom and right
+        want_aux = self.training and len(self.aux_heads) > 0
+        aux_idx = self.config.aux_indices if want_aux and self.config.decoder != "mla" else ()
+        feats = self.encoder(images, tuple(sorted(set(self.feature_indices) | set(aux_idx))))
+        if self.neck is not None:
+            levels = self.neck([feats[i] for i in self.config.mla_indices])
+            logits = self.decode_head(levels)
+            aux_in = levels
+        else:
+            logits = self.decode_head(feats[self.config.depth - 1])
+            aux_in = [feats[i] for i in aux_idx]
+        logits = _to_input(logits, (hp, wp), (h, w))
+        if not self.training:
+            return logits
+        aux = tuple(_to_input(head(x), (hp, wp), (h, w)) for head, x in zip(self.aux_heads, aux_in)) if want_aux else ()
+        return SETROutput(logits, aux)
+
+    def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
+        """Which implementation each fused op runs with on ``device`` (default: the model's)."""
+        from ..backends import resolve_backend
+        from ..ops.sr_attention.op import IMPLEMENTED as ATTN
+
+        if self.backend == "torch":
+            return {"sr_attention": "reference", "mlp_gelu": "reference", "conv_bn_relu_up": "reference"}
+        dev = torch.device(device) if device is not None else self.decode_head.conv_seg.weight.device
+        backend = "auto" if self.backend == "cpp" else self.backend  # as FusedSpatialReductionAttention does
+        return {"sr_attention": resolve_backend(backend, dev.type, ATTN), "mlp_gelu": "torch", "conv_bn_relu_up": "torch"}
+
+    def extra_repr(self) -> str:
+        return (f"encoder={self.config.name}, decoder={self.config.decoder!r}, num_classes={self.config.num_classes}, "
+                f"backend={self.backend!r}, memory={self.memory!r}, aux={self.aux}")
+
+
+def _to_input(logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Logits -> the padded input size (bilinear, align_corners=False) -> cropped to the input size."""
+    if tuple(logits.shape[-2:]) != padded:
+        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    if padded != size:
+        logits = logits[..., : size[0], : size[1]]
+    return logits
+
+
+def setr(decoder: str = "pup", num_classes: int = 150, img_size: int = 512, backend: str | None = "auto",
+         aux: bool = True, *, variant: str | SETRConfig = "vit-l16", memory: str = "save", **overrides) -> SETR:
+    """Build a SETR with random weights.
+
+    Args:
+        decoder: "naive", "pup" or "mla".
+        num_classes: classifier outputs (150 for ADE20K, 19 for Cityscapes).
+        img_size: the square training size the position embedding is made for (other sizes are
+            interpolated); a multiple of the patch size.
+        backend: "auto" (or SEGFORMER_FAST_BACKEND), "torch" (pure reference), "triton", "cuda", "cpp".
+        aux: build the auxiliary heads (their logits come back in training).
+        variant: the encoder, "vit-l16" (default: 1024 dim, 24 blocks, 16 heads) or "vit-b16".
+        memory: the fused MLP's activation policy, "save" (default) or "recompute".
+        **overrides: any SETRConfig field, e.g. ``embed_dim=768, depth=12, num_heads=12``.
+    Returns:
+        A :class:`SETR` (train mode, as nn.Modules start).
+
+    Example:
+        >>> model = setr("mla", num_classes=19, variant="vit-b16")
+    """
+    backend = default_backend() if backend in (None, "auto") else backend
+    cfg = get_setr_config(variant, decoder=decoder, num_classes=num_classes, img_size=img_size, **overrides)
+    return SETR(cfg, backend=backend, memory=memory, aux=aux)
+
+
+def setr_loss(outputs: SETROutput | torch.Tensor, labels: torch.Tensor, aux_weight: float = 0.4,
+              ignore_index: int = 255) -> torch.Tensor:
+    """SETR's training loss: CE(main) + aux_weight * sum of CE(aux) (SETR and mmseg use 0.4).
+
+    Args:
+        outputs: what a SETR returns in training (:class:`SETROutput`), or plain (B, K, h, w) logits.
+        labels: (B, H, W) integer class ids; logits of another size are upsampled bilinearly first.
+        aux_weight: weight of each auxiliary loss. ignore_index: label value that is skipped.
+    Returns:
+        The scalar loss.
+
+    Example:
+        >>> loss = setr_loss(model.train()(images), labels); loss.backward()
+    """
+    if isinstance(outputs, torch.Tensor):
+        main, aux = outputs, ()
+    else:
+        main, aux = outputs[0], tuple(outputs[1])
+    loss = SegFormer.loss(main, labels, ignore_index)
+    for a in aux:
+        loss = loss + aux_weight * SegFormer.loss(a, labels, ignore_index)
+    return loss

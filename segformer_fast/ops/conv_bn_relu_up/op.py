@@ -1,0 +1,138 @@
+"""Conv-BN-ReLU (-> 1x1 classifier) -> bilinear upsample, fused where it pays.
+
+Three rewrites of :func:`conv_bn_relu_up_reference`, each exact up to rounding:
+
+1. Eval: BatchNorm with running statistics is affine per channel, so it folds into the conv,
+       W' = W * g / sqrt(var + eps),  b' = beta - mean * g / sqrt(var + eps),
+   and the stage is one conv with bias, an in-place ReLU and the upsample.
+2. Classifier before the upsample: bilinear upsampling mixes pixels with weights that sum to 1 and
+   acts on every channel alike; a 1x1 conv mixes channels at each pixel alike. They commute, so
+       Conv1x1(Up(z)) = Up(Conv1x1(z)),
+   and the classifier runs at the low resolution on C_out channels instead of at s^2 times the
+   pixels; the (B, C_out, sH, sW) map never exists. (For SETR-PUP at 512 the last stage's
+   256-channel 512x512 map is 268 MB per image.)
+3. Training: the autograd function keeps only the stage input x and the per-channel batch
+   statistics; backward recomputes y = conv(x), z and the ReLU mask, then runs BatchNorm's and
+   the conv's backward. The reference keeps x, y and z (and the classifier's input at the high
+   resolution). The upsample after the function keeps nothing (bilinear backward needs no input).
+   Running statistics are updated outside the function from the batch statistics, as BatchNorm
+   does (unbiased variance, ``momentum``).
+
+All of it is PyTorch ops (implementation "torch"): the stage is conv-bound, and the win is the
+work and memory the rewrites remove, not a new kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["conv_bn_relu_up", "IMPLEMENTED"]
+
+IMPLEMENTED = ("torch",)
+
+
+class _ConvBNReLUFunction(torch.autograd.Function):
+    """(x, W, gamma, beta[, W_cls, b_cls]) -> ReLU(BN_batch(conv(x))) [-> 1x1 conv], keeping x only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias):
+        pad = weight.shape[-1] // 2
+        y = F.conv2d(x, weight, None, padding=pad)  # (B, C_out, H, W)
+        z, mean, invstd = torch.native_batch_norm(y, bn_weight, bn_bias, None, None, True, 0.0, eps)
+        del y
+        z = z.relu_()
+        out = z if cls_weight is None else F.conv2d(z, cls_weight, cls_bias)
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, cls_weight)
+        ctx.eps, ctx.pad, ctx.has_cls_bias = eps, pad, cls_bias is not None
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, dout, _dmean, _dinvstd):
+        x, weight, bn_weight, bn_bias, mean, invstd, cls_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        y = F.conv2d(x, weight, None, padding=ctx.pad)  # recomputed
+        shape = (1, -1, 1, 1)
+        z = (y - mean.view(shape)) * (invstd * bn_weight).view(shape) + bn_bias.view(shape)
+        gcw = gcb = None
+        if cls_weight is not None:
+            if need[5]:
+                gcw = torch.einsum("bkhw,bchw->kc", dout, z.clamp(min=0))[:, :, None, None]
+            if need[6] and ctx.has_cls_bias:
+                gcb = dout.sum((0, 2, 3))
+            dz = F.conv_transpose2d(dout, cls_weight)  # (B, C_out, H, W)
+        else:
+            dz = dout.contiguous()
+        dz = dz * (z > 0)
+        del z
+        dy, gg, gb = torch.ops.aten.native_batch_norm_backward(
+            dz, y, bn_weight, None, None, mean, invstd, True, ctx.eps, [True, need[2], need[3]])
+        del dz
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x, weight, None, [1, 1], [ctx.pad, ctx.pad], [1, 1], False, [0, 0], 1, [need[0], need[1], False])
+        return dx, dw, gg if need[2] else None, gb if need[3] else None, None, gcw, gcb
+
+
+def _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps):
+    inv = torch.rsqrt(running_var + eps) * bn_weight  # (C_out,)
+    return weight * inv.view(-1, 1, 1, 1), bn_bias - running_mean * inv
+
+
+def conv_bn_relu_up(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    scale: int = 1,
+    cls_weight: torch.Tensor | None = None,
+    cls_bias: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused stage; same arguments and result as :func:`conv_bn_relu_up_reference`.
+
+    Args:
+        x: (B, C_in, H, W). weight: (C_out, C_in, k, k), k odd, no bias. bn_*: (C_out,).
+        running_mean, running_var: (C_out,) BatchNorm buffers (updated in place in training; may
+            be None in training only). training: batch statistics (True) or running ones (False).
+        scale: integer bilinear upsampling factor (1: none).
+        cls_weight: optional (K, C_out, 1, 1) classifier and cls_bias (K,), applied before the
+            upsample (rewrite 2). num_batches_tracked: BatchNorm's counter, incremented in training.
+    Returns:
+        (B, C_out or K, H*scale, W*scale).
+
+    Example:
+        >>> bn = torch.nn.BatchNorm2d(8).eval()
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> y = conv_bn_relu_up(torch.randn(1, 4, 5, 7), w, bn.weight, bn.bias, bn.running_mean,
+        ...                     bn.running_var, training=False, scale=2)   # (1, 8, 10, 14)
+    """
+    if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1] or weight.shape[-1] % 2 == 0:
+        raise ValueError(f"conv_bn_relu_up: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit "
+                         "(need (B, C_in, H, W) and (C_out, C_in, k, k) with k odd)")
+    if cls_weight is not None and tuple(cls_weight.shape[1:]) != (weight.shape[0], 1, 1):
+        raise ValueError(f"conv_bn_relu_up: cls_weight must be (K, {weight.shape[0]}, 1, 1), got {tuple(cls_weight.shape)}")
+    if training:
+        out, mean, invstd = _ConvBNReLUFunction.apply(x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias)
+        if running_mean is not None:
+            n = x.shape[0] * x.shape[2] * x.shape[3]
+            with torch.no_grad():
+                var = (invstd.double().pow(-2) - eps) * (n / max(n - 1, 1))  # unbiased, as BatchNorm keeps
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+    else:
+        w, b = _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+        out = F.conv2d(x, w, b, padding=weight.shape[-1] // 2).relu_()
+        if cls_weight is not None:
+            out = F.conv2d(out, cls_weight, cls_bias)
+    if scale > 1:
+        out = F.interpolate(out, scale_factor=scale, mode="bilinear", align_corners=False)
+    return out

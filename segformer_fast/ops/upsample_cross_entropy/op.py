@@ -1,0 +1,308 @@
+"""Upsampled cross-entropy: dispatch to the torch / triton / cpp / cuda implementations, autograd, public API.
+
+    loss = CE(Up(logits), labels)     Up: bilinear to the labels' (H, W), align_corners=False
+
+SegFormer's logits come out at 1/4 resolution; the loss upsamples them to the label size. Done
+naively, autograd keeps the (B, K, H, W) upsampled logits (B2 at 1024 with 150 classes: 600 MiB
+in fp32), and the softmax backward makes another one. Here neither exists.
+
+Forward, per output pixel p with taps t (the four low-resolution pixels of its bilinear gather,
+weights a_pt): z_p = sum_t a_pt x_t (a K-vector, computed on the fly), lse_p = logsumexp(z_p),
+nll_p = lse_p - z_p[y_p]. Saved for backward: the low-resolution logits x, the labels and lse
+(B, H, W) fp32. The reduction is PyTorch's: with w_p = weight[y_p] (1 without class weights) and
+0 at ignored pixels, "mean" is sum(w_p nll_p) / sum(w_p) (nan when every pixel is ignored),
+"sum" is sum(w_p nll_p), "none" the (B, H, W) map w_p nll_p.
+
+Backward: with c_p = dL/dnll_p (w_p g / sum(w) for "mean"), the gradient of z_p is
+G_p = c_p (softmax(z_p) - onehot(y_p)), softmax(z_p)_k = exp(z_pk - lse_p) recomputed from x and
+lse. The gradient of x is the adjoint of the bilinear gather, dx_t = sum_p a_pt G_p. The Triton
+and CUDA kernels compute it as a gather (each low-resolution pixel sums over the output pixels
+that read it, class by class), the C++ kernel as a row-chunked scatter with a fixed summation
+order; neither uses atomics, so gradients are deterministic. The torch implementation walks
+chunks of output rows, so it holds (B, K, rows, W) at a time, never (B, K, H, W).
+
+Layout: the kernels read the logits channels-last, (B, h, w, K) with K contiguous, so each tap
+is one contiguous K-vector. SegFormer's fused decoder returns its logits in that memory format,
+so the permute in :func:`upsample_cross_entropy` is free there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...backends import cpu_extension, cuda_extension, resolve_backend, validate_backend
+
+__all__ = ["upsample_cross_entropy", "IMPLEMENTED", "REDUCTIONS"]
+
+IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
+REDUCTIONS = ("mean", "sum", "none")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK_ELEMENTS = 1 << 22  # the torch implementation's (B, K, rows, W) chunk: 16 MiB in fp32
+
+
+def _row_matrix(h: int, H: int, r0: int, r1: int, device) -> tuple[int, int, torch.Tensor]:
+    """Bilinear row weights of output rows [r0, r1): (lo, hi, R) with R (r1 - r0, hi - lo) over input rows [lo, hi).
+
+    PyTorch's rule in fp32: scale = h / H, src = max(scale (o + 0.5) - 0.5, 0), taps floor(src)
+    and the next row (clamped), weights 1 - frac and frac.
+    """
+    o = torch.arange(r0, r1, dtype=torch.float32, device=device)
+    scale = torch.tensor(h, dtype=torch.float32) / torch.tensor(H, dtype=torch.float32)
+    src = (scale.to(device) * (o + 0.5) - 0.5).clamp_min(0.0)
+    i0 = src.long()
+    l1 = (src - i0).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < h - 1, i0 + 1, i0)
+    lo, hi = int(i0.min()), int(i1.max()) + 1
+    rows = torch.arange(r1 - r0, device=device)
+    mat = torch.zeros(r1 - r0, hi - lo, dtype=torch.float32, device=device)
+    mat.index_put_((rows, i0 - lo), 1.0 - l1, accumulate=True)
+    mat.index_put_((rows, i1 - lo), l1, accumulate=True)
+    return lo, hi, mat
+
+
+def _chunks(B: int, K: int, H: int, W: int):
+    rows = max(1, _CHUNK_ELEMENTS // max(1, B * K * W))
+    for r0 in range(0, H, rows):
+        yield r0, min(H, r0 + rows)
+
+
+def _torch_upsampled_rows(x, h, H, W, r0, r1):
+    """Up(x) for output rows [r0, r1): (B, K, r1 - r0, W) fp32, plus the row matrix (lo, hi, R)."""
+    lo, hi, mat = _row_matrix(h, H, r0, r1, x.device)
+    rows = torch.einsum("rj,bkjw->bkrw", mat, x[:, :, lo:hi].float())  # (B, K, R, w)
+    return F.interpolate(rows, size=(r1 - r0, W), mode="bilinear", align_corners=False), (lo, hi, mat)
+
+
+def _torch_fwd(x_nhwc, labels, ignore_index):
+    x = x_nhwc.permute(0, 3, 1, 2)  # (B, K, h, w) view
+    B, K, h, _ = x.shape
+    H, W = labels.shape[-2:]
+    nll = torch.empty(B, H, W, dtype=torch.float32, device=x.device)
+    lse = torch.empty_like(nll)
+    for r0, r1 in _chunks(B, K, H, W):
+        z, _ = _torch_upsampled_rows(x, h, H, W, r0, r1)  # (B, K, R, W)
+        y = labels[:, r0:r1]
+        valid = y != ignore_index
+        lse[:, r0:r1] = torch.logsumexp(z, dim=1)
+        zy = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+        nll[:, r0:r1] = torch.where(valid, lse[:, r0:r1] - zy, 0.0)
+    return nll, lse
+
+
+def _torch_bwd(coef, x_nhwc, labels, lse):
+    x = x_nhwc.permute(0, 3, 1, 2)
+    B, K, h, w = x.shape
+    H, W = labels.shape[-2:]
+    grad = torch.zeros(B, K, h, w, dtype=torch.float32, device=x.device)
+    for r0, r1 in _chunks(B, K, H, W):
+        z, (lo, hi, mat) = _torch_upsampled_rows(x, h, H, W, r0, r1)
+        c = coef[:, r0:r1].unsqueeze(1)  # (B, 1, R, W)
+        g = torch.exp(z - lse[:, r0:r1].unsqueeze(1)).mul_(c)  # c * softmax
+        y = labels[:, r0:r1].clamp(0, K - 1).unsqueeze(1)  # where c != 0, y is a class
+        g.scatter_add_(1, y, -c)  # - c * onehot
+        g_rows = torch.ops.aten.upsample_bilinear2d_backward(g, [r1 - r0, W], [B, K, r1 - r0, w], False)
+        grad[:, :, lo:hi] += torch.einsum("rj,bkrw->bkjw", mat, g_rows)
+    return grad.permute(0, 2, 3, 1)  # (B, h, w, K) view
+
+
+def _extension(name):
+    ext = cpu_extension() if name == "cpp" else cuda_extension()
+    if ext is None or not hasattr(ext, "upsample_cross_entropy_fwd"):
+        raise RuntimeError(
+            f"the {name} extension has no upsample_cross_entropy kernels; rebuild with `pip install --no-build-isolation -e .`"
+        )
+    return ext
+
+
+def _fwd(x_nhwc, labels, ignore_index, backend):
+    """Per-pixel (nll, lse), both (B, H, W) fp32; nll is 0 at ignored pixels."""
+    name = resolve_backend(backend, x_nhwc.device.type, IMPLEMENTED)
+    if name == "torch":
+        return _torch_fwd(x_nhwc, labels, ignore_index)
+    if name == "triton":
+        from .triton_kernels import upsample_cross_entropy_fwd_triton
+
+        return upsample_cross_entropy_fwd_triton(x_nhwc, labels, ignore_index)
+    if name == "cpp":  # fp32 kernel: other dtypes are upcast (the logits are low resolution)
+        return tuple(_extension("cpp").upsample_cross_entropy_fwd(x_nhwc.float().contiguous(), labels, ignore_index))
+    return tuple(_extension("cuda").upsample_cross_entropy_fwd(x_nhwc, labels, ignore_index))
+
+
+def _bwd(coef, x_nhwc, labels, lse, backend):
+    """Gradient of sum_p coef_p nll_p with respect to the (B, h, w, K) logits."""
+    name = resolve_backend(backend, x_nhwc.device.type, IMPLEMENTED)
+    if name == "torch":
+        return _torch_bwd(coef, x_nhwc, labels, lse)
+    if name == "triton":
+        from .triton_kernels import upsample_cross_entropy_bwd_triton
+
+        return upsample_cross_entropy_bwd_triton(coef, x_nhwc, labels, lse)
+    if name == "cpp":
+        return _extension("cpp").upsample_cross_entropy_bwd(coef, x_nhwc.float().contiguous(), labels, lse)
+    return _extension("cuda").upsample_cross_entropy_bwd(coef, x_nhwc, labels, lse)
+
+
+def _check_label_values(labels, K, ignore_index):
+    bad = ((labels < 0) | (labels >= K)) & (labels != ignore_index)
+    if bad.any():
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"upsample_cross_entropy: label value {value} is outside [0, {K}) and is not ignore_index={ignore_index}"
+        )
+
+
+def _pixel_weights(labels, weight, ignore_index, K):
+    """w_p: the class weight of each pixel's label (1 without weights), 0 at ignored pixels; (B, H, W) fp32."""
+    valid = labels != ignore_index
+    if weight is None:
+        return valid.float()
+    return torch.where(valid, weight.float()[torch.where(valid, labels, 0).clamp(0, K - 1)], 0.0)
+
+
+@torch.library.custom_op("segformer_fast::upsample_cross_entropy", mutates_args=())
+def _upsample_cross_entropy_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    K = logits.shape[3]
+    _check_label_values(labels, K, ignore_index)
+    nll, lse = _fwd(logits, labels, ignore_index, backend)
+    wp = _pixel_weights(labels, weight, ignore_index, K)
+    losses = nll * wp
+    if reduction == "none":
+        loss = losses
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = losses.sum() / wp.sum()  # 0 / 0 = nan when every pixel is ignored, as PyTorch
+    return loss.to(logits.dtype), lse
+
+
+@_upsample_cross_entropy_op.register_fake
+def _(logits, labels, weight, ignore_index, reduction, backend):
+    shape = labels.shape if reduction == "none" else ()
+    return logits.new_empty(shape), labels.new_empty(labels.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("segformer_fast::upsample_cross_entropy_backward", mutates_args=())
+def _upsample_cross_entropy_backward_op(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> torch.Tensor:
+    wp = _pixel_weights(labels, weight, ignore_index, logits.shape[3])
+    g = grad.float()
+    if reduction == "mean":
+        total = wp.sum()
+        g = torch.where(total > 0, g / total, 0.0)  # no pixel counts: zero gradient, as PyTorch
+    coef = (wp * g).contiguous()  # (B, H, W): dL/dnll_p
+    return _bwd(coef, logits, labels, lse, backend).to(logits.dtype).contiguous()
+
+
+@_upsample_cross_entropy_backward_op.register_fake
+def _(grad, logits, labels, weight, lse, ignore_index, reduction, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, weight, ignore_index, reduction, backend = inputs
+    ctx.save_for_backward(logits, labels, weight, output[1])  # low-resolution logits, labels, lse
+    ctx.mark_non_differentiable(output[1])
+    ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
+
+
+def _backward(ctx, grad, _grad_lse):
+    logits, labels, weight, lse = ctx.saved_tensors
+    grad_logits = torch.ops.segformer_fast.upsample_cross_entropy_backward(
+        grad.contiguous(), logits, labels, weight, lse, ctx.ignore_index, ctx.reduction, ctx.backend
+    )
+    return grad_logits, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "segformer_fast::upsample_cross_entropy", _backward, setup_context=_setup_context
+)
+
+
+def _validate(logits, labels, weight, reduction, ignore_index):
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"upsample_cross_entropy: logits must be a (B, K, h, w) tensor, got {got}")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"upsample_cross_entropy: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"upsample_cross_entropy: labels must be (B, H, W) with B={logits.shape[0]}, got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"upsample_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
+    if logits.numel() == 0 or labels.numel() == 0:
+        raise ValueError(
+            f"upsample_cross_entropy: empty input, logits {tuple(logits.shape)}, labels {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"upsample_cross_entropy: labels are on {labels.device}, the logits on {logits.device}")
+    K = logits.shape[1]
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.shape != (K,) or not weight.is_floating_point():
+            got = f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"upsample_cross_entropy: weight must be a floating ({K},) tensor, got {got}")
+        if weight.device != logits.device:
+            raise ValueError(f"upsample_cross_entropy: weight is on {weight.device}, the logits on {logits.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"upsample_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"upsample_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+
+
+def upsample_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of logits bilinearly upsampled to the labels' size, without the upsampled logits.
+
+    Equal to ``F.cross_entropy(F.interpolate(logits, labels.shape[-2:], mode="bilinear",
+    align_corners=False), labels, weight, ignore_index=ignore_index, reduction=reduction)``;
+    autograd keeps only the low-resolution logits, the labels and one fp32 value per pixel.
+    Differentiable in the logits.
+
+    Args:
+        logits: (B, K, h, w) float32 / float16 / bfloat16; channels-last memory format is read
+            without a copy.
+        labels: (B, H, W) integer class ids in [0, K) or ``ignore_index`` (any other value raises
+            ValueError naming it). H, W may be larger or smaller than h, w.
+        ignore_index: label value that adds neither loss nor gradient.
+        weight: optional (K,) class weights; "mean" is then the weighted mean, as in PyTorch.
+        reduction: "mean" (nan when every pixel is ignored), "sum" or "none" ((B, H, W) losses).
+        backend: "auto", "torch", "triton", "cpp" or "cuda" (see segformer_fast.available_backends()).
+    Returns:
+        A scalar (or (B, H, W) for "none") in the logits' dtype; computed in fp32.
+
+    Example:
+        >>> logits = torch.randn(2, 19, 16, 16, requires_grad=True)
+        >>> labels = torch.randint(0, 19, (2, 64, 64))
+        >>> upsample_cross_entropy(logits, labels).backward()
+    """
+    _validate(logits, labels, weight, reduction, ignore_index)
+    backend = validate_backend(backend, check_available=False)
+    x = logits.permute(0, 2, 3, 1).contiguous()  # (B, h, w, K): free for channels-last logits
+    w = None if weight is None else weight.detach().float().contiguous()
+    loss, _ = torch.ops.segformer_fast.upsample_cross_entropy(
+        x, labels.long().contiguous(), w, ignore_index, reduction, backend
+    )
+    return loss

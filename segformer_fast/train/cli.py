@@ -1,0 +1,193 @@
+"""``segformer-fast train``, ``predict`` and ``evaluate``: registered by :func:`register`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+
+__all__ = ["register"]
+
+
+def _ints(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.replace("x", ",").split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LONG,SHORT, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return values
+
+
+def _cmd_train(args) -> int:
+    from .trainer import TrainConfig, train
+
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
+    cfg.out = args.out or args.resume or TrainConfig.out  # a resumed run keeps writing where it was
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    m = result["metrics"]
+    if m is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"final: mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f} (step {result['step']}); "
+              f"outputs in {result['out']}")
+    return 0
+
+
+def _inference_options(p) -> None:
+    p.add_argument("--weights", required=True,
+                   help="a train output folder, a .safetensors from save_weights, a Hugging Face folder or hub id, "
+                        "or (with --model) any weights file load_weights reads")
+    p.add_argument("--model", default=None, help="variant to build (b0..b5) when --weights holds no config")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (with --model)")
+    p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
+    p.add_argument("--window", type=int, default=None, help="sliding-window size in pixels (default: whole image)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: 3/4 of --window)")
+    p.add_argument("--scales", type=_floats, default=(1.0,), help="comma-separated scales, e.g. 0.5,0.75,1.0,1.25")
+    p.add_argument("--flip", action="store_true", help="also average over horizontal flips")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _model_for(args):
+    import torch
+
+    from .inference import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stride = args.stride or (max(1, args.window * 3 // 4) if args.window else None)
+    model = load_model(args.weights, args.model, args.num_classes, args.backend, device)
+    return model, device, stride
+
+
+def _cmd_predict(args) -> int:
+    from .datasets import IMAGE_EXTENSIONS
+    from .inference import predict_files
+
+    paths = []
+    for item in args.images:
+        if os.path.isdir(item):
+            paths += sorted(os.path.join(item, n) for n in os.listdir(item)
+                            if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise SystemExit(f"segformer-fast predict: no such image or folder: {item}")
+    model, device, stride = _model_for(args)
+    written = predict_files(model, paths, args.out, args.scales, args.flip, args.window, stride, device,
+                            progress=not args.no_progress)
+    print(f"wrote {len(written)} files for {len(paths)} images to {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .datasets import SegmentationFolder
+    from .inference import evaluate
+    from .synthetic import SyntheticSegmentation
+
+    model, device, stride = _model_for(args)
+    k = model.config.num_classes
+    if args.data == "synthetic":
+        dataset = SyntheticSegmentation("val", args.synthetic_val, (args.synthetic_size,) * 2, seed=args.seed)
+        scale, names = args.scale, dataset.class_names
+    else:
+        dataset = SegmentationFolder(args.data, args.split, args.layout, k)
+        scale, names = args.scale if args.scale is not None else dataset.scale, None
+    if dataset.num_classes != k:
+        raise SystemExit(f"segformer-fast evaluate: the dataset has {dataset.num_classes} classes, the model {k}")
+    m = evaluate(model, dataset, scale=scale, scales=args.scales, flip=args.flip, window=args.window, stride=stride,
+                 device=device, progress=not args.no_progress, batch=1 if args.window else 8)
+    print(m.format(names))
+    if args.json:
+        from ..utils.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(dict(m), indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the train, predict and evaluate subcommands to ``segformer-fast``."""
+    from ..configs import SEGFORMER_VARIANTS
+    from .trainer import TrainConfig
+
+    segformer_module = importlib.import_module("segformer_fast.models.segformer")  # MEMORY_MODES, read now
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train", help="train SegFormer (default: built-in synthetic data, no download)",
+        description="Train SegFormer on the built-in synthetic dataset or a dataset folder (ADE20K, Cityscapes or "
+        "images/ + masks/ layouts). Runs on one device, or one process per device under "
+        "`torchrun --nproc_per_node N` (DistributedDataParallel, SyncBatchNorm). Checkpoints go to --out; "
+        "--resume DIR continues exactly.",
+    )
+    p.add_argument("--model", default=d.model, choices=sorted(SEGFORMER_VARIANTS), help=f"variant (default {d.model})")
+    p.add_argument("--data", default=d.data, help="'synthetic' (default) or a dataset folder")
+    p.add_argument("--layout", default=d.layout, choices=("auto", "ade", "cityscapes", "generic"),
+                   help="dataset folder layout (default: detected)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the layout's; needed for generic)")
+    p.add_argument("--crop", type=int, default=d.crop, help=f"square training crop (default {d.crop})")
+    p.add_argument("--scale", type=_ints, default=None,
+                   help="base LONG,SHORT scale the 0.5-2.0 resize ratio multiplies (default: ADE 2048,512, "
+                        "Cityscapes 2048,1024, otherwise the image's own size); also the validation scale")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"images per device per micro-batch (default {d.batch})")
+    p.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation micro-batches per step (default 1)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate, decoder x10 (default 6e-5 with --weights or a dataset folder, "
+                        "1e-3 for synthetic data from scratch)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default steps/20, at most 1500)")
+    p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
+    p.add_argument("--memory", default=d.memory, choices=segformer_module.MEMORY_MODES,
+                   help="activation memory mode (default save)")
+    p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
+    p.add_argument("--weights", default=None, help="initial weights, any layout load_weights reads (backbone-only OK)")
+    p.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate (default 0.1)")
+    p.add_argument("--val-every", type=int, default=d.val_every, help=f"validate every N steps (default {d.val_every})")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: --val-every)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder for checkpoints and metrics (default {d.out}, or the --resume folder)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run checkpointed in DIR")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP (checkpointing) while keeping the schedule of --steps; resume later")
+    p.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
+                   help=f"synthetic image side (default {d.synthetic_size})")
+    p.add_argument("--synthetic-train", type=int, default=d.synthetic_train,
+                   help=f"synthetic training images (default {d.synthetic_train})")
+    p.add_argument("--synthetic-val", type=int, default=d.synthetic_val,
+                   help=f"synthetic validation images (default {d.synthetic_val})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, augmentation and init")
+    p.add_argument("--workers", type=int, default=d.workers, help=f"data loader processes (default {d.workers})")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("predict", help="segment images: label, colour and overlay PNGs")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="output folder")
+    _inference_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+    p = subparsers.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy on a dataset folder")
+    p.add_argument("--data", required=True, help="a dataset folder, or 'synthetic'")
+    p.add_argument("--layout", default="auto", choices=("auto", "ade", "cityscapes", "generic"))
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--scale", type=_ints, default=None, help="LONG,SHORT test scale (default: the layout's)")
+    p.add_argument("--synthetic-val", type=int, default=d.synthetic_val, help="synthetic validation images")
+    p.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="synthetic image side")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic data")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _inference_options(p)
+    p.set_defaults(func=_cmd_evaluate)

@@ -1,0 +1,204 @@
+"""Inference on images of any size: whole-image or sliding-window, multi-scale and flip averaging.
+
+``predict_probs`` is the core: for each scale s the normalised image is resized to s x its size,
+segmented whole or in ``window`` x ``window`` tiles at ``stride`` (logits averaged where tiles
+overlap, as mmsegmentation's slide inference does), and turned into softmax probabilities at the
+original size; the probabilities of every scale (and its horizontal flip) are averaged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.segformer import MIN_IMAGE_SIDE
+from .metrics import confusion_matrix, metrics_from_confusion
+from .transforms import EvalTransform, normalize
+
+__all__ = ["predict_probs", "load_model", "predict_files", "evaluate_dataset", "evaluate"]
+
+
+def _logits_full(model, image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, K, H, W) logits; images smaller than the model's minimum are padded."""
+    h, w = image.shape[-2:]
+    ph, pw = max(MIN_IMAGE_SIDE - h, 0), max(MIN_IMAGE_SIDE - w, 0)
+    x = F.pad(image, (0, pw, 0, ph)) if ph or pw else image
+    logits = model(x)
+    if logits.shape[-2:] != x.shape[-2:]:
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[..., :h, :w]
+
+
+def _logits_sliding(model, image: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, K, H, W): logits of overlapping window x window tiles, averaged."""
+    h, w = image.shape[-2:]
+    ys = _starts(h, window, stride)
+    xs = _starts(w, window, stride)
+    total = count = None
+    for y in ys:
+        for x in xs:
+            tile = image[..., y : y + window, x : x + window]
+            out = _logits_full(model, tile).float()
+            if total is None:
+                total = out.new_zeros(out.shape[:2] + (h, w))
+                count = out.new_zeros((1, 1, h, w))
+            total[..., y : y + tile.shape[-2], x : x + tile.shape[-1]] += out
+            count[..., y : y + tile.shape[-2], x : x + tile.shape[-1]] += 1
+    return total / count
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    """Tile starts covering [0, size): every ``stride``, the last tile flush with the end."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride)) + [size - window]
+    return sorted(set(starts))
+
+
+@torch.no_grad()
+def predict_probs(model, image: torch.Tensor, scales=(1.0,), flip: bool = False, window: int | None = None,
+                  stride: int | None = None) -> torch.Tensor:
+    """Class probabilities of normalised images, averaged over scales and flips.
+
+    Args:
+        model: a SegFormer (or any module mapping (B, 3, h, w) to (B, K, h', w') logits), in eval mode.
+        image: (B, 3, H, W) ImageNet-normalised images.
+        scales: resize factors to run at (1.0 = as given).
+        flip: also run each scale on the horizontally flipped image.
+        window, stride: sliding-window size and step in pixels of the scaled image; None for whole-image.
+    Returns:
+        (B, K, H, W) float32 softmax probabilities.
+
+    Example:
+        >>> probs = predict_probs(model.eval(), x, scales=(0.75, 1.0, 1.25), flip=True, window=512, stride=384)
+    """
+    if window is not None and (stride is None or stride <= 0 or stride > window):
+        raise ValueError(f"sliding window needs 0 < stride <= window, got window={window} stride={stride}")
+    h, w = image.shape[-2:]
+    acc, n = None, 0
+    for s in scales:
+        size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
+        x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            logits = _logits_sliding(model, xi, window, stride) if window else _logits_full(model, xi)
+            logits = logits.float()
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            probs = logits.softmax(1)
+            acc = probs if acc is None else acc + probs
+            n += 1
+    return acc / n
+
+
+def load_model(weights: str, model: str | None = None, num_classes: int | None = None, backend: str | None = None,
+               device: str | torch.device = "cpu"):
+    """A SegFormer in eval mode from a training output folder, a weights file or a Hugging Face folder.
+
+    Args:
+        weights: a ``segformer-fast train`` output folder (its latest checkpoint), a .safetensors file
+            written by ``save_weights`` (config in its metadata), a Hugging Face folder or hub id, or,
+            with ``model``, any file ``load_weights`` reads.
+        model, num_classes: build this variant and load ``weights`` into it.
+    """
+    from .. import from_pretrained, load_weights, segformer
+    from .checkpoint import latest_checkpoint, read_checkpoint
+
+    if model is not None:
+        if num_classes is None:
+            raise ValueError("--model needs --num-classes")
+        net = segformer(model, num_classes=num_classes, backend=backend)
+        load_weights(net, weights)
+    elif os.path.isdir(weights) and latest_checkpoint(weights) is not None:
+        state, meta = read_checkpoint(weights)
+        cfg = meta["config"]
+        net = segformer(cfg["model"], num_classes=cfg["num_classes"], backend=backend)
+        net.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    elif os.path.isdir(weights) and not os.path.exists(os.path.join(weights, "config.json")) and \
+            os.path.exists(os.path.join(weights, "model.safetensors")):
+        net = from_pretrained(os.path.join(weights, "model.safetensors"), backend=backend)
+    else:
+        net = from_pretrained(weights, num_classes=num_classes, backend=backend)
+    return net.to(device).eval()
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def predict_files(model, paths, out_dir: str, scales=(1.0,), flip: bool = False, window: int | None = None,
+                  stride: int | None = None, device="cpu", progress: bool = True) -> list[str]:
+    """Segment image files; write <stem>_label.png, <stem>_color.png, <stem>_overlay.png (atomically).
+
+    Returns the written paths.
+    """
+    from tqdm import tqdm
+
+    from .imageio import colorize, overlay, read_image, write_png
+
+    num_classes = model.config.num_classes
+    written = []
+    stems = [_stem(p) for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ValueError("input images share a file name stem; their outputs would collide")
+    for path, stem in tqdm(list(zip(paths, stems)), desc="predict", disable=not progress):
+        image = read_image(path)
+        x = normalize(torch.from_numpy(image).permute(2, 0, 1).float())[None].to(device)
+        labels = predict_probs(model, x, scales, flip, window, stride).argmax(1)[0].cpu().numpy()
+        colours = colorize(labels, num_classes)
+        for suffix, array in (("label", labels), ("color", colours), ("overlay", overlay(image, colours))):
+            target = os.path.join(out_dir, f"{stem}_{suffix}.png")
+            write_png(target, array)
+            written.append(target)
+    return written
+
+
+@torch.no_grad()
+def evaluate_dataset(model, dataset, scale=None, scales=(1.0,), flip: bool = False, window: int | None = None,
+                     stride: int | None = None, device="cpu", indices=None, batch: int = 8,
+                     progress: bool = False):
+    """Confusion matrix of ``model`` on ``dataset`` items (``indices``, default all), whole-image by default.
+
+    Images are rescaled to ``scale`` ((long, short), aspect kept; None = as stored), predicted, and the
+    probabilities resized back to the mask's size. Consecutive same-size images are batched.
+    Returns:
+        A (K, K) int64 confusion matrix (rows ground truth); see ``metrics_from_confusion``.
+    """
+    from tqdm import tqdm
+
+    k = model.config.num_classes
+    transform = EvalTransform(scale)
+    conf = torch.zeros(k, k, dtype=torch.int64)
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    pending: list[tuple[torch.Tensor, np.ndarray]] = []
+
+    def flush():
+        x = torch.stack([p[0] for p in pending]).to(device)
+        probs = predict_probs(model, x, scales, flip, window, stride)
+        for (_, mask), p in zip(pending, probs):
+            target = torch.from_numpy(mask)
+            if p.shape[-2:] != target.shape:
+                p = F.interpolate(p[None], size=target.shape, mode="bilinear", align_corners=False)[0]
+            conf.add_(confusion_matrix(p.argmax(0).cpu(), target, k, getattr(dataset, "ignore_index", 255)))
+        pending.clear()
+
+    for i in tqdm(indices, desc="evaluate", disable=not progress):
+        image, mask = dataset[i]
+        x = transform(image)
+        if pending and (x.shape != pending[0][0].shape or len(pending) >= batch):
+            flush()
+        pending.append((x, mask))
+    if pending:
+        flush()
+    return conf
+
+
+def evaluate(model, dataset, **kw):
+    """``metrics_from_confusion(evaluate_dataset(model, dataset, **kw))``."""
+    return metrics_from_confusion(evaluate_dataset(model, dataset, **kw))
+

@@ -1,0 +1,402 @@
+"""The training loop behind ``segformer-fast train``: one process, or one per device under torchrun.
+
+Data order and augmentation are stateless: the sample at global position p (step s, micro-batch a,
+rank r, slot j; p = ((s * accum + a) * world + r) * batch + j) is item perm_e[p mod N] of epoch
+e = p // N, with perm_e and the augmentation drawn from generators seeded by (seed, e) and
+(seed, p). Each rank therefore reads a disjoint shard of every global batch (DistributedSampler's
+contract), the stream does not depend on the number of data workers, and resuming at step s needs
+only s. Everything else that evolves (weights, optimizer, schedule, GradScaler, every rank's RNG
+state for dropout and drop-path) is in the checkpoint, so k steps + resume + m steps gives the same
+weights as k + m steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import (capture_rng, flatten_optimizer, read_checkpoint, restore_rng, unflatten_optimizer,
+                         write_checkpoint)
+from .metrics import metrics_from_confusion
+
+__all__ = ["TrainConfig", "train", "build_datasets", "PolyWithWarmup", "param_groups"]
+
+RESUMABLE = ("steps", "val_every", "save_every", "out", "workers", "progress", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in each checkpoint; see ``segformer-fast train --help``)."""
+
+    model: str = "b0"
+    data: str = "synthetic"
+    layout: str = "auto"
+    num_classes: int | None = None
+    crop: int = 96
+    batch: int = 8
+    steps: int = 1000
+    lr: float | None = None
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup: int | None = None
+    power: float = 1.0
+    amp: str = "none"
+    accum: int = 1
+    memory: str = "save"
+    backend: str | None = None
+    weights: str | None = None
+    drop_path: float = 0.1
+    scale: tuple[int, int] | None = None
+    cat_max_ratio: float = 0.75
+    val_every: int = 100
+    save_every: int | None = None
+    val_batch: int = 8
+    out: str = "runs/segformer"
+    seed: int = 0
+    workers: int = 1
+    synthetic_train: int = 4000
+    synthetic_val: int = 64
+    synthetic_size: int = 96
+    log_every: int = 10
+    progress: bool = True
+
+    def resolved_lr(self) -> float:
+        # 6e-5 is the paper's fine-tuning rate from ImageNet weights; the synthetic data trains from
+        # scratch in minutes, where a higher rate is needed.
+        if self.lr is not None:
+            return self.lr
+        return 6e-5 if (self.weights or self.data != "synthetic") else 1e-3
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["scale"] = list(self.scale) if self.scale else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if d.get("scale"):
+            d["scale"] = tuple(d["scale"])
+        return cls(**d)
+
+
+class PolyWithWarmup:
+    """LR factor at step t: linear warmup from ``warmup_ratio`` to 1 over ``warmup`` steps, then
+    (1 - t / total) ** power (mmsegmentation's poly schedule, min lr 0)."""
+
+    def __init__(self, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6):
+        self.total, self.warmup, self.power, self.warmup_ratio = total, warmup, power, warmup_ratio
+
+    def __call__(self, t: int) -> float:
+        poly = max(0.0, 1.0 - t / max(self.total, 1)) ** self.power
+        if t < self.warmup:
+            k = self.warmup_ratio + (1.0 - self.warmup_ratio) * t / self.warmup
+            return poly * k
+        return poly
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: decoder at ``lr * head_lr_mult``; norms and biases (1-d tensors) without decay."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("decoder."), p.ndim <= 1), []).append(p)
+    return [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if flat else weight_decay}
+            for (head, flat), ps in sorted(groups.items())]
+
+
+def build_datasets(cfg: TrainConfig):
+    """(train dataset, val dataset, num_classes, scale) for ``cfg.data``."""
+    from .datasets import SegmentationFolder
+    from .synthetic import SyntheticSegmentation
+
+    if cfg.data == "synthetic":
+        size = (cfg.synthetic_size, cfg.synthetic_size)
+        train = SyntheticSegmentation("train", cfg.synthetic_train, size, seed=cfg.seed)
+        val = SyntheticSegmentation("val", cfg.synthetic_val, size, seed=cfg.seed)
+        if cfg.num_classes not in (None, train.num_classes):
+            raise ValueError(f"the synthetic dataset has {train.num_classes} classes, not {cfg.num_classes}")
+        return train, val, train.num_classes, cfg.scale
+    train = SegmentationFolder(cfg.data, "train", cfg.layout, cfg.num_classes)
+    val = SegmentationFolder(cfg.data, "val", cfg.layout, cfg.num_classes)
+    return train, val, train.num_classes, cfg.scale if cfg.scale is not None else train.scale
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Items keyed by (index, global position): the position seeds the augmentation."""
+
+    def __init__(self, base, transform, seed: int):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, position = key
+        image, mask = self.base[index]
+        return self.transform(image, mask, np.random.default_rng([self.seed, 2, position]))
+
+
+class StepBatches:
+    """Batch sampler: the keys of this rank's micro-batches for steps [start, total), in order."""
+
+    def __init__(self, n: int, batch: int, accum: int, rank: int, world: int, seed: int, start: int, total: int):
+        self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
+        self.seed, self.start, self.total = seed, start, total
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, 1, epoch]).permutation(self.n))
+        return int(self._perm[1][position % self.n])
+
+    def __len__(self):
+        return (self.total - self.start) * self.accum
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for a in range(self.accum):
+                base = ((step * self.accum + a) * self.world + self.rank) * self.batch
+                yield [(self._index(base + j), base + j) for j in range(self.batch)]
+
+
+def _memory_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return f"{rss / 2**30:.2f}GiB"
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def _load_init_weights(model, path: str, log) -> None:
+    from ..io.weights import CheckpointMismatchError, load_weights
+
+    try:
+        report = load_weights(model, path)
+    except CheckpointMismatchError as exc:
+        # a head trained for another number of classes: take everything else, keep the classifier fresh
+        if exc.missing or exc.unexpected or not all(s.startswith("decoder.classifier.") for s in exc.shape_conflicts):
+            raise
+        report = load_weights(model, path, strict=False)
+        log(f"weights: classifier of {path} has another number of classes; it starts fresh")
+    log(f"weights: {report.loaded} tensors from {path} (layout {report.layout})")
+
+
+def _amp_dtype(amp: str):
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = None) -> dict:
+    """Train a SegFormer as ``cfg`` says; returns {"step", "history", "metrics", "out"}.
+
+    Args:
+        cfg: the run configuration. With ``resume`` the saved configuration is used, except for the
+            fields in ``RESUMABLE`` (steps, val_every, save_every, out, workers, progress, log_every).
+        resume: a folder holding a checkpoint to continue from.
+        stop_at: stop (and checkpoint) after this step, as if interrupted; the schedule still
+            spans ``cfg.steps``.
+    """
+    from tqdm import tqdm
+
+    from .. import save_weights, segformer
+    from .inference import evaluate_dataset
+    from .transforms import TrainTransform
+
+    segformer_module = importlib.import_module("segformer_fast.models.segformer")  # MEMORY_MODES, read now
+
+    rank, world, device = _setup_distributed()
+    main = rank == 0
+
+    def log(msg):
+        if main:
+            tqdm.write(msg)
+
+    start, saved = 0, None
+    if resume is not None:
+        saved_tensors, saved = read_checkpoint(resume)
+        old = TrainConfig.from_json(saved["config"])
+        cfg = dataclasses.replace(old, **{k: getattr(cfg, k) for k in RESUMABLE})
+        start = saved["step"]
+    if cfg.memory not in segformer_module.MEMORY_MODES:
+        raise ValueError(f"memory must be one of {segformer_module.MEMORY_MODES}, got {cfg.memory!r}")
+    if cfg.accum < 1 or cfg.batch < 1 or cfg.steps < 1:
+        raise ValueError("batch, accum and steps must be positive")
+    train_set, val_set, num_classes, scale = build_datasets(cfg)
+    cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    if saved is None:
+        torch.manual_seed(cfg.seed + rank)  # dropout and drop-path differ per rank, as with any DDP run
+
+    model = segformer(cfg.model, num_classes=num_classes, backend=cfg.backend, memory=cfg.memory,
+                      drop_path_rate=cfg.drop_path)
+    # mmsegmentation's decode-head init: classifier N(0, 0.01), so training starts from near-uniform
+    # class probabilities instead of the He-initialised classifier's large logits.
+    nn.init.normal_(model.decoder.classifier.weight, 0.0, 0.01)
+    nn.init.zeros_(model.decoder.classifier.bias)
+    if cfg.weights and saved is None:
+        _load_init_weights(model, cfg.weights, log)
+    if world > 1 and model.backend == "torch":
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            warnings.warn("nn.SyncBatchNorm needs a GPU; the reference decoder's BatchNorm uses per-rank statistics "
+                          "on CPU (the fused decoder of other backends syncs on CPU too)", stacklevel=2)
+    model.to(device).train()
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+
+    lr = cfg.resolved_lr()
+    optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.head_lr_mult, cfg.weight_decay), lr=lr,
+                                  weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, min(1500, cfg.steps // 20))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(cfg.steps, warmup, cfg.power))
+    amp_dtype = _amp_dtype(cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    history: list[dict] = []
+    if saved is not None:
+        model.load_state_dict({k[len("model."):]: v for k, v in saved_tensors.items() if k.startswith("model.")})
+        optimizer.load_state_dict(unflatten_optimizer(saved_tensors, saved["optimizer"]))
+        scheduler.load_state_dict(saved["scheduler"])
+        for fn in scheduler.lr_lambdas:  # a resumed run may extend --steps: decay towards the new end
+            fn.total = cfg.steps
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        history = saved.get("history", [])
+
+    transform = TrainTransform(crop=(cfg.crop, cfg.crop), scale=scale, cat_max_ratio=cfg.cat_max_ratio,
+                               ignore_index=255)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    sampler = StepBatches(len(train_set), cfg.batch, cfg.accum, rank, world, cfg.seed, start, end)
+    loader = torch.utils.data.DataLoader(
+        _Augmented(train_set, transform, cfg.seed), batch_sampler=sampler, num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)
+    if saved is not None:
+        restore_rng(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
+
+    def checkpoint(step):
+        rng = capture_rng()
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        if main:
+            opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            tensors.update(opt_tensors)
+            write_checkpoint(cfg.out, step, tensors, {
+                "config": cfg.to_json(), "optimizer": opt_rest, "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": states,
+                "world_size": world, "history": history,
+            })
+        if world > 1:
+            dist.barrier()
+
+    def validate(step, elapsed, loss):
+        model.eval()
+        indices = range(rank, len(val_set), world)
+        conf = evaluate_dataset(model, val_set, scale=scale, device=device, indices=indices, batch=cfg.val_batch)
+        model.train()
+        if world > 1:
+            conf = conf.to(device)
+            dist.all_reduce(conf)
+        m = metrics_from_confusion(conf.cpu())
+        history.append({"step": step, "time_s": round(elapsed, 2), "loss": loss, "miou": m["miou"],
+                        "pixel_accuracy": m["pixel_accuracy"], "per_class_iou": m["per_class_iou"]})
+        if main:
+            from ..utils.atomic import atomic_write_text
+
+            atomic_write_text(os.path.join(cfg.out, "metrics.json"),
+                              json.dumps({"config": cfg.to_json(), "history": history}, indent=1))
+            per_class = " ".join(f"{v:.2f}" if not math.isnan(v) else "-" for v in m["per_class_iou"][:20])
+            log(f"step {step}: val mIoU {m['miou']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  "
+                f"({elapsed:.0f}s)  per-class IoU {per_class}{' ...' if num_classes > 20 else ''}")
+        return m
+
+    log(f"training SegFormer-{cfg.model.upper()} on {cfg.data} ({len(train_set)} train / {len(val_set)} val, "
+        f"{num_classes} classes), crop {cfg.crop}, batch {cfg.batch}x{cfg.accum}x{world}, lr {lr:g}, "
+        f"{cfg.steps} steps, device {device}, backend {model.backend}, memory {cfg.memory}, amp {cfg.amp}")
+    elapsed0 = history[-1]["time_s"] if history else 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (main and cfg.progress), desc="train",
+               dynamic_ncols=True)
+    images_seen, t_rate, loss_avg, metrics = 0, time.perf_counter(), float("nan"), None
+    save_every = cfg.save_every or cfg.val_every
+    loss_value = float("nan")
+    for step in range(start, end):
+        loss_sum = torch.zeros((), device=device)
+        for a in range(cfg.accum):
+            images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            sync = a == cfg.accum - 1 or world == 1
+            ctx = net.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = net(images)
+                    loss = model.loss(logits.float(), labels) / cfg.accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        images_seen += cfg.batch * cfg.accum * world
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            loss_value = float(loss_sum)
+            loss_avg = loss_value if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_value
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{images_seen / (now - t_rate):.1f}",
+                            mem=_memory_text(device), refresh=False)
+            images_seen, t_rate = 0, now
+        bar.update(1)
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            metrics = validate(done, elapsed0 + time.perf_counter() - t0, loss_avg)
+        if done % save_every == 0 or done == end:
+            checkpoint(done)
+    bar.close()
+    if main and end == cfg.steps:
+        save_weights(model, os.path.join(cfg.out, "model.safetensors"))
+        log(f"wrote {os.path.join(cfg.out, 'model.safetensors')}")
+    if world > 1:
+        dist.barrier()
+    return {"step": end, "history": history, "metrics": metrics, "out": cfg.out, "model": model, "config": cfg}

@@ -1,0 +1,208 @@
+"""upsample_cross_entropy: every implementation against F.interpolate + F.cross_entropy, loss and logits gradient."""
+
+import pytest
+import torch
+
+from segformer_fast.ops.upsample_cross_entropy import op as uce_op
+from segformer_fast.backends import available_backends, cpu_extension, cuda_extension
+from segformer_fast.ops import upsample_cross_entropy
+from segformer_fast.ops.upsample_cross_entropy import upsample_cross_entropy_reference
+from segformer_fast.utils.memory import SavedTensorRecorder
+
+
+def _skip_reason(backend):
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return "needs a CUDA device"
+        ext = cuda_extension()
+        return None if ext is not None and hasattr(ext, "upsample_cross_entropy_fwd") else "_C_cuda lacks the op"
+    status = available_backends()[backend]
+    if not status.available:
+        return f"{backend} backend unavailable: {status.reason}"
+    if backend == "cpp" and not hasattr(cpu_extension(), "upsample_cross_entropy_fwd"):
+        return "segformer_fast._C_cpu was built without upsample_cross_entropy; rebuild with pip install --no-build-isolation -e ."
+    return None
+
+
+def _param(name):
+    reason = _skip_reason(name)
+    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=reason or ""), id=name)
+
+
+ALL = [_param(b) for b in ("torch", "triton", "cpp", "cuda")]
+NATIVE = [_param(b) for b in ("torch", "cpp", "cuda")]  # no interpreter: bigger shapes are cheap
+DEVICE = {"cuda": "cuda"}
+
+# (B, K, h, w, H, W): odd upsampling, labels smaller than the logits, an exact 4x; K not a multiple of any block.
+SHAPES = [(1, 5, 7, 9, 27, 35), (3, 37, 9, 7, 5, 4), (3, 19, 4, 6, 16, 24)]
+
+
+def make_inputs(B, K, h, w, H, W, device="cpu", dtype=torch.float32, ignore=255, frac_ignored=0.2):
+    logits = (torch.randn(B, K, h, w, device=device) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, K, (B, H, W), device=device)
+    labels[torch.rand(B, H, W, device=device) < frac_ignored] = ignore
+    return logits, labels
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def check(backend, B, K, h, w, H, W, reduction="mean", weighted=False, ignore=255, tol=2e-5):
+    device = DEVICE.get(backend, "cpu")
+    logits, labels = make_inputs(B, K, h, w, H, W, device, ignore=ignore)
+    weight = torch.rand(K, device=device) + 0.1 if weighted else None
+    want = upsample_cross_entropy_reference(logits, labels, ignore, weight, reduction)
+    got = upsample_cross_entropy(logits, labels, ignore, weight, reduction, backend=backend)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert rel_err(got, want) <= tol
+    grad = torch.randn_like(want)
+    (g_want,) = torch.autograd.grad(want, logits, grad)
+    (g_got,) = torch.autograd.grad(got, logits, grad)
+    assert g_got.shape == logits.shape
+    assert rel_err(g_got, g_want) <= tol, f"logits gradient differs by {rel_err(g_got, g_want):.2e}"
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction,weighted", [("mean", False), ("mean", True), ("sum", True), ("none", False)])
+def test_matches_reference(backend, shape, reduction, weighted):
+    check(backend, *shape, reduction=reduction, weighted=weighted)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9, 27, 35), (2, 70, 3, 4, 5, 9)], ids=str)
+def test_triton_matches_reference(shape):
+    # K = 70 spans two class blocks: the online logsumexp across blocks is exercised.
+    if _skip_reason("triton"):
+        pytest.skip(_skip_reason("triton"))
+    check("triton", *shape, reduction="mean", weighted=True)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_ignore_index_inside_the_class_range(backend):
+    check(backend, 2, 6, 3, 5, 8, 9, ignore=0)  # class 0 ignored, PyTorch's rule
+
+
+def test_torch_implementation_works_in_row_chunks(monkeypatch):
+    monkeypatch.setattr(uce_op, "_CHUNK_ELEMENTS", 2 * 5 * 35 * 3)  # three output rows per chunk
+    check("torch", 2, 5, 7, 9, 27, 35, weighted=True)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_all_ignored_is_nan_with_zero_gradient(backend):
+    device = DEVICE.get(backend, "cpu")
+    logits = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    labels = torch.full((2, 8, 8), 255, device=device)
+    loss = upsample_cross_entropy(logits, labels, backend=backend)
+    assert torch.isnan(loss) and torch.isnan(upsample_cross_entropy_reference(logits, labels))
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(g, torch.zeros_like(g))
+    assert upsample_cross_entropy(logits, labels, reduction="sum", backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", [_param("torch"), _param("cpp")])
+def test_bfloat16(backend):
+    # err(fast, ref_fp32) <= 2 * err(PyTorch in bf16, ref_fp32) + atol, loss and gradient.
+    logits, labels = make_inputs(2, 19, 8, 10, 31, 40, dtype=torch.bfloat16)
+    ref_in = logits.detach().float().requires_grad_()
+    ref = upsample_cross_entropy_reference(ref_in, labels)
+    low = torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(logits, size=(31, 40), mode="bilinear"), labels, ignore_index=255
+    )
+    out = upsample_cross_entropy(logits, labels, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert abs(out.float() - ref).item() <= 2 * abs(low.float() - ref).item() + 1e-2
+    (g_ref,) = torch.autograd.grad(ref, ref_in)
+    (g_low,) = torch.autograd.grad(low, logits)
+    (g_out,) = torch.autograd.grad(out, logits)
+    assert g_out.dtype == torch.bfloat16
+    err = lambda a: (a.float() - g_ref).abs().max().item()  # noqa: E731
+    assert err(g_out) <= 2 * err(g_low) + 1e-3 * g_ref.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", [_param("cpp")])
+def test_backward_is_deterministic(backend):
+    logits, labels = make_inputs(3, 37, 9, 7, 36, 28)
+    loss = upsample_cross_entropy(logits, labels, backend=backend)
+    (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        (g2,) = torch.autograd.grad(loss, logits)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(g1, g2)
+
+
+def test_bad_inputs():
+    logits = torch.randn(2, 5, 4, 4)
+    labels = torch.randint(0, 5, (2, 16, 16))
+    with pytest.raises(ValueError, match=r"logits must be a \(B, K, h, w\) tensor, got \(2, 5, 4\)"):
+        upsample_cross_entropy(logits[..., 0], labels)
+    with pytest.raises(ValueError, match=r"labels must be \(B, H, W\) with B=2, got \(1, 16, 16\)"):
+        upsample_cross_entropy(logits, labels[:1])
+    with pytest.raises(ValueError, match="integer tensor, got torch.float32"):
+        upsample_cross_entropy(logits, labels.float())
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        upsample_cross_entropy(logits.double(), labels)
+    with pytest.raises(ValueError, match=r"weight must be a floating \(5,\) tensor"):
+        upsample_cross_entropy(logits, labels, weight=torch.ones(4))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        upsample_cross_entropy(logits, labels, reduction="avg")
+    with pytest.raises(ValueError, match="unknown backend"):
+        upsample_cross_entropy(logits, labels, backend="nope")
+    for backend in ("torch", "cpp"):
+        bad = labels.clone()
+        bad[1, 3, 7] = 7
+        with pytest.raises(ValueError, match=r"label value 7 is outside \[0, 5\)"):
+            upsample_cross_entropy(logits, bad, backend=backend)
+        bad[1, 3, 7] = -1
+        with pytest.raises(ValueError, match="label value -1"):
+            upsample_cross_entropy(logits, bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [_param("torch"), _param("cpp"), _param("triton")])
+def test_opcheck(backend):
+    logits = torch.randn(2, 2, 3, 5, requires_grad=True)  # (B, h, w, K), as the op takes it
+    labels = torch.randint(0, 5, (2, 5, 4))
+    labels[0, 0] = 255
+    weight = torch.rand(5)
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(torch.ops.segformer_fast.upsample_cross_entropy.default,
+                              (logits, labels, weight, 255, reduction, backend))
+    loss, lse = torch.ops.segformer_fast.upsample_cross_entropy(logits.detach(), labels, None, 255, "sum", backend)
+    torch.library.opcheck(torch.ops.segformer_fast.upsample_cross_entropy_backward.default,
+                          (torch.tensor(1.5), logits.detach(), labels, None, lse, 255, "sum", backend))
+
+
+def test_torch_compile_fullgraph():
+    backend = "cpp" if _skip_reason("cpp") is None else "torch"
+    logits, labels = make_inputs(2, 7, 5, 6, 19, 23)
+
+    def f(x, y):
+        return upsample_cross_entropy(x, y, backend=backend) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(logits, labels)
+    want = upsample_cross_entropy_reference(logits, labels) * 2.0
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(want, logits)[0],
+                               rtol=1e-4, atol=1e-7)
+
+
+def _full_res_saved(fn, full):
+    with SavedTensorRecorder() as rec:
+        out = fn()
+    return out, [s for s in rec.shapes if torch.Size(s).numel() >= full]
+
+
+@pytest.mark.parametrize("backend", [_param("torch"), _param("cpp")])
+def test_saves_nothing_of_full_resolution_times_classes(backend):
+    B, K, H, W = 2, 19, 64, 80
+    logits, labels = make_inputs(B, K, 16, 20, H, W)
+    out, big = _full_res_saved(lambda: upsample_cross_entropy(logits, labels, backend=backend), B * K * H * W // 4)
+    assert big == [], f"saved full-resolution x K tensors: {big}"
+    out.backward()
+    # the same check catches the literal composition, which keeps the upsampled logits
+    _, big_ref = _full_res_saved(lambda: upsample_cross_entropy_reference(logits, labels), B * K * H * W // 4)
+    assert (B, K, H, W) in big_ref

@@ -1,0 +1,104 @@
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import segformer_fast as sf
+from segformer_fast.cli import main
+from segformer_fast.train import SyntheticSegmentation, TrainConfig, evaluate, read_checkpoint, train
+from segformer_fast.train.trainer import PolyWithWarmup, StepBatches
+
+
+def _tiny(out, **kw):
+    base = dict(data="synthetic", synthetic_size=64, synthetic_train=16, synthetic_val=4, crop=64, batch=2, steps=4,
+                val_every=100, workers=0, out=str(out), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(result):
+    return {k: v.clone() for k, v in result["model"].state_dict().items()}
+
+
+def test_resume_continues_exactly(tmp_path):
+    torch.set_num_threads(1)
+    straight = _weights(train(_tiny(tmp_path / "a", steps=5)))
+    first = train(_tiny(tmp_path / "b", steps=5), stop_at=2)
+    assert first["step"] == 2 and read_checkpoint(str(tmp_path / "b"))[1]["step"] == 2
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    resumed = train(_tiny(tmp_path / "b", steps=5, seed=123), resume=str(tmp_path / "b"))  # saved seed wins
+    assert resumed["step"] == 5 and resumed["config"].seed == 0
+    after = _weights(resumed)
+    assert straight.keys() == after.keys()
+    for k in straight:
+        assert torch.equal(straight[k], after[k]), k
+    # the same two steps without restoring the checkpoint's state would not match
+    other = _weights(train(_tiny(tmp_path / "c", steps=5, seed=1)))
+    assert any(not torch.equal(straight[k], other[k]) for k in straight)
+
+
+def test_resume_restores_optimizer_and_schedule(tmp_path):
+    cfg = _tiny(tmp_path, steps=6, batch=1, accum=2, warmup=2, amp="fp16")
+    train(cfg, stop_at=3)
+    tensors, meta = read_checkpoint(str(tmp_path))
+    assert meta["scaler"]["scale"] > 0 and meta["config"]["amp"] == "fp16"  # GradScaler state saved
+    assert meta["scheduler"]["last_epoch"] == 3 and meta["step"] == 3
+    assert any(k.startswith("optim.state.") and k.endswith("exp_avg_sq") for k in tensors)
+    assert len(meta["rng"]) == 1 and meta["config"]["accum"] == 2
+    lrs = [g["lr"] for g in meta["optimizer"]["param_groups"]]
+    assert max(lrs) == pytest.approx(10 * min(lrs))  # decoder x10
+    assert min(lrs) == pytest.approx(1e-3 * PolyWithWarmup(6, 2)(3))
+
+
+def test_schedule_warmup_then_poly():
+    f = PolyWithWarmup(total=100, warmup=10, warmup_ratio=0.0)
+    assert f(0) == 0.0 and f(5) == pytest.approx(0.5 * 0.95) and f(10) == pytest.approx(0.9)
+    assert f(50) == pytest.approx(0.5) and f(100) == 0.0
+
+
+def test_step_batches_shard_ranks_and_cover_epochs():
+    ranks = [list(StepBatches(10, 2, 1, r, 2, seed=0, start=0, total=5)) for r in range(2)]
+    flat = [i for step in zip(*ranks) for batch in step for i, _ in batch]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != list(range(10))  # shuffled
+    positions = [p for step in zip(*ranks) for batch in step for _, p in batch]
+    assert positions == list(range(20))
+    later = list(StepBatches(10, 2, 1, 1, 2, seed=0, start=3, total=5))
+    assert later == ranks[1][3:]
+
+
+def test_short_synthetic_run_beats_chance(tmp_path):
+    torch.set_num_threads(2)  # CPU training is deterministic for a fixed thread count
+    cfg = TrainConfig(data="synthetic", synthetic_size=64, synthetic_val=16, crop=64, batch=8, steps=100,
+                      val_every=20, workers=0, out=str(tmp_path), progress=False)
+    result = train(cfg, stop_at=60)  # the first 60 steps of a 100-step schedule
+    m = result["metrics"]
+    untrained = sf.segformer("b0", num_classes=6).eval()
+    nn.init.normal_(untrained.decoder.classifier.weight, 0.0, 0.01)
+    before = evaluate(untrained, SyntheticSegmentation("val", 16, (64, 64)))
+    # chance here: background everywhere gives mIoU ~0.12 (background IoU ~0.7, the others 0)
+    assert m["miou"] > max(0.15, before["miou"] + 0.04), (m, before)
+    assert max(m["per_class_iou"][1:]) > 0.2, m
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["step"] for h in saved["history"]] == [20, 40, 60] and saved["history"][-1]["miou"] == m["miou"]
+
+
+def test_cli_train_then_evaluate_and_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--synthetic-size", "64", "--crop", "64", "--batch", "2", "--steps", "2", "--val-every", "2",
+               "--workers", "0", "--out", str(out), "--no-progress", "--amp", "bf16"])
+    assert rc == 0
+    assert "final: mIoU" in capsys.readouterr().out
+    assert {"checkpoint.json", "model.safetensors", "metrics.json"} <= set(os.listdir(out))
+    rc = main(["evaluate", "--data", "synthetic", "--synthetic-size", "64", "--synthetic-val", "4", "--weights",
+               str(out), "--no-progress", "--json", str(tmp_path / "m.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "mIoU" in text and "h-stripes" in text
+    assert set(json.loads((tmp_path / "m.json").read_text())) >= {"miou", "per_class_iou", "pixel_accuracy"}
+    rc = main(["train", "--resume", str(out), "--steps", "3", "--no-progress", "--workers", "0"])
+    assert rc == 0 and read_checkpoint(str(out))[1]["step"] == 3  # written back to the resumed folder
+    with pytest.raises(SystemExit):
+        main(["train", "--memory", "nonsense"])
