@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 
 import torch
 from torch import nn
+
+from .utils.atomic import atomic_path
 
 __all__ = ["export_onnx"]
 
@@ -79,19 +80,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
     if dynamic_hw:
         shapes[2] = torch.export.Dim("height", min=32, max=16384)
         shapes[3] = torch.export.Dim("width", min=32, max=16384)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
-                              output_names=["logits"],
-                              dynamic_shapes=({k: v for k, v in shapes.items()},) if shapes else None,
-                              verbose=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".onnx") as tmp, torch.no_grad():
+        torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=(shapes,) if shapes else None, verbose=False)
     return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..configs import LayerNormEps, SegFormerConfig
+from ..utils.atomic import atomic_path
 
 __all__ = [
     "LAYOUTS",
@@ -491,14 +491,5 @@ def save_weights(model, path: str | os.PathLike, layout: str = "native") -> None
     metadata = {"format": "pt", "producer": _FORMAT_TAG, "layout": layout}
     if layout == "native":
         metadata["config"] = json.dumps(model.config.to_dict())
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..utils.atomic import atomic_write_text
-from .imageio import atomic_path
+from ..utils.atomic import atomic_path
 
 __all__ = ["CheckpointError", "write_checkpoint", "read_checkpoint", "latest_checkpoint", "flatten_optimizer",
            "unflatten_optimizer", "capture_rng", "restore_rng"]

@@ -5,13 +5,13 @@ Images are (H, W, 3) uint8 RGB numpy arrays; masks are (H, W) integer arrays of 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 
 import numpy as np
 
-__all__ = ["read_image", "read_mask", "write_png", "palette", "colorize", "overlay", "atomic_path"]
+from ..utils.atomic import atomic_path
+
+__all__ = ["read_image", "read_mask", "write_png", "palette", "colorize", "overlay"]
 
 
 def _pil():
@@ -46,25 +46,6 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim != 2:
         raise ValueError(f"mask {os.fspath(path)!r} has shape {arr.shape}; expected (H, W)")
     return arr.astype(np.int64)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ""):
-    """Yield a temp path beside ``path``; on success it replaces ``path`` (os.replace), else it is removed."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
