@@ -212,13 +212,13 @@ def format_table(rows: list[BenchRow], baseline: str = "hf") -> str:
     by = {r.provider: r for r in rows}
     base = by.get(baseline) or by.get("reference")
     ref = by.get("reference")
-    header = f"{'provider':<14}{'mode':<11}{'median ms':>11}{'images/s':>10}{'vs ' + base.provider:>12}{'vs reference':>14}"
+    header = f"{'provider':<16}{'mode':<11}{'median ms':>11}{'images/s':>10}{'vs ' + base.provider:>12}{'vs reference':>14}"
     show_mem = any(r.saved_bytes is not None for r in rows)
     if show_mem:
         header += f"{'saved MiB':>11}{'saved vs ' + base.provider:>16}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        line = (f"{r.provider:<14}{r.mode:<11}{r.median_s * 1e3:>11.1f}{r.images_per_s:>10.2f}"
+        line = (f"{r.provider:<16}{r.mode:<11}{r.median_s * 1e3:>11.1f}{r.images_per_s:>10.2f}"
                 f"{base.median_s / r.median_s:>11.2f}x{ref.median_s / r.median_s if ref else float('nan'):>13.2f}x")
         if show_mem:
             ratio = r.saved_bytes / base.saved_bytes if base.saved_bytes else float("nan")

@@ -8,7 +8,9 @@ the outputs stay as they were. Supported:
 - ``segformer_fast.SegFormer`` built with ``backend="torch"`` (the reference layers);
 - Hugging Face transformers (5.x module names) ``SegformerForSemanticSegmentation``,
   ``SegformerModel`` and ``SegformerForImageClassification``. The patched attention never forms the
-  attention probabilities, so ``output_attentions=True`` returns none for patched layers.
+  attention probabilities, so ``output_attentions=True`` returns none for patched layers. With
+  ``labels``, a patched SegformerForSemanticSegmentation computes its loss with the fused
+  upsample + cross-entropy op, so the full-resolution logits are never stored.
 
 transformers 4.x builds its attention from ``SegformerEfficientSelfAttention``; such models are
 refused with a clear error rather than patched half-way.
@@ -82,6 +84,30 @@ class PatchedSegformerDecodeHead(_Adapter):
                 f = f.reshape(f.shape[0], side, side, -1).permute(0, 3, 1, 2)
             feats.append(f)
         return self.fused()(feats)
+
+
+def _fused_loss_forward(model: nn.Module, backend: str):
+    """A forward for SegformerForSemanticSegmentation whose loss is the fused upsample + cross-entropy
+    (full-resolution logits are never stored); outputs and signature as the original's."""
+    from transformers.modeling_outputs import SemanticSegmenterOutput
+
+    from .ops.upsample_cross_entropy import upsample_cross_entropy
+
+    original = type(model).forward
+
+    def forward(pixel_values, labels=None, **kwargs):
+        if labels is None or model.config.num_labels < 2:  # BCE for a single label: the original's
+            return original(model, pixel_values, labels=labels, **kwargs)
+        out = original(model, pixel_values, **kwargs)
+        logits = out[0] if isinstance(out, tuple) else out.logits
+        loss = upsample_cross_entropy(logits, labels, ignore_index=model.config.semantic_loss_ignore_index,
+                                      backend=backend)
+        if isinstance(out, tuple):
+            return (loss,) + out
+        return SemanticSegmenterOutput(loss=loss, logits=out.logits, hidden_states=out.hidden_states,
+                                       attentions=out.attentions)
+
+    return forward
 
 
 def _on_meta(cls, *args, **kwargs):
@@ -182,6 +208,8 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
     for parent, name, new in _replacements(model, backend, memory):
         done.append((parent, name, getattr(parent, name)))
         setattr(parent, name, new)
+    if type(model).__name__ == "SegformerForSemanticSegmentation":
+        model.forward = _fused_loss_forward(model, backend)  # an instance attribute; unpatch removes it
     object.__setattr__(model, _PATCHES, done)
     return model
 
@@ -193,6 +221,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         setattr(parent, name, original)
     if hasattr(model, _PATCHES):
         object.__delattr__(model, _PATCHES)
+    model.__dict__.pop("forward", None)
     return model
 
 

@@ -212,3 +212,23 @@ def test_export_onnx_patched_hf(tmp_path):
         with torch.no_grad():
             want = hf(pixel_values=x).logits
         assert (torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]) - want).abs().max() <= 1e-4
+
+
+def test_patched_hf_loss_is_fused_and_tuple_outputs_work():
+    from segformer_fast.utils.memory import SavedTensorRecorder
+
+    hf = _hf(drop_path_rate=0.0, classifier_dropout_prob=0.0).train()
+    x = torch.randn(1, 3, 64, 96)
+    labels = torch.randint(0, 5, (1, 64, 96))
+    want = hf(pixel_values=x, labels=labels).loss
+    sf.patch(hf)
+    params = list(hf.parameters()) + list(hf.buffers())
+    with SavedTensorRecorder(params) as rec:
+        out = hf(pixel_values=x, labels=labels)
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    assert (1, 5, 64, 96) not in rec.shapes  # no full-resolution logits kept for backward
+    as_tuple = hf(pixel_values=x, labels=labels, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], want, rtol=1e-5, atol=1e-6)
+    assert as_tuple[1].shape == (1, 5, 16, 24)
+    sf.unpatch(hf)
+    assert "forward" not in hf.__dict__
