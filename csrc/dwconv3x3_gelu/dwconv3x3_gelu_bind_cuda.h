@@ -9,32 +9,15 @@
 #include <torch/extension.h>
 
 #include "dwconv3x3_gelu/dwconv3x3_gelu.h"
+#include "bind_cuda_common.h"
 
 namespace dwconv3x3_gelu_bind_cuda {
-
-inline int dtype_code(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return 0;
-    case at::kHalf:
-      return 1;
-    case at::kBFloat16:
-      return 2;
-    default:
-      TORCH_CHECK(false, "dwconv3x3_gelu (cuda): tensors must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return -1;
-}
 
 inline void check(const at::Tensor& t, const char* name, const at::Tensor& like, at::IntArrayRef shape) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "dwconv3x3_gelu (cuda): ", name,
               " must be a CUDA tensor on ", like.device());
   TORCH_CHECK(t.is_contiguous(), "dwconv3x3_gelu (cuda): ", name, " must be contiguous");
   TORCH_CHECK(t.sizes() == shape, "dwconv3x3_gelu (cuda): ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-inline void check_status(int err, const char* what) {
-  TORCH_CHECK(err == 0, "dwconv3x3_gelu (cuda): ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 // y = GELU(dwconv3x3(x) + bias); x, y (B, H*W, C) of one dtype, weight (C, 1, 3, 3), bias (C,).
@@ -52,9 +35,9 @@ inline void fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   const at::Tensor w32 = weight.to(at::kFloat).contiguous();
   const at::Tensor b32 = bias.to(at::kFloat).contiguous();
   const int err = dwconv3x3_gelu_fwd_cuda(x.data_ptr(), w32.data_ptr<float>(), b32.data_ptr<float>(), y.data_ptr(),
-                                          B, H, W, C, dtype_code(x), static_cast<int>(act),
+                                          B, H, W, C, segformer_fast::cuda_dtype_code(x, "dwconv3x3_gelu"), static_cast<int>(act),
                                           c10::cuda::getCurrentCUDAStream().stream());
-  check_status(err, "forward");
+  segformer_fast::cuda_check_launch(err, "dwconv3x3_gelu", "forward");
 }
 
 // Gradients of fwd, recomputing the conv from x. grad_weight / grad_bias are fp32.
@@ -83,9 +66,9 @@ inline void bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor&
   const int err = dwconv3x3_gelu_bwd_cuda(grad_y.data_ptr(), x.data_ptr(), w32.data_ptr<float>(),
                                           b32.data_ptr<float>(), grad_x.data_ptr(), grad_weight.data_ptr<float>(),
                                           grad_bias.data_ptr<float>(), workspace.data_ptr(), B, H, W, C,
-                                          dtype_code(x), static_cast<int>(act),
+                                          segformer_fast::cuda_dtype_code(x, "dwconv3x3_gelu"), static_cast<int>(act),
                                           c10::cuda::getCurrentCUDAStream().stream());
-  check_status(err, "backward");
+  segformer_fast::cuda_check_launch(err, "dwconv3x3_gelu", "backward");
 }
 
 }  // namespace dwconv3x3_gelu_bind_cuda

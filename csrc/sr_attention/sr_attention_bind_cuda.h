@@ -1,29 +1,16 @@
 // Torch binding of the spatial-reduction attention CUDA kernels (header-only; included by csrc/bind_cuda.cpp).
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <tuple>
 
 #include "sr_attention/sr_attention.h"
+#include "bind_cuda_common.h"
 
 namespace segformer_fast {
-
-inline int sr_attention_cuda_dtype(const torch::Tensor& t) {
-  switch (t.scalar_type()) {
-    case torch::kFloat32:
-      return 0;
-    case torch::kFloat16:
-      return 1;
-    case torch::kBFloat16:
-      return 2;
-    default:
-      TORCH_CHECK(false, "sr_attention (cuda): dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return -1;
-}
 
 inline void sr_attention_cuda_check(const torch::Tensor& t, const torch::Tensor& like, int64_t dim, const char* what) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "sr_attention (cuda): ", what, " must be on ", like.device());
@@ -31,10 +18,6 @@ inline void sr_attention_cuda_check(const torch::Tensor& t, const torch::Tensor&
               ", expected ", like.scalar_type());
   TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "sr_attention (cuda): ", what, " must be a contiguous ", dim,
               "-d tensor, got shape ", t.sizes());
-}
-
-inline void sr_attention_cuda_ok(int err, const char* what) {
-  TORCH_CHECK(err == 0, "sr_attention (cuda): ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 // x (B, H*W, C) -> patches (B, (H/sr)*(W/sr), sr*sr*C).
@@ -45,8 +28,8 @@ inline torch::Tensor sr_attention_patchify_binding(const torch::Tensor& x, int64
   const int64_t B = x.size(0), C = x.size(2), M = (H / sr) * (W / sr);
   const c10::cuda::CUDAGuard guard(x.device());
   auto patches = torch::empty({B, M, sr * sr * C}, x.options());
-  sr_attention_cuda_ok(sr_attention_patchify_cuda(patches.data_ptr(), x.data_ptr(), B, H, W, C, sr,
-                                                  sr_attention_cuda_dtype(x), at::cuda::getCurrentCUDAStream().stream()),
+  cuda_check_launch(sr_attention_patchify_cuda(patches.data_ptr(), x.data_ptr(), B, H, W, C, sr,
+                                                  cuda_dtype_code(x, "sr_attention"), c10::cuda::getCurrentCUDAStream().stream()), "sr_attention",
                        "patchify");
   return patches;
 }
@@ -62,9 +45,9 @@ inline void sr_attention_unpatchify_add_binding(torch::Tensor dx, const torch::T
               "sr_attention (cuda): dx ", dx.sizes(), " and dpatches ", dpatches.sizes(), " do not fit H=", H, " W=", W,
               " sr=", sr);
   const c10::cuda::CUDAGuard guard(dx.device());
-  sr_attention_cuda_ok(sr_attention_unpatchify_add_cuda(dx.data_ptr(), dpatches.data_ptr(), B, H, W, C, sr,
-                                                        sr_attention_cuda_dtype(dx),
-                                                        at::cuda::getCurrentCUDAStream().stream()),
+  cuda_check_launch(sr_attention_unpatchify_add_cuda(dx.data_ptr(), dpatches.data_ptr(), B, H, W, C, sr,
+                                                        cuda_dtype_code(dx, "sr_attention"),
+                                                        c10::cuda::getCurrentCUDAStream().stream()), "sr_attention",
                        "unpatchify_add");
 }
 
@@ -91,11 +74,11 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sr_attention_bias
   const auto f32 = r.options().dtype(torch::kFloat32);
   auto mean = torch::empty({r.size(0), r.size(1)}, f32);
   auto rstd = torch::empty({r.size(0), r.size(1)}, f32);
-  sr_attention_cuda_ok(sr_attention_bias_ln_fwd_cuda(y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+  cuda_check_launch(sr_attention_bias_ln_fwd_cuda(y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
                                                      r.data_ptr(), b32.defined() ? b32.data_ptr() : nullptr,
                                                      weight.data_ptr(), beta.data_ptr(), R, C, static_cast<float>(eps),
-                                                     sr_attention_cuda_dtype(r),
-                                                     at::cuda::getCurrentCUDAStream().stream()),
+                                                     cuda_dtype_code(r, "sr_attention"),
+                                                     c10::cuda::getCurrentCUDAStream().stream()), "sr_attention",
                        "bias_ln forward");
   return {y, mean, rstd};
 }
@@ -120,12 +103,11 @@ inline std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> sr
   auto dr = torch::empty_like(r);
   const auto f32 = r.options().dtype(torch::kFloat32);
   auto dweight = torch::empty({C}, f32), dbeta = torch::empty({C}, f32), dbias = torch::empty({C}, f32);
-  sr_attention_cuda_ok(
-      sr_attention_bias_ln_bwd_cuda(dr.data_ptr(), dweight.data_ptr<float>(), dbeta.data_ptr<float>(),
+  cuda_check_launch(sr_attention_bias_ln_bwd_cuda(dr.data_ptr(), dweight.data_ptr<float>(), dbeta.data_ptr<float>(),
                                     dbias.data_ptr<float>(), dy.data_ptr(), r.data_ptr(),
                                     b32.defined() ? b32.data_ptr() : nullptr, weight.data_ptr(),
-                                    mean.data_ptr<float>(), rstd.data_ptr<float>(), R, C, sr_attention_cuda_dtype(r),
-                                    at::cuda::getCurrentCUDAStream().stream()),
+                                    mean.data_ptr<float>(), rstd.data_ptr<float>(), R, C, cuda_dtype_code(r, "sr_attention"),
+                                    c10::cuda::getCurrentCUDAStream().stream()), "sr_attention",
       "bias_ln backward");
   return {dr, dweight, dbeta, dbias};
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "upsample_cross_entropy/upsample_cross_entropy.h"
+#include "bind_cuda_common.h"
 
 namespace segformer_fast {
 
@@ -19,10 +20,7 @@ inline int upsample_cross_entropy_cuda_check(const torch::Tensor& x, const torch
                   labels.size(0) == x.size(0),
               "upsample_cross_entropy (cuda): labels must be a contiguous int64 (B, H, W) tensor, got ",
               labels.scalar_type(), " ", labels.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == torch::kFloat32 || st == torch::kFloat16 || st == torch::kBFloat16,
-              "upsample_cross_entropy (cuda): logits must be float32, float16 or bfloat16, got ", st);
-  return st == torch::kFloat32 ? 0 : (st == torch::kFloat16 ? 1 : 2);  // the kernels' dtype codes
+  return cuda_dtype_code(x, "upsample_cross_entropy");
 }
 
 inline void upsample_cross_entropy_cuda_check_pixels(const torch::Tensor& t, const torch::Tensor& labels, const char* what) {
@@ -44,7 +42,7 @@ inline std::vector<torch::Tensor> upsample_cross_entropy_fwd_cuda_binding(const 
   const int err = upsample_cross_entropy_fwd_cuda(
       nll.data_ptr<float>(), lse.data_ptr<float>(), x.data_ptr(), labels.data_ptr<int64_t>(), x.size(0), x.size(1),
       x.size(2), x.size(3), labels.size(1), labels.size(2), ignore_index, dtype, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "upsample_cross_entropy (cuda): forward launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  cuda_check_launch(err, "upsample_cross_entropy", "forward launch");
   return {nll, lse};
 }
 
@@ -59,7 +57,7 @@ inline torch::Tensor upsample_cross_entropy_bwd_cuda_binding(const torch::Tensor
   const int err = upsample_cross_entropy_bwd_cuda(
       grad.data_ptr(), coef.data_ptr<float>(), x.data_ptr(), labels.data_ptr<int64_t>(), lse.data_ptr<float>(), x.size(0),
       x.size(1), x.size(2), x.size(3), labels.size(1), labels.size(2), dtype, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "upsample_cross_entropy (cuda): backward launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  cuda_check_launch(err, "upsample_cross_entropy", "backward launch");
   return grad;
 }
 

@@ -8,22 +8,9 @@
 #include <vector>
 
 #include "upsample_sum/upsample_sum.h"
+#include "bind_cuda_common.h"
 
 namespace segformer_fast {
-
-inline int upsample_sum_cuda_dtype(const torch::Tensor& t) {
-  switch (t.scalar_type()) {
-    case torch::kFloat32:
-      return 0;
-    case torch::kFloat16:
-      return 1;
-    case torch::kBFloat16:
-      return 2;
-    default:
-      TORCH_CHECK(false, "upsample_sum (cuda): dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return -1;
-}
 
 inline void upsample_sum_cuda_check(const torch::Tensor& t, const torch::Tensor& like, const char* what) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "upsample_sum (cuda): ", what, " must be on ", like.device());
@@ -60,9 +47,9 @@ inline torch::Tensor upsample_sum_fwd_cuda_binding(const std::vector<torch::Tens
   auto out = torch::empty({B, H, W, D}, m0.options());
   const int err = upsample_sum_fwd_cuda(out.data_ptr(), ptrs.data(), hs.data(), ws.data(), static_cast<int>(maps.size()),
                                         B, H, W, D, upsample_sum_cuda_vec(scale, m0, D, "scale"),
-                                        upsample_sum_cuda_vec(shift, m0, D, "shift"), relu, upsample_sum_cuda_dtype(m0),
+                                        upsample_sum_cuda_vec(shift, m0, D, "shift"), relu, cuda_dtype_code(m0, "upsample_sum"),
                                         c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "upsample_sum (cuda): forward launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  cuda_check_launch(err, "upsample_sum", "forward launch");
   return out;
 }
 
@@ -114,8 +101,8 @@ inline std::vector<torch::Tensor> upsample_sum_bwd_cuda_binding(const torch::Ten
       grad_ptrs.data(), grad.data_ptr(), out_ptr, need_dscale ? map_ptrs.data() : nullptr, hs.data(), ws.data(), n, B, H,
       W, D, scale_ptr, relu, need_dscale ? dscale.data_ptr<float>() : nullptr,
       need_dshift ? dshift.data_ptr<float>() : nullptr, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
-      upsample_sum_cuda_dtype(grad), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "upsample_sum (cuda): backward launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+      cuda_dtype_code(grad, "upsample_sum"), c10::cuda::getCurrentCUDAStream().stream());
+  cuda_check_launch(err, "upsample_sum", "backward launch");
   if (need_dscale) result.push_back(dscale);
   if (need_dshift) result.push_back(dshift);
   return result;
