@@ -110,6 +110,47 @@ def run(benchmark, fn, device: torch.device, *, provider: str, case: str, saved:
                              device=device_name(device)))
 
 
+_PROVIDER_CACHE: dict = {}
+
+
+def model_providers(model: str, device: torch.device, compile: bool = False) -> dict:
+    """``segformer_fast.benchmark.build_providers`` for one model, kept while consecutive cases use it."""
+    from segformer_fast.benchmark import build_providers
+
+    key = (model, str(device), compile)
+    if key not in _PROVIDER_CACHE:
+        _PROVIDER_CACHE.clear()
+        _PROVIDER_CACHE[key] = build_providers(model, num_classes=150, compile=compile, device=str(device))
+    return _PROVIDER_CACHE[key]
+
+
+def run_model_case(benchmark, device: torch.device, p, *, provider: str, case: str, size: int, mode: str,
+                   rounds: int = 3, num_classes: int = 150) -> None:
+    """Benchmark one end-to-end provider: inference (no grad) or a training step (forward, loss,
+    backward), recording the saved-activation bytes of forward + loss for the training step."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=gen).to(device)
+    if mode == "inference":
+        p.module.eval()
+
+        def fn():
+            with torch.no_grad():
+                return p.infer(x)
+
+        run(benchmark, fn, device, provider=provider, case=case, rounds=rounds)
+        return
+    p.module.train()
+    labels = torch.randint(0, num_classes, (1, size, size), generator=gen).to(device)
+    params = list(p.module.parameters()) + list(p.module.buffers())
+    saved = saved_bytes(lambda: p.loss(x, labels), params)
+
+    def fn():
+        p.module.zero_grad(set_to_none=True)
+        p.loss(x, labels).backward()
+
+    run(benchmark, fn, device, provider=provider, case=case, saved=saved, rounds=rounds)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _RECORDS:
         return
