@@ -1,8 +1,10 @@
 """End-to-end SETR (ViT-B/16 encoder, PUP and MLA decoders): fast vs reference, inference and a training step.
 
 Saved bytes are recorded twice: through the loss (``saved``, what the ratio table compares, as for
-SegFormer) and for the model's forward alone (``extra_info["saved_bytes_model"]``): SETR's four or
-five full-resolution cross-entropies keep the same bytes in both providers.
+SegFormer; each provider's ``model(x, labels).loss``: the fused model's upsampling cross-entropy
+keeps no full-resolution logits, the reference's F.interpolate + F.cross_entropy keeps them for
+the main and every auxiliary head) and for the model's forward alone
+(``extra_info["saved_bytes_model"]``).
 """
 
 import pytest

@@ -147,19 +147,26 @@ def resolve_backend(backend: str, device_type: str, implemented: tuple[str, ...]
         present; an explicit backend that is missing, unimplemented or wrong for the device raises.
     """
     name = validate_backend(backend, check_available=False)
+    key = (name, device_type, implemented, triton_interpret())  # all that a resolution depends on
+    hit = _RESOLVED.get(key)
+    if hit is not None:  # per-call ops resolve often; available_backends() probes imports each time
+        return hit
     status = available_backends()
     if name == "auto":
         for cand in _AUTO_ORDER.get(device_type, ("torch",)):
             if cand in implemented and status[cand].available and _runs_on(cand, device_type):
-                return cand
-        return "torch"
+                return _RESOLVED.setdefault(key, cand)
+        return _RESOLVED.setdefault(key, "torch")
     if name not in implemented:
         raise NotImplementedError(f"this op has no {name!r} implementation; it has {implemented}")
     if not status[name].available:
         raise RuntimeError(f"backend {name!r} is not available: {status[name].reason}")
     if not _runs_on(name, device_type):
         raise ValueError(f"backend {name!r} cannot run on {device_type} tensors")
-    return name
+    return _RESOLVED.setdefault(key, name)
+
+
+_RESOLVED: dict[tuple, str] = {}  # successful resolve_backend results (failures are not cached)
 
 
 def _runs_on(backend: str, device_type: str) -> bool:

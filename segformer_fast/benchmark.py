@@ -114,7 +114,7 @@ SETR_MODELS = {f"setr-{d}{suffix}": (d, enc) for d in ("naive", "pup", "mla")
 
 def _setr_providers(name: str, num_classes: int, backend: str, device: str,
                     names: tuple[str, ...] | None) -> dict[str, Provider]:
-    from .models.setr import SETR, setr_loss
+    from .models.setr import SETR
     from .configs import get_setr_config
 
     decoder, encoder = SETR_MODELS[name]
@@ -122,7 +122,7 @@ def _setr_providers(name: str, num_classes: int, backend: str, device: str,
     reference = SETR(cfg, backend="torch").to(device)
     fast = SETR(cfg, backend=backend).to(device)
     fast.load_state_dict(reference.state_dict())
-    out = {n: Provider(n, m, m, lambda x, y, m=m: setr_loss(m(x), y)) for n, m in (("fast", fast), ("reference", reference))}
+    out = {n: Provider(n, m, m, lambda x, y, m=m: m(x, y).loss) for n, m in (("fast", fast), ("reference", reference))}
     return out if names is None else {k: v for k, v in out.items() if k in names}
 
 

@@ -28,14 +28,18 @@ MEMORY_MODES = ("save", "recompute")  # what the fused MLP keeps for backward (s
 
 
 class SETROutput(NamedTuple):
-    """What a SETR returns in training: the main logits and the auxiliary heads' logits.
+    """What a SETR returns in training, or when given labels: main logits, auxiliary logits, loss.
 
-    All are (B, K, H, W) at the input resolution; ``aux_logits`` is empty when the model has no
-    auxiliary heads.
+    Without labels all logits are (B, K, H, W) at the input resolution and ``loss`` is None;
+    ``aux_logits`` is empty when the model has no auxiliary heads (or in eval mode). With labels,
+    ``loss`` is the training loss and the logits are the tensors it was computed from: at the input
+    resolution on the reference backend, at each head's own resolution (over the input padded to a
+    multiple of 16) on the fused ones, which never build full-resolution logits.
     """
 
     logits: torch.Tensor
     aux_logits: tuple[torch.Tensor, ...]
+    loss: torch.Tensor | None = None
 
 
 class ViTEncoder(nn.Module):
@@ -138,8 +142,18 @@ class SETR(nn.Module):
         """Raise a clear error for input the model cannot segment."""
         check_image_batch(images, self.config.in_channels, self.config.patch_size, self.decode_head.conv_seg.weight)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | SETROutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                ignore_index: int = 255) -> torch.Tensor | SETROutput:
+        """images (B, 3, H, W) -> eval: logits (B, K, H, W); training: :class:`SETROutput`.
+
+        With ``labels`` (B, H, W) class ids (``ignore_index`` pixels skipped) the result is a
+        :class:`SETROutput` whose ``loss`` is :func:`setr_loss` of the outputs (auxiliary terms in
+        training only). Fused backends compute it with the upsampling cross-entropy op from the
+        heads' low-resolution logits, so no full-resolution logits are kept for backward.
+        """
         self.check_images(images)
+        if labels is not None:
+            _check_setr_labels(images, labels)
         h, w = images.shape[-2:]
         p = self.config.patch_size
         hp, wp = math.ceil(h / p) * p, math.ceil(w / p) * p
@@ -148,18 +162,32 @@ class SETR(nn.Module):
         want_aux = self.training and len(self.aux_heads) > 0
         aux_idx = self.config.aux_indices if want_aux and self.config.decoder != "mla" else ()
         feats = self.encoder(images, tuple(sorted(set(self.feature_indices) | set(aux_idx))))
+        low_res = labels is not None and self.backend != "torch"
         if self.neck is not None:
             levels = self.neck([feats[i] for i in self.config.mla_indices])
             logits = self.decode_head(levels)
             aux_in = levels
         else:
-            logits = self.decode_head(feats[self.config.depth - 1])
+            logits = self._run_head(self.decode_head, feats[self.config.depth - 1], low_res)
             aux_in = [feats[i] for i in aux_idx]
+        aux = tuple(self._run_head(head, x, low_res) for head, x in zip(self.aux_heads, aux_in)) if want_aux else ()
+        if low_res:
+            padded = F.pad(labels, (0, wp - w, 0, hp - h), value=ignore_index)  # padding adds no loss
+            loss = _fused_loss((logits,) + aux, padded, ignore_index, self.backend)
+            return SETROutput(logits, aux, loss)
         logits = _to_input(logits, (hp, wp), (h, w))
-        if not self.training:
-            return logits
-        aux = tuple(_to_input(head(x), (hp, wp), (h, w)) for head, x in zip(self.aux_heads, aux_in)) if want_aux else ()
-        return SETROutput(logits, aux)
+        aux = tuple(_to_input(a, (hp, wp), (h, w)) for a in aux)
+        if labels is not None:
+            return SETROutput(logits, aux, setr_loss(SETROutput(logits, aux), labels, ignore_index=ignore_index))
+        return SETROutput(logits, aux) if self.training else logits
+
+    def _run_head(self, head: nn.Module, x: torch.Tensor, low_res: bool) -> torch.Tensor:
+        """A Naive/PUP head's logits; with ``low_res``, a head whose upsampling ends at the padded
+        input size stops before its last upsample (the loss op does that one exactly)."""
+        if low_res and isinstance(head, FusedSETRUpHead) and head.up_convs[-1].scale > 1:
+            if math.prod(up.scale for up in head.up_convs) == self.config.patch_size:
+                return head(x, upsample=False)
+        return head(x)
 
     def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
         """Which implementation each fused op runs with on ``device`` (default: the model's)."""
@@ -184,6 +212,31 @@ def _to_input(logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, in
     if padded != size:
         logits = logits[..., : size[0], : size[1]]
     return logits
+
+
+def _check_setr_labels(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    want = (images.shape[0],) + tuple(images.shape[-2:])
+    if tuple(labels.shape) != want:
+        raise ValueError(f"labels must be (B, H, W) = {want} for images {tuple(images.shape)}, got {tuple(labels.shape)}")
+    if labels.device != images.device:
+        raise ValueError(f"labels are on {labels.device}, the images on {images.device}")
+
+
+def _fused_loss(outputs: tuple[torch.Tensor, ...], labels: torch.Tensor, ignore_index: int, backend: str,
+                aux_weight: float = 0.4) -> torch.Tensor:
+    """setr_loss from low-resolution logits: each upsampled to the labels' size inside the CE op."""
+    from ..ops.upsample_cross_entropy import upsample_cross_entropy
+
+    # fp32 logits (a small copy at head resolution under autocast): the loss is summed in fp32
+    losses = [upsample_cross_entropy(o.float(), labels, ignore_index, backend=backend) for o in outputs]
+    loss = losses[0]
+    for a in losses[1:]:
+        loss = loss + aux_weight * a
+    return loss
 
 
 def setr(decoder: str = "pup", num_classes: int = 150, img_size: int = 512, backend: str | None = "auto",

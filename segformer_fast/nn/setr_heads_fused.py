@@ -40,11 +40,13 @@ class FusedConvBNReLU(ConvBNReLU):
 class FusedSETRUpHead(SETRUpHead):
     conv_module = FusedConvBNReLU
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        """As :class:`SETRUpHead`; ``upsample=False`` returns the logits before the last stage's
+        upsample (the resolution a fused upsampling loss wants)."""
         x = layer_norm_nchw(self.norm, x)
         for up in self.up_convs[:-1]:
             x = up(x)
-        return self.up_convs[-1](x, self.conv_seg.weight, self.conv_seg.bias)  # classifier, then upsample
+        return self.up_convs[-1](x, self.conv_seg.weight, self.conv_seg.bias, upsample)  # classifier, then upsample
 
 
 class FusedMLANeck(MLANeck):

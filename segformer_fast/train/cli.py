@@ -7,6 +7,8 @@ import importlib
 import json
 import os
 
+from .build import MODEL_NAMES
+
 __all__ = ["register"]
 
 
@@ -27,9 +29,31 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _override(text: str) -> tuple[str, object]:
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return field.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return field.strip(), value  # a bare string, e.g. name=tiny
+
+
+def _overrides(args) -> dict | None:
+    return dict(args.model_overrides) if args.model_overrides else None
+
+
+def _add_override_option(p) -> None:
+    p.add_argument("--model-override", dest="model_overrides", action="append", type=_override, default=None,
+                   metavar="FIELD=VALUE",
+                   help="change a field of the model's config (SegFormerConfig, or SETRConfig for setr-*); VALUE is "
+                        "JSON, e.g. --model-override depth=12 --model-override mla_layers=[2,5,8,11]; repeatable")
+
+
 def _cmd_train(args) -> int:
     from .trainer import TrainConfig, train
 
+    args.model_overrides = _overrides(args)
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
     cfg.out = args.out or args.resume or TrainConfig.out  # a resumed run keeps writing where it was
     if args.threads:
@@ -46,10 +70,13 @@ def _cmd_train(args) -> int:
 
 def _inference_options(p) -> None:
     p.add_argument("--weights", required=True,
-                   help="a train output folder, a .safetensors from save_weights, a Hugging Face folder or hub id, "
-                        "or (with --model) any weights file load_weights reads")
-    p.add_argument("--model", default=None, help="variant to build (b0..b5) when --weights holds no config")
+                   help="a train output folder, a .safetensors from save_weights or train, a Hugging Face folder or "
+                        "hub id, or (with --model) any weights file load_weights (SETR: load_setr_weights) reads")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES, metavar="MODEL",
+                   help="model to build when --weights holds no config: b0..b5, or setr-{naive,pup,mla} (ViT-L/16) "
+                        "and setr-{naive,pup,mla}-b16 (ViT-B/16) (needs --num-classes)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (with --model)")
+    _add_override_option(p)
     p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
     p.add_argument("--window", type=int, default=None, help="sliding-window size in pixels (default: whole image)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: 3/4 of --window)")
@@ -65,7 +92,7 @@ def _model_for(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stride = args.stride or (max(1, args.window * 3 // 4) if args.window else None)
-    model = load_model(args.weights, args.model, args.num_classes, args.backend, device)
+    model = load_model(args.weights, args.model, args.num_classes, args.backend, device, _overrides(args))
     return model, device, stride
 
 
@@ -117,20 +144,22 @@ def _cmd_evaluate(args) -> int:
 
 def register(subparsers) -> None:
     """Add the train, predict and evaluate subcommands to ``segformer-fast``."""
-    from ..configs import SEGFORMER_VARIANTS
     from .trainer import TrainConfig
 
     segformer_module = importlib.import_module("segformer_fast.models.segformer")  # MEMORY_MODES, read now
 
     d = TrainConfig()
     p = subparsers.add_parser(
-        "train", help="train SegFormer (default: built-in synthetic data, no download)",
-        description="Train SegFormer on the built-in synthetic dataset or a dataset folder (ADE20K, Cityscapes or "
+        "train", help="train SegFormer or SETR (default: built-in synthetic data, no download)",
+        description="Train SegFormer or SETR on the built-in synthetic dataset or a dataset folder (ADE20K, Cityscapes or "
         "images/ + masks/ layouts). Runs on one device, or one process per device under "
         "`torchrun --nproc_per_node N` (DistributedDataParallel, SyncBatchNorm). Checkpoints go to --out; "
         "--resume DIR continues exactly.",
     )
-    p.add_argument("--model", default=d.model, choices=sorted(SEGFORMER_VARIANTS), help=f"variant (default {d.model})")
+    p.add_argument("--model", default=d.model, choices=MODEL_NAMES, metavar="MODEL",
+                   help=f"b0..b5 (SegFormer, default {d.model}), or setr-{{naive,pup,mla}} (ViT-L/16) and "
+                        "setr-{naive,pup,mla}-b16 (ViT-B/16); a SETR's position embedding is made for --crop")
+    _add_override_option(p)
     p.add_argument("--data", default=d.data, help="'synthetic' (default) or a dataset folder")
     p.add_argument("--layout", default=d.layout, choices=("auto", "ade", "cityscapes", "generic"),
                    help="dataset folder layout (default: detected)")
@@ -149,10 +178,11 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default steps/20, at most 1500)")
     p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
     p.add_argument("--memory", default=d.memory, choices=segformer_module.MEMORY_MODES,
-                   help="activation memory mode (default save)")
+                   help="activation memory mode (default save; SETR: save or recompute)")
     p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
     p.add_argument("--weights", default=None, help="initial weights, any layout load_weights reads (backbone-only OK)")
-    p.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate (default 0.1)")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth rate (default 0.1 for SegFormer, 0 for SETR as in mmseg's configs)")
     p.add_argument("--val-every", type=int, default=d.val_every, help=f"validate every N steps (default {d.val_every})")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: --val-every)")
     p.add_argument("--out", default=None,

@@ -64,7 +64,7 @@ def predict_probs(model, image: torch.Tensor, scales=(1.0,), flip: bool = False,
     """Class probabilities of normalised images, averaged over scales and flips.
 
     Args:
-        model: a SegFormer (or any module mapping (B, 3, h, w) to (B, K, h', w') logits), in eval mode.
+        model: a SegFormer, a SETR (or any module mapping (B, 3, h, w) to (B, K, h', w') logits), in eval mode.
         image: (B, 3, H, W) ImageNet-normalised images.
         scales: resize factors to run at (1.0 = as given).
         flip: also run each scale on the horizontally flipped image.
@@ -97,33 +97,46 @@ def predict_probs(model, image: torch.Tensor, scales=(1.0,), flip: bool = False,
 
 
 def load_model(weights: str, model: str | None = None, num_classes: int | None = None, backend: str | None = None,
-               device: str | torch.device = "cpu"):
-    """A SegFormer in eval mode from a training output folder, a weights file or a Hugging Face folder.
+               device: str | torch.device = "cpu", overrides: dict | None = None):
+    """A SegFormer or SETR in eval mode from a training output folder, a weights file or a Hugging Face folder.
 
     Args:
-        weights: a ``segformer-fast train`` output folder (its latest checkpoint), a .safetensors file
-            written by ``save_weights`` (config in its metadata), a Hugging Face folder or hub id, or,
-            with ``model``, any file ``load_weights`` reads.
-        model, num_classes: build this variant and load ``weights`` into it.
+        weights: a ``segformer-fast train`` output folder (its latest checkpoint, which records the
+            model), a .safetensors file written by ``save_weights`` or by training (config in its
+            metadata), a Hugging Face folder or hub id, or, with ``model``, any file ``load_weights``
+            (SegFormer) or ``load_setr_weights`` (SETR) reads.
+        model, num_classes: build this model (a name of ``build.MODEL_NAMES``: "b0".."b5",
+            "setr-pup", "setr-mla-b16", ...) and load ``weights`` into it.
+        overrides: with ``model``, config fields to change (e.g. {"img_size": 768} for a SETR).
+    Raises:
+        CheckpointMismatchError: the weights do not fit the model.
+
+    Example:
+        >>> net = load_model("setr_vit-l_pup_ade.pth", model="setr-pup", num_classes=150)
     """
-    from .. import from_pretrained, load_weights, segformer
+    from .build import build_model, load_into, load_model_file, load_native, model_from_record
     from .checkpoint import latest_checkpoint, read_checkpoint
 
     if model is not None:
         if num_classes is None:
             raise ValueError("--model needs --num-classes")
-        net = segformer(model, num_classes=num_classes, backend=backend)
-        load_weights(net, weights)
+        net = build_model(model, num_classes, backend, overrides=overrides)
+        load_into(net, weights)
+    elif overrides:
+        raise ValueError("model overrides need --model; a checkpoint or weights file with a config describes its model")
     elif os.path.isdir(weights) and latest_checkpoint(weights) is not None:
         state, meta = read_checkpoint(weights)
-        cfg = meta["config"]
-        net = segformer(cfg["model"], num_classes=cfg["num_classes"], backend=backend)
-        net.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        if "model" in meta:
+            net = model_from_record(meta["model"], backend)
+        else:  # written before checkpoints recorded the model: a SegFormer variant
+            cfg = meta["config"]
+            net = build_model(cfg["model"], cfg["num_classes"], backend)
+        load_native(net, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
     elif os.path.isdir(weights) and not os.path.exists(os.path.join(weights, "config.json")) and \
             os.path.exists(os.path.join(weights, "model.safetensors")):
-        net = from_pretrained(os.path.join(weights, "model.safetensors"), backend=backend)
+        net = load_model_file(os.path.join(weights, "model.safetensors"), backend=backend)
     else:
-        net = from_pretrained(weights, num_classes=num_classes, backend=backend)
+        net = load_model_file(os.fspath(weights), num_classes=num_classes, backend=backend)
     return net.to(device).eval()
 
 

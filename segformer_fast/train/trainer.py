@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -27,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .build import (build_model, classifier_names, is_setr, load_into, memory_modes, model_record,
+                    save_model)
 from .checkpoint import (capture_rng, flatten_optimizer, read_checkpoint, restore_rng, unflatten_optimizer,
                          write_checkpoint)
 from .metrics import metrics_from_confusion
@@ -57,7 +58,8 @@ class TrainConfig:
     memory: str = "save"
     backend: str | None = None
     weights: str | None = None
-    drop_path: float = 0.1
+    drop_path: float | None = None
+    model_overrides: dict | None = None
     scale: tuple[int, int] | None = None
     cat_max_ratio: float = 0.75
     val_every: int = 100
@@ -78,6 +80,12 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 6e-5 if (self.weights or self.data != "synthetic") else 1e-3
+
+    def resolved_drop_path(self) -> float:
+        # SegFormer's recipe uses stochastic depth 0.1; mmseg's SETR configs use none
+        if self.drop_path is not None:
+            return self.drop_path
+        return 0.0 if is_setr(self.model) else 0.1
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -108,11 +116,12 @@ class PolyWithWarmup:
 
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: decoder at ``lr * head_lr_mult``; norms and biases (1-d tensors) without decay."""
+    """AdamW groups: the heads (everything outside ``encoder.``: SegFormer's decoder, SETR's neck, decode
+    and auxiliary heads) at ``lr * head_lr_mult``; norms and biases (1-d tensors) without decay."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((name.startswith("decoder."), p.ndim <= 1), []).append(p)
+            groups.setdefault((not name.startswith("encoder."), p.ndim <= 1), []).append(p)
     return [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if flat else weight_decay}
             for (head, flat), ps in sorted(groups.items())]
 
@@ -202,15 +211,16 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def _load_init_weights(model, path: str, log) -> None:
-    from ..io.weights import CheckpointMismatchError, load_weights
+    from ..io.weights import CheckpointMismatchError
 
+    classifiers = tuple(f"{name}." for name in classifier_names(model))
     try:
-        report = load_weights(model, path)
+        report = load_into(model, path)
     except CheckpointMismatchError as exc:
         # a head trained for another number of classes: take everything else, keep the classifier fresh
-        if exc.missing or exc.unexpected or not all(s.startswith("decoder.classifier.") for s in exc.shape_conflicts):
+        if exc.missing or exc.unexpected or not all(s.startswith(classifiers) for s in exc.shape_conflicts):
             raise
-        report = load_weights(model, path, strict=False)
+        report = load_into(model, path, strict=False)
         log(f"weights: classifier of {path} has another number of classes; it starts fresh")
     log(f"weights: {report.loaded} tensors from {path} (layout {report.layout})")
 
@@ -220,7 +230,7 @@ def _amp_dtype(amp: str):
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = None) -> dict:
-    """Train a SegFormer as ``cfg`` says; returns {"step", "history", "metrics", "out"}.
+    """Train a SegFormer or SETR as ``cfg`` says; returns {"step", "history", "metrics", "out", "model", "config"}.
 
     Args:
         cfg: the run configuration. With ``resume`` the saved configuration is used, except for the
@@ -231,11 +241,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     """
     from tqdm import tqdm
 
-    from .. import save_weights, segformer
     from .inference import evaluate_dataset
     from .transforms import TrainTransform
-
-    segformer_module = importlib.import_module("segformer_fast.models.segformer")  # MEMORY_MODES, read now
 
     rank, world, device = _setup_distributed()
     main = rank == 0
@@ -250,8 +257,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
         old = TrainConfig.from_json(saved["config"])
         cfg = dataclasses.replace(old, **{k: getattr(cfg, k) for k in RESUMABLE})
         start = saved["step"]
-    if cfg.memory not in segformer_module.MEMORY_MODES:
-        raise ValueError(f"memory must be one of {segformer_module.MEMORY_MODES}, got {cfg.memory!r}")
+    modes = memory_modes(cfg.model)
+    if cfg.memory not in modes:
+        raise ValueError(f"memory must be one of {modes} for {cfg.model}, got {cfg.memory!r}")
     if cfg.accum < 1 or cfg.batch < 1 or cfg.steps < 1:
         raise ValueError("batch, accum and steps must be positive")
     train_set, val_set, num_classes, scale = build_datasets(cfg)
@@ -259,12 +267,18 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     if saved is None:
         torch.manual_seed(cfg.seed + rank)  # dropout and drop-path differ per rank, as with any DDP run
 
-    model = segformer(cfg.model, num_classes=num_classes, backend=cfg.backend, memory=cfg.memory,
-                      drop_path_rate=cfg.drop_path)
+    setr_model = is_setr(cfg.model)
+    overrides = {"drop_path_rate": cfg.resolved_drop_path(), **(cfg.model_overrides or {})}
+    model = build_model(cfg.model, num_classes, cfg.backend, cfg.memory, overrides, img_size=cfg.crop)
     # mmsegmentation's decode-head init: classifier N(0, 0.01), so training starts from near-uniform
     # class probabilities instead of the He-initialised classifier's large logits.
-    nn.init.normal_(model.decoder.classifier.weight, 0.0, 0.01)
-    nn.init.zeros_(model.decoder.classifier.bias)
+    for name in classifier_names(model):
+        classifier = model.get_submodule(name)
+        nn.init.normal_(classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(classifier.bias)
+    if setr_model and not model.config.uses_cls_token:
+        # SETR-MLA's encoder never reads its cls token (kept for checkpoints): frozen, DDP waits for no gradient
+        model.encoder.cls_token.requires_grad_(False)
     if cfg.weights and saved is None:
         _load_init_weights(model, cfg.weights, log)
     if world > 1 and model.backend == "torch":
@@ -273,6 +287,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
         else:
             warnings.warn("nn.SyncBatchNorm needs a GPU; the reference decoder's BatchNorm uses per-rank statistics "
                           "on CPU (the fused decoder of other backends syncs on CPU too)", stacklevel=2)
+    elif world > 1 and setr_model:
+        warnings.warn("SETR's fused heads use per-rank BatchNorm statistics under DDP; --backend torch on GPU "
+                      "uses SyncBatchNorm", stacklevel=2)
     model.to(device).train()
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -323,7 +340,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             write_checkpoint(cfg.out, step, tensors, {
                 "config": cfg.to_json(), "optimizer": opt_rest, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": states,
-                "world_size": world, "history": history,
+                "world_size": world, "history": history, "model": model_record(model),
             })
         if world > 1:
             dist.barrier()
@@ -349,7 +366,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
                 f"({elapsed:.0f}s)  per-class IoU {per_class}{' ...' if num_classes > 20 else ''}")
         return m
 
-    log(f"training SegFormer-{cfg.model.upper()} on {cfg.data} ({len(train_set)} train / {len(val_set)} val, "
+    label = cfg.model.upper() if setr_model else f"SegFormer-{cfg.model.upper()}"
+    log(f"training {label} on {cfg.data} ({len(train_set)} train / {len(val_set)} val, "
         f"{num_classes} classes), crop {cfg.crop}, batch {cfg.batch}x{cfg.accum}x{world}, lr {lr:g}, "
         f"{cfg.steps} steps, device {device}, backend {model.backend}, memory {cfg.memory}, amp {cfg.amp}")
     elapsed0 = history[-1]["time_s"] if history else 0.0
@@ -368,8 +386,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             ctx = net.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = net(images)
-                    loss = model.loss(logits.float(), labels) / cfg.accum
+                    if setr_model:  # main + 0.4 x auxiliary CE, fused with the upsampling
+                        loss = net(images, labels=labels).loss / cfg.accum
+                    else:
+                        logits = net(images)
+                        loss = model.loss(logits.float(), labels) / cfg.accum
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
@@ -395,7 +416,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             checkpoint(done)
     bar.close()
     if main and end == cfg.steps:
-        save_weights(model, os.path.join(cfg.out, "model.safetensors"))
+        save_model(model, os.path.join(cfg.out, "model.safetensors"))
         log(f"wrote {os.path.join(cfg.out, 'model.safetensors')}")
     if world > 1:
         dist.barrier()

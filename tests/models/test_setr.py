@@ -160,6 +160,48 @@ def test_setr_loss_combines_heads():
                                F.cross_entropy(main, labels, ignore_index=255))
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_forward_with_labels_fused_loss(decoder):
+    """model(x, labels).loss is setr_loss of the full-resolution outputs, from low-resolution logits."""
+    ref = tiny(decoder, "torch")
+    fast = tiny(decoder, "auto")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 40, 56)  # padded to 48 x 64: the padding must add no loss
+    labels = torch.randint(0, K, (2, 40, 56))
+    labels[1, :, :7] = 255
+    literal = sf.setr_loss(ref.train()(x), labels)
+    literal.backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    ref.zero_grad()
+    out_ref = ref(x, labels)  # the reference backend computes it literally, at the input size
+    torch.testing.assert_close(out_ref.loss, literal)
+    assert out_ref.logits.shape == (2, K, 40, 56)
+    out = fast.train()(x, labels)
+    assert out.logits.shape[-2:] != (40, 56)  # the heads' own resolution: nothing full-size was built
+    assert all(a.shape[-1] <= 32 for a in out.aux_logits) and len(out.aux_logits) == len(fast.aux_heads)
+    torch.testing.assert_close(out.loss, literal, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    fp = dict(fast.named_parameters())
+    for name, g in grads.items():
+        torch.testing.assert_close(fp[name].grad, g, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # eval with labels: main head only, logits at the input size
+        ev = fast.eval()(x, labels)
+        torch.testing.assert_close(ev.loss, F.cross_entropy(fast(x), labels, ignore_index=255), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"labels must be \(B, H, W\)"):
+        fast(x, labels[:, :-1])
+    with pytest.raises(TypeError, match="integer"):
+        fast(x, labels.float())
+
+
+def test_fused_loss_saves_no_full_resolution_tensor():
+    model = tiny("pup", "auto").train()
+    x, labels = torch.randn(1, 3, 64, 64), torch.randint(0, K, (1, 64, 64))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        model(x, labels).loss.backward()
+    assert shapes and not any(len(s) == 4 and s[1] == K and s[-2:] == (64, 64) for s in shapes), shapes
+
+
 def test_bad_input_raises():
     model = tiny("pup")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
