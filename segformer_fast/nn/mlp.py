@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.mlp_gelu import mlp_gelu
+from ._autocast import fp32_under_autocast
 
 __all__ = ["Mlp", "FusedMlp"]
 
@@ -45,6 +46,7 @@ class FusedMlp(Mlp):
             raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
         self.memory = memory
 
+    @fp32_under_autocast
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
         if self.training and self.drop.p > 0:

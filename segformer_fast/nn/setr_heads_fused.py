@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.conv_bn_relu_up import conv_bn_relu_up
+from ._autocast import fp32_under_autocast
 from .setr_heads import ConvBNReLU, MLANeck, SETRMLAHead, SETRUpHead, layer_norm_nchw
 
 __all__ = ["FusedConvBNReLU", "FusedSETRUpHead", "FusedMLANeck", "FusedSETRMLAHead"]
@@ -25,6 +26,7 @@ class FusedConvBNReLU(ConvBNReLU):
     """:class:`ConvBNReLU` on the fused op; ``forward(x, cls_weight, cls_bias, upsample)`` can fold in
     a 1x1 classifier (applied before the upsample) and leave the upsample to the caller."""
 
+    @fp32_under_autocast
     def forward(self, x: torch.Tensor, cls_weight: torch.Tensor | None = None, cls_bias: torch.Tensor | None = None,
                 upsample: bool = True) -> torch.Tensor:
         bn = self.bn

@@ -151,8 +151,8 @@ def register(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="train SegFormer or SETR (default: built-in synthetic data, no download)",
-        description="Train SegFormer or SETR on the built-in synthetic dataset or a dataset folder (ADE20K, Cityscapes or "
-        "images/ + masks/ layouts). Runs on one device, or one process per device under "
+        description="Train SegFormer or SETR on the built-in synthetic dataset or a dataset folder (ADE20K, "
+        "Cityscapes or images/ + masks/ layouts). Runs on one device, or one process per device under "
         "`torchrun --nproc_per_node N` (DistributedDataParallel, SyncBatchNorm). Checkpoints go to --out; "
         "--resume DIR continues exactly.",
     )

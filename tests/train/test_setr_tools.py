@@ -64,9 +64,8 @@ def test_tiny_config_taps_are_valid():
     assert cfg.mla_indices == (0, 1, 2, 3) and cfg.aux_indices == (1, 1, 2)
 
 
-# autocast runs on the reference backend: the fused ViT MLP and conv-BN-ReLU layers do not run under autocast yet
-@pytest.mark.parametrize("model,amp,accum,backend", [("setr-naive", "none", 2, None), ("setr-pup", "bf16", 1, "torch"),
-                                                     ("setr-mla-b16", "fp16", 2, "torch")])
+@pytest.mark.parametrize("model,amp,accum,backend", [("setr-naive", "none", 2, None), ("setr-pup", "bf16", 1, None),
+                                                     ("setr-mla-b16", "fp16", 2, "torch"), ("setr-mla", "bf16", 2, None)])
 def test_train_each_decoder_updates_every_head(tmp_path, model, amp, accum, backend):
     cfg = _cfg(tmp_path, model, amp=amp, accum=accum, batch=4 // accum, steps=8, val_every=8, lr=2e-3,
                backend=backend)
