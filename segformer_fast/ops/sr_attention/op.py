@@ -322,7 +322,8 @@ torch.library.register_autograd("segformer_fast::sr_attention", _backward, setup
 # public API
 
 
-def _validate(x, hw, num_heads, sr, w, eps):
+def _validate_tokens(x, hw, num_heads, sr):
+    """The checks on x, hw, num_heads and sr (what a caller owning validated weights still needs)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"sr_attention: x must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -344,6 +345,11 @@ def _validate(x, hw, num_heads, sr, w, eps):
         raise ValueError(f"sr_attention: sr must be >= 1, got {sr}")
     if min(reduced_size(tuple(hw), sr)) < 1:
         raise ValueError(f"sr_attention: a {hw[0]}x{hw[1]} map is smaller than one {sr}x{sr} reduction patch")
+
+
+def _validate(x, hw, num_heads, sr, w, eps):
+    _validate_tokens(x, hw, num_heads, sr)
+    c = x.shape[2]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         raise ValueError(f"sr_attention: eps must be a non-negative float, got {eps!r}")
     shapes = {"q_weight": (c, c), "k_weight": (c, c), "v_weight": (c, c), "proj_weight": (c, c),
@@ -363,6 +369,20 @@ def _validate(x, hw, num_heads, sr, w, eps):
             raise ValueError(f"sr_attention: {name} must have shape {shapes[name]}, got {tuple(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
             raise TypeError(f"sr_attention: {name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}")
+
+
+def sr_attention_inference(x: torch.Tensor, hw: tuple[int, int], num_heads: int, sr: int, weights: dict,
+                           eps: float, backend: str) -> torch.Tensor:
+    """The forward alone, no autograd, for a caller whose weights are already checked (a module's own).
+
+    Checks x, hw, num_heads, sr and that x matches the weights' dtype and device; ``weights`` maps
+    every name of ``_WEIGHT_NAMES`` to its tensor or None; ``backend`` is already validated.
+    """
+    _validate_tokens(x, hw, num_heads, sr)
+    q = weights["q_weight"]
+    if x.dtype != q.dtype or x.device != q.device:
+        raise TypeError(f"sr_attention: x is {x.dtype} on {x.device}; the weights are {q.dtype} on {q.device}")
+    return _fwd(x.contiguous(), tuple(hw), num_heads, sr, weights, float(eps), _resolve(backend, x.device.type))[0]
 
 
 def sr_attention(
