@@ -88,7 +88,7 @@ class ViTEncoder(nn.Module):
         for i, block in enumerate(self.blocks[: last + 1]):
             x = block(x)
             if i in indices:
-                feats[i] = x[:, skip:].transpose(1, 2).reshape(b, c, h, w)
+                feats[i] = x[:, skip:].reshape(b, h, w, c).permute(0, 3, 1, 2)  # a channels-last view
         return feats
 
 

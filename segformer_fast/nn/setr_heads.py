@@ -21,9 +21,11 @@ from torch import nn
 __all__ = ["ConvBNReLU", "SETRUpHead", "MLANeck", "SETRMLAHead", "ClassifierHead", "layer_norm_nchw"]
 
 
-def layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+def layer_norm_nchw(norm: nn.LayerNorm, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """LayerNorm over the channels of a (B, C, H, W) map; contiguous NCHW out, or with
+    ``channels_last`` the LayerNorm's own (B, H, W, C) result seen as (B, C, H, W) (no copy)."""
+    y = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return y if channels_last else y.contiguous()
 
 
 class ConvBNReLU(nn.Module):

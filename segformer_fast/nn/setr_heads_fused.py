@@ -45,7 +45,7 @@ class FusedSETRUpHead(SETRUpHead):
     def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         """As :class:`SETRUpHead`; ``upsample=False`` returns the logits before the last stage's
         upsample (the resolution a fused upsampling loss wants)."""
-        x = layer_norm_nchw(self.norm, x)
+        x = layer_norm_nchw(self.norm, x, channels_last=True)  # the convs run channels-last from here
         for up in self.up_convs[:-1]:
             x = up(x)
         return self.up_convs[-1](x, self.conv_seg.weight, self.conv_seg.bias, upsample)  # classifier, then upsample
@@ -53,6 +53,15 @@ class FusedSETRUpHead(SETRUpHead):
 
 class FusedMLANeck(MLANeck):
     conv_module = FusedConvBNReLU
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        proj = [conv(layer_norm_nchw(norm, x, channels_last=True))
+                for x, norm, conv in zip(feats, self.norm, self.channel_proj)]
+        outs, acc = [], None
+        for p, conv in zip(proj[::-1], self.feat_extract):  # top-down: p4, p4 + p3, ...
+            acc = p if acc is None else acc + p
+            outs.append(conv(acc))
+        return outs
 
 
 class FusedSETRMLAHead(SETRMLAHead):
