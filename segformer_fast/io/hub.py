@@ -59,7 +59,7 @@ def _weight_files(directory: str) -> list[str]:
 
 def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = None, backend: str | None = None,
                     strict: bool = True, **overrides):
-    """A SegFormer with pretrained weights.
+    """A SegFormer (or a SETR saved by ``save_weights``) with pretrained weights.
 
     Args:
         name_or_path: a local Hugging Face-format directory (config.json + model.safetensors /
@@ -71,7 +71,7 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
         backend: as in :func:`segformer_fast.segformer`.
         **overrides: SegFormerConfig fields to change (e.g. drop_path_rate).
     Returns:
-        A SegFormer in eval mode.
+        A SegFormer (a SETR for a file whose metadata says so) in eval mode.
 
     Example:
         >>> model = segformer_fast.from_pretrained("./segformer-b0-finetuned-ade-512-512")
@@ -84,6 +84,8 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
         _, metadata = read_state_dict(path)
         if "config" not in metadata:
             raise ValueError(f"{path!r} carries no model config; build the model with segformer() and use load_weights")
+        if metadata.get("architecture") == "setr":
+            return _setr_from_file(path, metadata, num_classes, backend, strict, overrides)
         cfg = SegFormerConfig.from_dict(json.loads(metadata["config"]))
         if num_classes is not None:
             cfg = cfg.replace(num_classes=num_classes)
@@ -102,6 +104,20 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
         for f in files:
             merged.update(read_state_dict(f)[0])
         load_weights(model, merged, strict=strict)
+    return model.eval()
+
+
+def _setr_from_file(path: str, metadata: dict, num_classes, backend, strict: bool, overrides: dict):
+    from ..backends import default_backend
+    from ..configs import SETRConfig
+    from ..models.setr import SETR
+    from .setr_weights import load_setr_weights
+
+    cfg = SETRConfig.from_dict({**json.loads(metadata["config"]), **overrides,
+                                **({} if num_classes is None else {"num_classes": num_classes})})
+    model = SETR(cfg, backend=default_backend() if backend is None else backend,
+                 aux=json.loads(metadata.get("aux", "true")))
+    load_setr_weights(model, path, strict=strict)
     return model.eval()
 
 

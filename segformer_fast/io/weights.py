@@ -481,14 +481,24 @@ def save_weights(model, path: str | os.PathLike, layout: str = "native") -> None
 
     The native layout stores the model config in the file's metadata, so
     ``segformer_fast.from_pretrained(path)`` rebuilds the same model (LayerNorm epsilons included).
+    A SETR is written in the native layout only, with ``architecture`` "setr", its SETRConfig and
+    whether it has auxiliary heads.
     """
     from safetensors.torch import save_file
+
+    from ..models.setr import SETR
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_weights writes safetensors; the path must end in .safetensors, got {path!r}")
-    tensors = export_state_dict(model, layout)
     metadata = {"format": "pt", "producer": _FORMAT_TAG, "layout": layout}
+    if isinstance(model, SETR):
+        if layout != "native":
+            raise ValueError(f"a SETR is saved in the native layout only, got layout={layout!r}")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        metadata.update(architecture="setr", aux=json.dumps(model.aux))
+    else:
+        tensors = export_state_dict(model, layout)
     if layout == "native":
         metadata["config"] = json.dumps(model.config.to_dict())
     with atomic_path(path, ".safetensors") as tmp:

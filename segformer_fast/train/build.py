@@ -10,7 +10,6 @@ A built model is recorded as {"architecture": "segformer" | "setr", "config": it
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 import torch
@@ -135,48 +134,15 @@ def load_native(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's weights and record to a .safetensors file, atomically.
+    """Write the model's weights, architecture and config to a .safetensors file, atomically
+    (``save_weights``; :func:`load_model_file` and ``from_pretrained`` read it back)."""
+    from ..io.weights import save_weights
 
-    A SegFormer goes through ``save_weights`` (``from_pretrained`` reads it back); a SETR gets the
-    same native layout with ``architecture`` "setr" and its ``SETRConfig`` in the metadata
-    (:func:`load_model_file` reads both).
-    """
-    if not is_setr(model):
-        from ..io.weights import save_weights
-
-        save_weights(model, path)
-        return
-    from safetensors.torch import save_file
-
-    from ..utils.atomic import atomic_path
-
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"save_model writes safetensors; the path must end in .safetensors, got {path!r}")
-    record = model_record(model)
-    metadata = {"format": "pt", "producer": "segformer_fast", "layout": "native", "architecture": "setr",
-                "config": json.dumps(record["config"]), "aux": json.dumps(record["aux"])}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    save_weights(model, path)
 
 
 def load_model_file(path: str, num_classes: int | None = None, backend: str | None = None) -> nn.Module:
-    """The model in a .safetensors written by :func:`save_model` (a SETR) or ``save_weights``, in eval mode."""
+    """The model in a .safetensors written by :func:`save_model` / ``save_weights`` (SegFormer or SETR), in eval mode."""
     from ..io.hub import from_pretrained
-    from ..io.weights import read_state_dict
 
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        if metadata.get("architecture") == "setr":
-            config = json.loads(metadata["config"])
-            if num_classes is not None:
-                config["num_classes"] = num_classes
-            net = model_from_record({"architecture": "setr", "config": config,
-                                     "aux": json.loads(metadata.get("aux", "true"))}, backend)
-            load_into(net, read_state_dict(path)[0])
-            return net.eval()
     return from_pretrained(path, num_classes=num_classes, backend=backend)

@@ -323,6 +323,25 @@ def test_native_round_trip_and_aux_free_model():
         sf.load_setr_weights(sf.segformer("b0"), src.state_dict())
 
 
+@pytest.mark.parametrize("decoder,aux", [("pup", True), ("mla", False)])
+def test_save_weights_from_pretrained_round_trip(tmp_path, decoder, aux):
+    model = tiny(decoder, "auto", aux=aux).eval()
+    _randomise_bn(model)
+    path = tmp_path / "setr.safetensors"
+    sf.save_weights(model, path)
+    back = sf.from_pretrained(path)
+    assert isinstance(back, sf.SETR) and back.config == model.config and back.aux == aux and not back.training
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    wider = sf.from_pretrained(path, num_classes=K + 2, strict=False)
+    assert wider.config.num_classes == K + 2
+    with pytest.raises(CheckpointMismatchError):
+        sf.from_pretrained(path, num_classes=K + 2)
+    with pytest.raises(ValueError, match="native layout only"):
+        sf.save_weights(model, tmp_path / "x.safetensors", layout="hf5")
+
+
 def test_timm_model_interop():
     timm = pytest.importorskip("timm", reason="optional: timm checks the timm key layout against a real model")
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, depth=2, embed_dim=64,
