@@ -36,12 +36,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..backends import validate_backend
 from ..ops.upsample_sum.op import upsample_sum_nhwc
+from ..utils.distributed import all_reduce_sum, default_group, sync_batch_stats
 from .decode_head import AllMLPDecoder
 from ._autocast import fp32_under_autocast
 
@@ -67,20 +67,6 @@ class _TrainCfg:
     group: object  # process group for SyncBatchNorm semantics, or None
 
 
-def _sync_stats(mean, var, count, group):
-    # All ranks' (mean, biased var, count), combined exactly: the global batch's statistics.
-    D = mean.numel()
-    stats = torch.cat([mean, var, mean.new_full((1,), float(count))])
-    gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, stats, group=group)
-    stats = torch.stack(gathered)  # (world, 2D + 1)
-    means, variances, counts = stats[:, :D], stats[:, D : 2 * D], stats[:, 2 * D :]
-    total = counts.sum()
-    gmean = (means * counts).sum(0) / total
-    gvar = ((variances + (means - gmean) ** 2) * counts).sum(0) / total
-    return gmean, gvar, int(total.item())
-
-
 class _FusedDecoderTrain(torch.autograd.Function):
     """features, folded weights, BN affine, classifier -> (logits (B, K, H, W), batch mean, unbiased var)."""
 
@@ -98,7 +84,7 @@ class _FusedDecoderTrain(torch.autograd.Function):
         var, mean = torch.var_mean(u2.float(), dim=0, correction=0)
         count = u2.shape[0]
         if cfg.group is not None:
-            mean, var, count = _sync_stats(mean, var, count, cfg.group)
+            mean, var, count = sync_batch_stats(mean, var, count, cfg.group)
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")
         invstd = torch.rsqrt(var + cfg.eps)
@@ -141,9 +127,7 @@ class _FusedDecoderTrain(torch.autograd.Function):
         dgamma = sum_gx.clone() if needs[3 * n] else None
         dbeta = sum_g.clone() if needs[3 * n + 1] else None
         if cfg.group is not None:
-            both = torch.stack([sum_g, sum_gx])
-            dist.all_reduce(both, group=cfg.group)
-            sum_g, sum_gx = both[0], both[1]
+            sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
         gscale = invstd if gamma is None else gamma.float() * invstd
         # BN backward: dL/du = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in place on g.
         gu = g.sub_(xhat.mul_(sum_gx / ctx.count)).sub_(sum_g / ctx.count).mul_(gscale)
@@ -250,9 +234,7 @@ class FusedAllMLPDecoder(AllMLPDecoder):
         return self._eval_cache[1]
 
     def _group(self):
-        if self.sync_bn and dist.is_available() and dist.is_initialized():
-            return self.process_group if self.process_group is not None else dist.group.WORLD
-        return None
+        return default_group(self.sync_bn, self.process_group)
 
     @fp32_under_autocast
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

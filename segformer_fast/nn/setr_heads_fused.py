@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.conv_bn_relu_up import conv_bn_relu_up
+from ..utils.distributed import default_group
 from ._autocast import fp32_under_autocast
 from .setr_heads import ConvBNReLU, MLANeck, SETRMLAHead, SETRUpHead, layer_norm_nchw
 
@@ -24,7 +25,17 @@ __all__ = ["FusedConvBNReLU", "FusedSETRUpHead", "FusedMLANeck", "FusedSETRMLAHe
 
 class FusedConvBNReLU(ConvBNReLU):
     """:class:`ConvBNReLU` on the fused op; ``forward(x, cls_weight, cls_bias, upsample)`` can fold in
-    a 1x1 classifier (applied before the upsample) and leave the upsample to the caller."""
+    a 1x1 classifier (applied before the upsample) and leave the upsample to the caller.
+
+    In training under torch.distributed the batch statistics are those of every rank
+    (nn.SyncBatchNorm semantics, on CPU with gloo too); set ``sync_bn = False`` for per-rank ones,
+    or ``process_group`` to sync over a subgroup.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sync_bn = True
+        self.process_group = None
 
     @fp32_under_autocast
     def forward(self, x: torch.Tensor, cls_weight: torch.Tensor | None = None, cls_bias: torch.Tensor | None = None,
@@ -36,6 +47,7 @@ class FusedConvBNReLU(ConvBNReLU):
             x, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=self.training,
             momentum=bn.momentum, eps=bn.eps, scale=self.scale if upsample else 1,
             cls_weight=cls_weight, cls_bias=cls_bias, num_batches_tracked=bn.num_batches_tracked,
+            group=default_group(self.sync_bn, self.process_group) if self.training else None,
         )
 
 

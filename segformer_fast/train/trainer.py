@@ -286,10 +286,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             warnings.warn("nn.SyncBatchNorm needs a GPU; the reference decoder's BatchNorm uses per-rank statistics "
-                          "on CPU (the fused decoder of other backends syncs on CPU too)", stacklevel=2)
-    elif world > 1 and setr_model:
-        warnings.warn("SETR's fused heads use per-rank BatchNorm statistics under DDP; --backend torch on GPU "
-                      "uses SyncBatchNorm", stacklevel=2)
+                          "on CPU (the fused decoders and heads of other backends sync on CPU too)", stacklevel=2)
     model.to(device).train()
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model

@@ -27,29 +27,50 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...utils.distributed import all_reduce_sum, sync_batch_stats
+
 __all__ = ["conv_bn_relu_up", "IMPLEMENTED"]
 
 IMPLEMENTED = ("torch",)
 
 
+def _synced_batch_norm(y, bn_weight, bn_bias, eps, group):
+    """BatchNorm of y with the batch statistics of every rank in ``group``: (z, mean, invstd, count)."""
+    acc = torch.promote_types(y.dtype, torch.float32)  # statistics in fp32 at least
+    var, mean = torch.var_mean(y.transpose(0, 1).reshape(y.shape[1], -1).to(acc), dim=1, correction=0)
+    mean, var, count = sync_batch_stats(mean, var, y.numel() // y.shape[1], group)
+    invstd = torch.rsqrt(var + eps)
+    shape = (1, -1, 1, 1)
+    z = (y - mean.to(y.dtype).view(shape)) * (invstd * bn_weight.to(acc)).to(y.dtype).view(shape) + bn_bias.view(shape)
+    return z, mean, invstd, count
+
+
 class _ConvBNReLUFunction(torch.autograd.Function):
-    """(x, W, gamma, beta[, W_cls, b_cls]) -> ReLU(BN_batch(conv(x))) [-> 1x1 conv], keeping x only."""
+    """(x, W, gamma, beta[, W_cls, b_cls]) -> ReLU(BN_batch(conv(x))) [-> 1x1 conv], keeping x only.
+
+    Also returns the batch mean, invstd and the values per channel behind them (all ranks' with a
+    process group: SyncBatchNorm semantics, the input gradient's BN reductions all-reduced too).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias):
+    def forward(ctx, x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias, group):
         pad = weight.shape[-1] // 2
         y = F.conv2d(x, weight, None, padding=pad)  # (B, C_out, H, W)
-        z, mean, invstd = torch.native_batch_norm(y, bn_weight, bn_bias, None, None, True, 0.0, eps)
+        if group is None:
+            z, mean, invstd = torch.native_batch_norm(y, bn_weight, bn_bias, None, None, True, 0.0, eps)
+            count = y.numel() // y.shape[1]
+        else:
+            z, mean, invstd, count = _synced_batch_norm(y, bn_weight, bn_bias, eps, group)
         del y
         z = z.relu_()
         out = z if cls_weight is None else F.conv2d(z, cls_weight, cls_bias)
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, cls_weight)
-        ctx.eps, ctx.pad, ctx.has_cls_bias = eps, pad, cls_bias is not None
+        ctx.eps, ctx.pad, ctx.has_cls_bias, ctx.group, ctx.count = eps, pad, cls_bias is not None, group, count
         ctx.mark_non_differentiable(mean, invstd)
-        return out, mean, invstd
+        return out, mean, invstd, count
 
     @staticmethod
-    def backward(ctx, dout, _dmean, _dinvstd):
+    def backward(ctx, dout, _dmean, _dinvstd, _dcount):
         x, weight, bn_weight, bn_bias, mean, invstd, cls_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         y = F.conv2d(x, weight, None, padding=ctx.pad)  # recomputed
@@ -66,12 +87,21 @@ class _ConvBNReLUFunction(torch.autograd.Function):
             dz = dout.contiguous()
         dz = dz * (z > 0)
         del z
-        dy, gg, gb = torch.ops.aten.native_batch_norm_backward(
-            dz, y, bn_weight, None, None, mean, invstd, True, ctx.eps, [True, need[2], need[3]])
+        if ctx.group is None:
+            dy, gg, gb = torch.ops.aten.native_batch_norm_backward(
+                dz, y, bn_weight, None, None, mean, invstd, True, ctx.eps, [True, need[2], need[3]])
+        else:  # SyncBatchNorm's backward: this rank's sums give gamma/beta; the input needs the global ones
+            xhat = (y - mean.to(y.dtype).view(shape)) * invstd.to(y.dtype).view(shape)
+            sum_dz, sum_dz_xhat = dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
+            gg, gb = sum_dz_xhat.clone(), sum_dz.clone()
+            g_dz, g_dz_xhat = all_reduce_sum([sum_dz, sum_dz_xhat], ctx.group)
+            dy = (dz - (g_dz / ctx.count).view(shape) - xhat * (g_dz_xhat / ctx.count).view(shape)) \
+                * (bn_weight * invstd.to(y.dtype)).view(shape)
+            del xhat
         del dz
         dx, dw, _ = torch.ops.aten.convolution_backward(
             dy, x, weight, None, [1, 1], [ctx.pad, ctx.pad], [1, 1], False, [0, 0], 1, [need[0], need[1], False])
-        return dx, dw, gg if need[2] else None, gb if need[3] else None, None, gcw, gcb
+        return dx, dw, gg if need[2] else None, gb if need[3] else None, None, gcw, gcb, None
 
 
 def _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps):
@@ -94,6 +124,7 @@ def conv_bn_relu_up(
     cls_weight: torch.Tensor | None = None,
     cls_bias: torch.Tensor | None = None,
     num_batches_tracked: torch.Tensor | None = None,
+    group=None,
 ) -> torch.Tensor:
     """The fused stage; same arguments and result as :func:`conv_bn_relu_up_reference`.
 
@@ -104,6 +135,8 @@ def conv_bn_relu_up(
         scale: integer bilinear upsampling factor (1: none).
         cls_weight: optional (K, C_out, 1, 1) classifier and cls_bias (K,), applied before the
             upsample (rewrite 2). num_batches_tracked: BatchNorm's counter, incremented in training.
+        group: a torch.distributed process group: batch statistics over all its ranks, as
+            nn.SyncBatchNorm (works on CPU with gloo too); None: this process's batch only.
     Returns:
         (B, C_out or K, H*scale, W*scale).
 
@@ -119,9 +152,9 @@ def conv_bn_relu_up(
     if cls_weight is not None and tuple(cls_weight.shape[1:]) != (weight.shape[0], 1, 1):
         raise ValueError(f"conv_bn_relu_up: cls_weight must be (K, {weight.shape[0]}, 1, 1), got {tuple(cls_weight.shape)}")
     if training:
-        out, mean, invstd = _ConvBNReLUFunction.apply(x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias)
+        out, mean, invstd, n = _ConvBNReLUFunction.apply(x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias,
+                                                         group)
         if running_mean is not None:
-            n = x.shape[0] * x.shape[2] * x.shape[3]
             with torch.no_grad():
                 var = (invstd.double().pow(-2) - eps) * (n / max(n - 1, 1))  # unbiased, as BatchNorm keeps
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
