@@ -185,7 +185,10 @@ class SETR(nn.Module):
         """A Naive/PUP head's logits; with ``low_res``, a head whose upsampling ends at the padded
         input size stops before its last upsample (the loss op does that one exactly)."""
         if low_res and isinstance(head, FusedSETRUpHead) and head.up_convs[-1].scale > 1:
-            if math.prod(up.scale for up in head.up_convs) == self.config.patch_size:
+            total = 1
+            for up in head.up_convs:
+                total *= up.scale
+            if total == self.config.patch_size:
                 return head(x, upsample=False)
         return head(x)
 

@@ -193,6 +193,23 @@ def test_forward_with_labels_fused_loss(decoder):
         fast(x, labels.float())
 
 
+@pytest.mark.parametrize("decoder", ["pup", "mla"])
+def test_torch_compile_fullgraph_with_labels_and_in_eval(decoder):
+    model = tiny(decoder, "auto")
+    x, labels = torch.randn(2, 3, 32, 48), torch.randint(0, K, (2, 32, 48))
+    eager = model.train()(x, labels).loss
+    (g_eager,) = torch.autograd.grad(eager, [model.encoder.patch_embed.weight])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, labels).loss
+    (g,) = torch.autograd.grad(loss, [model.encoder.patch_embed.weight])
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_fused_loss_saves_no_full_resolution_tensor():
     model = tiny("pup", "auto").train()
     x, labels = torch.randn(1, 3, 64, 64), torch.randint(0, K, (1, 64, 64))
