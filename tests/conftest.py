@@ -15,3 +15,25 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """``torchrun(source)``: run a Python script under torch.distributed.run with 2 CPU processes.
+
+    The script gets ``tmp_path`` as its first argument (to write its results there); the run must
+    succeed (its output tails are shown otherwise).
+    """
+    import subprocess
+    import sys
+
+    def run(source: str, nproc: int = 2, timeout: int = 240) -> None:
+        driver = tmp_path / "driver.py"
+        driver.write_text(source)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(driver), str(tmp_path)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    return run

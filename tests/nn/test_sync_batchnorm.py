@@ -6,9 +6,6 @@ reference modules give on the whole batch in one process: outputs, input gradien
 gradients summed over the ranks (what DDP all-reduces) and BatchNorm running statistics.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -67,18 +64,12 @@ def _cases():
     return cases
 
 
-def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
+def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path, torchrun):
     cases = _cases()
     data = {name: dict(state={k: v.clone() for k, v in m.state_dict().items()}, inputs=inputs, grad=grad, **spec)
             for name, (m, spec, inputs, grad) in cases.items()}
     torch.save(data, tmp_path / "inputs.pt")
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(DRIVER)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (ref, _, inputs, grad) in cases.items():
         ref.train()

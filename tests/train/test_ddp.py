@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -20,14 +17,8 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_two_gloo_processes_keep_identical_weights(tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_two_gloo_processes_keep_identical_weights(tmp_path, torchrun):
+    torchrun(DRIVER)
     a = torch.load(tmp_path / "rank0.pt")
     b = torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys()

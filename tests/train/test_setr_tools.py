@@ -1,8 +1,5 @@
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -209,14 +206,8 @@ DDP_DRIVER = textwrap.dedent("""
 """)
 
 
-def test_ddp_trains_setr_mla_in_step(tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DDP_DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_ddp_trains_setr_mla_in_step(tmp_path, torchrun):
+    torchrun(DDP_DRIVER)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys() and "encoder.cls_token" in a
     for k in a:  # DDP all-reduces every gradient, the auxiliary heads' included
