@@ -110,6 +110,46 @@ def run(benchmark, fn, device: torch.device, *, provider: str, case: str, saved:
                              device=device_name(device)))
 
 
+def run_interleaved(benchmark, fns: dict, device: torch.device, *, case: str, rounds: int = 15,
+                    min_seconds: float = 0.02) -> dict[str, float]:
+    """Time several providers alternately (round r runs each once, in turn) and record the medians.
+
+    For short calls whose ratio matters more than their absolute time: load that drifts during the
+    run hits every provider alike. Each round times a batch of calls lasting about ``min_seconds``.
+    Under ``--benchmark-disable`` one round of one call each (a smoke test). Returns median seconds.
+    """
+    import statistics
+    import time
+
+    smoke = getattr(benchmark, "disabled", False)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+
+    def loop():
+        for f in fns.values():  # warm-up, and the batch size from one timed call
+            f()
+        sync(device)
+        t0 = time.perf_counter()
+        next(iter(fns.values()))()
+        sync(device)
+        n = 1 if smoke else max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+        for _ in range(1 if smoke else rounds):
+            for name, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f()
+                sync(device)
+                times[name].append((time.perf_counter() - t0) / n)
+
+    benchmark.extra_info.update(case=case, providers=list(fns), interleaved=True)
+    benchmark.pedantic(loop, rounds=1, iterations=1)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    benchmark.extra_info.update({f"median_s_{k}": v for k, v in medians.items()})
+    if not smoke:
+        for name, med in medians.items():
+            _RECORDS.append(dict(case=case, provider=name, median_s=med, saved_bytes=None, device=device_name(device)))
+    return medians
+
+
 _PROVIDER_CACHE: dict = {}
 
 

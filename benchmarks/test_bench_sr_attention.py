@@ -9,6 +9,10 @@ the input x included for every provider alike).
   implementation ("hf"), all holding the same weights.
 - ``op`` level: segformer_fast.ops.sr_attention ("fast") vs the eager oracle
   sr_attention_reference ("reference": explicit scores and softmax).
+- ``module-interleaved``: the module forward of fast, reference and hf timed alternately in one
+  loop (15 rounds of ~20 ms batches each), the figure for "at least as fast as Hugging Face's SDPA
+  module at every stage": a few-millisecond call measured three rounds per provider, one provider
+  after another, moves by more than the difference being measured.
 """
 
 import pytest
@@ -18,7 +22,7 @@ from segformer_fast.nn.attention import SpatialReductionAttention
 from segformer_fast.nn.attention_fused import FusedSpatialReductionAttention
 from segformer_fast.ops import sr_attention, sr_attention_reference
 
-from .conftest import PROVIDERS, run, saved_bytes, size_param, skip_unavailable, stage_shapes
+from .conftest import PROVIDERS, run, run_interleaved, saved_bytes, size_param, skip_unavailable, stage_shapes
 
 STAGES = range(4)
 
@@ -99,3 +103,21 @@ def test_sr_attention(benchmark, request, device, provider, level, variant, size
         fn(xg).sum().backward()
 
     run(benchmark, step, device, provider=provider, case=case, saved=saved)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("size", [size_param(512), size_param(1024)])
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_sr_attention_module_fwd_interleaved(benchmark, request, device, variant, size, stage):
+    skip_unavailable("hf", request)
+    s = stage_shapes(variant, size)[stage]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(s["B"], s["N"], s["C"], generator=gen).to(device)
+    fns = {}
+    for provider in ("fast", "reference", "hf"):
+        fn, _ = _callable("module", provider, s, device)
+        fns[provider] = (lambda fn=fn: fn(x))
+    case = f"sr_attention-module-interleaved-{variant}-{size}-stage{s['stage']}-N{s['N']}-M{s['M']}-C{s['C']}-fwd"
+    with torch.no_grad():
+        medians = run_interleaved(benchmark, fns, device, case=case)
+    assert all(m > 0 for m in medians.values())
