@@ -20,11 +20,14 @@ from ..configs import SETRConfig, get_setr_config
 from ..nn.setr_heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUpHead
 from ..nn.setr_heads_fused import FusedMLANeck, FusedSETRMLAHead, FusedSETRUpHead
 from ..nn.vit_block import ViTBlock
-from .segformer import SegFormer, _init_weights, check_image_batch
+from .segformer import SegFormer, _init_weights, _run, check_image_batch
 
 __all__ = ["ViTEncoder", "SETR", "SETROutput", "setr", "setr_loss"]
 
-MEMORY_MODES = ("save", "recompute")  # what the fused MLP keeps for backward (see nn.mlp.FusedMlp)
+# What training keeps for backward: "save" (the fused MLP keeps x and fc1's output), "recompute" (x
+# only, see nn.mlp.FusedMlp), "checkpoint" ("recompute" plus activation checkpointing of every
+# encoder block: each block keeps only its input and reruns its forward in backward).
+MEMORY_MODES = ("save", "recompute", "checkpoint")
 
 
 class SETROutput(NamedTuple):
@@ -59,9 +62,11 @@ class ViTEncoder(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = [cfg.drop_path_rate * k / max(cfg.depth - 1, 1) for k in range(cfg.depth)]
         self.blocks = nn.ModuleList(
-            ViTBlock(c, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, p, cfg.ln_eps, backend, memory)
+            ViTBlock(c, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, p, cfg.ln_eps, backend,
+                     "recompute" if memory == "checkpoint" else memory)
             for p in rates
         )
+        self.checkpoint = memory == "checkpoint"
 
     def position_embedding(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cls part (1, 1, C), grid part (1, h*w, C)), the grid resized bilinearly to h x w if needed."""
@@ -85,8 +90,9 @@ class ViTEncoder(nn.Module):
             skip = 1
         x = self.pos_drop(x)
         feats, last = {}, max(indices)
+        ckpt = self.checkpoint and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks[: last + 1]):
-            x = block(x)
+            x = _run(block, x, checkpointed=ckpt)
             if i in indices:
                 feats[i] = x[:, skip:].reshape(b, h, w, c).permute(0, 3, 1, 2)  # a channels-last view
         return feats
@@ -254,7 +260,9 @@ def setr(decoder: str = "pup", num_classes: int = 150, img_size: int = 512, back
         backend: "auto" (or SEGFORMER_FAST_BACKEND), "torch" (pure reference), "triton", "cuda", "cpp".
         aux: build the auxiliary heads (their logits come back in training).
         variant: the encoder, "vit-l16" (default: 1024 dim, 24 blocks, 16 heads) or "vit-b16".
-        memory: the fused MLP's activation policy, "save" (default) or "recompute".
+        memory: what training keeps for backward: "save" (default), "recompute" or "checkpoint"
+            (see ``MEMORY_MODES``); the fused layers only, the reference backend keeps what eager does
+            (with "checkpoint" it still checkpoints the encoder blocks).
         **overrides: any SETRConfig field, e.g. ``embed_dim=768, depth=12, num_heads=12``.
     Returns:
         A :class:`SETR` (train mode, as nn.Modules start).

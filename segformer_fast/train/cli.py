@@ -178,7 +178,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default steps/20, at most 1500)")
     p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
     p.add_argument("--memory", default=d.memory, choices=segformer_module.MEMORY_MODES,
-                   help="activation memory mode (default save; SETR: save or recompute)")
+                   help="activation memory mode (default save): save, recompute or checkpoint, for SegFormer and SETR")
     p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
     p.add_argument("--weights", default=None, help="initial weights, any layout load_weights reads (backbone-only OK)")
     p.add_argument("--drop-path", type=float, default=None,

@@ -88,7 +88,7 @@ def test_padding_is_zero_fill_then_crop(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("memory", ["save", "recompute"])
+@pytest.mark.parametrize("memory", ["save", "recompute", "checkpoint"])
 def test_fast_matches_reference(decoder, memory):
     ref = tiny(decoder, "torch")
     fast = tiny(decoder, "auto", memory=memory)
@@ -210,6 +210,24 @@ def test_torch_compile_fullgraph_with_labels_and_in_eval(decoder):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_memory_modes_keep_less_and_train_alike():
+    from segformer_fast.utils.memory import SavedTensorRecorder
+
+    x, labels = torch.randn(2, 3, 64, 48), torch.randint(0, K, (2, 64, 48))
+    saved, grads = {}, {}
+    for memory in ("save", "recompute", "checkpoint"):
+        model = tiny("pup", "auto", memory=memory, depth=6).train()
+        with SavedTensorRecorder(list(model.parameters()) + list(model.buffers())) as rec:
+            loss = model(x, labels).loss
+        saved[memory] = rec.bytes
+        loss.backward()
+        grads[memory] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert saved["checkpoint"] < saved["recompute"] < saved["save"], saved
+    for memory in ("recompute", "checkpoint"):
+        for n, g in grads["save"].items():
+            torch.testing.assert_close(grads[memory][n], g, rtol=1e-4, atol=1e-6, msg=f"{memory} {n}")
+
+
 def test_fused_loss_saves_no_full_resolution_tensor():
     model = tiny("pup", "auto").train()
     x, labels = torch.randn(1, 3, 64, 64), torch.randint(0, K, (1, 64, 64))
@@ -234,7 +252,7 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="decoder"):
         sf.setr("fpn")
     with pytest.raises(ValueError, match="memory"):
-        sf.setr("pup", memory="checkpoint", **TINY)
+        sf.setr("pup", memory="bogus", **TINY)
 
 
 # ----- weights -----------------------------------------------------------------------------------

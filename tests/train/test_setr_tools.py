@@ -132,8 +132,8 @@ def test_cli_train_setr_resume_and_evaluate(tmp_path, capsys):
     rc = main(["evaluate", "--data", "synthetic", "--synthetic-size", "40", "--synthetic-val", "2", "--weights",
                str(out), "--scales", "0.3,1.0", "--flip", "--no-progress"])  # 0.3 x 40 = 12 < 16 pixels: padded
     assert rc == 0 and "h-stripes" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="save.*recompute.*checkpoint"):
-        train(_cfg(tmp_path / "bad", memory="checkpoint"))
+    with pytest.raises(ValueError, match="save.*recompute.*checkpoint.*bogus"):
+        train(_cfg(tmp_path / "bad", memory="bogus"))
     with pytest.raises(ValueError, match="setr-pup-b16"):
         train(_cfg(tmp_path / "bad", model="setr-up"))
 
