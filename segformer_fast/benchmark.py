@@ -208,20 +208,27 @@ def _num_classes(providers: dict[str, Provider]) -> int:
 
 
 def format_table(rows: list[BenchRow], baseline: str = "hf") -> str:
-    """A text table: latency, images/s, speed-up vs ``baseline`` and vs reference, saved MiB."""
+    """A text table: latency, images/s, speed-up vs ``baseline`` and vs reference, saved MiB.
+
+    Without a ``baseline`` provider (SETR has no Hugging Face twin) the reference is the baseline
+    and its column appears once.
+    """
     by = {r.provider: r for r in rows}
-    base = by.get(baseline) or by.get("reference")
     ref = by.get("reference")
-    header = f"{'provider':<16}{'mode':<11}{'median ms':>11}{'images/s':>10}{'vs ' + base.provider:>12}{'vs reference':>14}"
+    base = by.get(baseline) or ref
+    bases = [b for b in (base, ref) if b is not None]
+    bases = bases[:1] if len(bases) == 2 and bases[0] is bases[1] else bases
+    header = f"{'provider':<16}{'mode':<11}{'median ms':>11}{'images/s':>10}"
+    header += "".join(f"{'vs ' + b.provider:>15}" for b in bases)
     show_mem = any(r.saved_bytes is not None for r in rows)
     if show_mem:
-        header += f"{'saved MiB':>11}{'saved vs ' + base.provider:>16}"
+        header += f"{'saved MiB':>11}{'saved vs ' + base.provider:>20}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        line = (f"{r.provider:<16}{r.mode:<11}{r.median_s * 1e3:>11.1f}{r.images_per_s:>10.2f}"
-                f"{base.median_s / r.median_s:>11.2f}x{ref.median_s / r.median_s if ref else float('nan'):>13.2f}x")
+        line = f"{r.provider:<16}{r.mode:<11}{r.median_s * 1e3:>11.1f}{r.images_per_s:>10.2f}"
+        line += "".join(f"{b.median_s / r.median_s:>14.2f}x" for b in bases)
         if show_mem:
             ratio = r.saved_bytes / base.saved_bytes if base.saved_bytes else float("nan")
-            line += f"{r.saved_bytes / 2**20:>11.1f}{ratio:>15.2f}x"
+            line += f"{r.saved_bytes / 2**20:>11.1f}{ratio:>19.2f}x"
         lines.append(line)
     return "\n".join(lines)

@@ -43,3 +43,17 @@ def test_entry_point_is_installed():
     proc = subprocess.run([sys.executable, "-m", "segformer_fast.cli", "benchmark", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--train" in proc.stdout and "--model" in proc.stdout
+
+
+def test_benchmark_table_columns():
+    from segformer_fast.benchmark import BenchRow, format_table
+
+    rows = [BenchRow("fast", "train", [0.5], 1, 2**20), BenchRow("reference", "train", [1.0], 1, 4 * 2**20)]
+    table = format_table(rows)  # no Hugging Face row (SETR): the reference is the one baseline
+    header, _, fast, ref = table.splitlines()
+    assert header.split() == ["provider", "mode", "median", "ms", "images/s", "vs", "reference", "saved", "MiB",
+                              "saved", "vs", "reference"]
+    assert fast.split()[4:] == ["2.00x", "1.0", "0.25x"] and ref.split()[4:] == ["1.00x", "4.0", "1.00x"]
+    rows.append(BenchRow("hf", "train", [2.0], 1, 8 * 2**20))
+    header, _, fast, *_ = format_table(rows).splitlines()
+    assert "vs hf" in header and "vs reference" in header and fast.split()[4:6] == ["4.00x", "2.00x"]
