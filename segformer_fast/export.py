@@ -3,7 +3,8 @@
 Fused ops are custom torch.library ops that ONNX has no kernels for, so the exported graph is the
 reference function of the same weights: for a segformer_fast model, a reference-backend twin
 loaded with its state dict; for a patched Hugging Face model, an unpatched copy. The graph takes
-``images`` (B, 3, H, W) and returns ``logits`` (B, K, ceil(H/4), ceil(W/4)).
+``images`` (B, 3, H, W) and returns ``logits`` (B, K, ceil(H/4), ceil(W/4)); a SETR's graph returns
+(B, K, H, W) for H, W in multiples of 16.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _exportable(model: nn.Module) -> nn.Module:
     from .models.segformer import SegFormer
     from .patch import is_patched, unpatch
 
+    from .models.setr import SETR
+
+    if isinstance(model, SETR):
+        twin = SETR(model.config, backend="torch", aux=model.aux)
+        twin.load_state_dict(model.state_dict())
+        return twin.to(next(model.parameters()).device)
     if isinstance(model, SegFormer):
         twin = SegFormer(model.config, backend="torch")
         twin.load_state_dict(model.state_dict())
@@ -43,19 +50,21 @@ def _exportable(model: nn.Module) -> nn.Module:
         if is_patched(hf):
             unpatch(hf)
         return _LogitsOnly(hf)
-    raise TypeError(f"export_onnx supports segformer_fast.SegFormer and transformers "
+    raise TypeError(f"export_onnx supports segformer_fast.SegFormer, segformer_fast.SETR and transformers "
                     f"SegformerForSemanticSegmentation; got {type(model).__name__}")
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = True,
                 example_size: tuple[int, int] = (512, 512), batch: int = 2, dynamic_batch: bool = True) -> str:
-    """Export a SegFormer to ONNX, written atomically.
+    """Export a SegFormer or SETR to ONNX, written atomically.
 
     Args:
-        model: a ``segformer_fast.SegFormer`` (any backend, patched or not) or a (patched)
-            transformers ``SegformerForSemanticSegmentation``. The model itself is not modified.
+        model: a ``segformer_fast.SegFormer`` (any backend, patched or not), a (patched)
+            transformers ``SegformerForSemanticSegmentation``, or a ``segformer_fast.SETR`` (its
+            eval function: (B, K, H, W) logits). The model itself is not modified.
         path: output ``.onnx`` file.
-        dynamic_hw: make height and width dynamic (any size >= 32); else fixed to ``example_size``.
+        dynamic_hw: make height and width dynamic (SegFormer: any size >= 32; SETR: multiples of
+            16, pad the image first); else fixed to ``example_size``.
         example_size: (H, W) of the tracing input.
         batch, dynamic_batch: the tracing batch (2: a batch of 1 would be specialised), and whether
             the batch dimension is dynamic.
@@ -70,6 +79,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as exc:
         raise ImportError("export_onnx needs onnx and onnxscript: pip install onnx onnxscript") from exc
+    from .models.setr import SETR
+
     path = os.fspath(path)
     net = _exportable(model).eval()
     device = next(net.parameters()).device
@@ -77,7 +88,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
     shapes = {}
     if dynamic_batch:
         shapes[0] = torch.export.Dim("batch", min=1, max=1024)
-    if dynamic_hw:
+    if dynamic_hw and isinstance(net, SETR):
+        # SETR pads to multiples of its patch size and crops back; that size arithmetic does not survive
+        # in a graph with free H and W, so the graph takes H, W in multiples of the patch size
+        p = net.config.patch_size
+        if example_size[0] % p or example_size[1] % p:
+            raise ValueError(f"export_onnx: a SETR graph takes H, W in multiples of {p}; example_size={example_size}")
+        shapes[2] = p * torch.export.Dim("height_patches", min=2, max=16384 // p)
+        shapes[3] = p * torch.export.Dim("width_patches", min=2, max=16384 // p)
+    elif dynamic_hw:
         shapes[2] = torch.export.Dim("height", min=32, max=16384)
         shapes[3] = torch.export.Dim("width", min=32, max=16384)
     with atomic_path(path, ".onnx") as tmp, torch.no_grad():

@@ -8,7 +8,6 @@ embedding is interpolated bilinearly when the padded grid differs from img_size 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -72,7 +71,9 @@ class ViTEncoder(nn.Module):
         """(cls part (1, 1, C), grid part (1, h*w, C)), the grid resized bilinearly to h x w if needed."""
         g = self.config.grid_size
         cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        if (h, w) != (g, g):
+        # traced (torch.export / compile) always resizes: exact when the size is the same, and it keeps
+        # the graph free of a branch on the input size (dynamic H, W in an exported graph)
+        if _traced() or (h, w) != (g, g):
             grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
             grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
             grid = grid.flatten(2).transpose(1, 2)
@@ -162,7 +163,7 @@ class SETR(nn.Module):
             _check_setr_labels(images, labels)
         h, w = images.shape[-2:]
         p = self.config.patch_size
-        hp, wp = math.ceil(h / p) * p, math.ceil(w / p) * p
+        hp, wp = h + (-h) % p, w + (-w) % p  # rounded up to multiples of p (written so a shape solver sees hp >= h)
         if (hp, wp) != (h, w):
             images = F.pad(images, (0, wp - w, 0, hp - h))  # zeros at the bottom and right
         want_aux = self.training and len(self.aux_heads) > 0
@@ -212,6 +213,11 @@ class SETR(nn.Module):
     def extra_repr(self) -> str:
         return (f"encoder={self.config.name}, decoder={self.config.decoder!r}, num_classes={self.config.num_classes}, "
                 f"backend={self.backend!r}, memory={self.memory!r}, aux={self.aux}")
+
+
+def _traced() -> bool:
+    """Under torch.compile or torch.export (strict or not)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _to_input(logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:

@@ -228,6 +228,24 @@ def test_memory_modes_keep_less_and_train_alike():
             torch.testing.assert_close(grads[memory][n], g, rtol=1e-4, atol=1e-6, msg=f"{memory} {n}")
 
 
+@pytest.mark.parametrize("decoder", ["pup", "mla"])
+def test_export_onnx_dynamic_multiples_of_16(tmp_path, decoder):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = tiny(decoder, "auto").eval()  # fused model: the graph is its reference twin
+    _randomise_bn(model)
+    path = sf.export_onnx(model, tmp_path / "setr.onnx", example_size=(64, 80))
+    sess = ort.InferenceSession(str(path))
+    for hw in [(64, 80), (48, 48), (32, 112)]:  # 48 and 32 x 112: the position embedding is resized
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sf.export_onnx(model, tmp_path / "bad.onnx", example_size=(64, 70))
+
+
 def test_fused_loss_saves_no_full_resolution_tensor():
     model = tiny("pup", "auto").train()
     x, labels = torch.randn(1, 3, 64, 64), torch.randint(0, K, (1, 64, 64))
