@@ -86,4 +86,4 @@ class FusedSETRMLAHead(SETRMLAHead):
         for i, (x, (first, second)) in enumerate(zip(feats, self.up_convs)):
             z = second(first(x), w[:, i * d:(i + 1) * d], b if i == 0 else None, upsample=False)  # (B, K, h, w)
             acc = z if acc is None else acc + z
-        return F.interpolate(acc, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return F.interpolate(acc.contiguous(), scale_factor=self.scale, mode="bilinear", align_corners=False)

@@ -112,7 +112,9 @@ def test_fast_matches_reference(decoder, memory):
     for (name, a), b in zip(ref.named_buffers(), fast.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(fast.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+        out = fast.eval()(x)
+        torch.testing.assert_close(out, ref.eval()(x), rtol=1e-4, atol=1e-4)
+    assert out.is_contiguous()  # NCHW like the reference (the heads run channels-last inside)
 
 
 @pytest.mark.parametrize("decoder", ["naive", "pup"])

@@ -166,6 +166,8 @@ def conv_bn_relu_up(
         out = F.conv2d(x, w, b, padding=weight.shape[-1] // 2).relu_()
         if cls_weight is not None:
             out = F.conv2d(out, cls_weight, cls_bias)
+    if cls_weight is not None:  # logits: upsampled from (and so returned in) the usual NCHW layout; a
+        out = out.contiguous()  # copy of K channels at the low resolution, the upsample is as fast in NCHW
     if scale > 1:
         out = F.interpolate(out, scale_factor=scale, mode="bilinear", align_corners=False)
     return out
