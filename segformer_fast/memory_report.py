@@ -31,7 +31,7 @@ from .utils.memory import SavedTensorRecorder
 
 __all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "register"]
 
-COMPONENTS = ("patch embed", "attention", "Mix-FFN", "decoder", "loss", "other")
+COMPONENTS = ("patch embed", "attention", "Mix-FFN", "MLP", "decoder", "loss", "other")  # MLP: SETR's ViT MLP
 MODES = ("save", "recompute", "checkpoint")
 OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 _MIN_FIT_SIDE = 64
@@ -61,17 +61,22 @@ class _ComponentRecorder(SavedTensorRecorder):
         return out
 
 
-def _component_of(module: torch.nn.Module) -> str | None:
-    """The component a module's forward belongs to, by class name (ours and Hugging Face 4.x / 5.x)."""
+def _component_of(module: torch.nn.Module, path: str = "") -> str | None:
+    """The component a module's forward belongs to, by class name (ours and Hugging Face 4.x / 5.x) or,
+    for SETR, by its place in the model (``path``, as named_modules gives it)."""
     name = type(module).__name__
-    if "PatchEmbed" in name:
+    if "PatchEmbed" in name or path == "encoder.patch_embed":
         return "patch embed"
     if name.endswith("Attention"):
         return "attention"
     if "MixFFN" in name or "MixMLP" in name:
         return "Mix-FFN"
-    if "Decode" in name or name.endswith("Decoder"):
+    if name in ("Mlp", "FusedMlp"):
+        return "MLP"
+    if "Decode" in name or name.endswith("Decoder") or path.startswith(("decode_head", "neck", "aux_heads")):
         return "decoder"
+    if name in ("ViTEncoder", "ViTBlock"):  # their own LayerNorms, residual sums, position embedding
+        return "other"
     return None
 
 
@@ -98,8 +103,8 @@ def measure_saved_bytes(
     def leave(*_):  # a forward hook must return None, or it replaces the module's output
         rec.stack.pop()
 
-    for m in model.modules():
-        comp = _component_of(m)
+    for path, m in model.named_modules():
+        comp = _component_of(m, path)
         if comp is not None:
             handles.append(m.register_forward_pre_hook(lambda *_, c=comp: rec.stack.append(c)))
             handles.append(m.register_forward_hook(leave))
@@ -165,9 +170,32 @@ def parse_bytes(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+def _setr_models(name: str, num_classes: int, backend: str, seed: int = 0) -> dict[str, tuple]:
+    """SETR: name -> (module, forward, loss). The loss runs the model with the labels (its fused loss
+    needs the heads' low-resolution logits), so ``forward`` only hands the images on."""
+    from .benchmark import SETR_MODELS
+    from .configs import get_setr_config
+    from .models.setr import SETR
+
+    decoder, encoder = SETR_MODELS[name]
+    torch.manual_seed(seed)
+    cfg = get_setr_config(encoder, decoder=decoder, num_classes=num_classes)
+    reference = SETR(cfg, backend="torch")
+    out = {}
+    for mode in MODES:
+        model = SETR(cfg, backend=backend, memory=mode)
+        model.load_state_dict(reference.state_dict())
+        out[mode] = (model, lambda x: x, lambda x, y, m=model: m(x, y).loss)
+    out["reference"] = (reference, lambda x: x, lambda x, y: reference(x, y).loss)
+    return out
+
+
 def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 0) -> dict[str, tuple]:
     """name -> (module, forward, loss), all with one set of random weights."""
-    from .benchmark import have_transformers
+    from .benchmark import SETR_MODELS, have_transformers
+
+    if variant in SETR_MODELS:
+        return _setr_models(variant, num_classes, backend, seed)
     from .configs import get_config
     from .models.segformer import SegFormer
 
@@ -213,16 +241,19 @@ def format_report(rows: list[MemoryRow], variant: str, budget: float | None, bud
     base = by.get("hf eager") or by["reference"]
     size, small = rows[0].sizes
     batch = rows[0].batch
-    lines = [f"SegFormer-{variant.upper()} {size}x{size}, batch {batch}: bytes autograd keeps for backward over one "
+    lines = [f"{_title(variant)} {size}x{size}, batch {batch}: bytes autograd keeps for backward over one "
              f"training forward + loss (MiB; parameters excluded)"]
     head = f"{'component':<14}" + "".join(f"{r.name:>12}" for r in rows)
     lines += [head, "-" * len(head)]
     for comp in COMPONENTS:
+        if comp != "other" and not any(r.components[comp] for r in rows):  # e.g. Mix-FFN in a SETR
+            continue
         lines.append(f"{comp:<14}" + "".join(f"{r.components[comp] / mib:>12.1f}" for r in rows))
     lines.append("-" * len(head))
     lines.append(f"{'total':<14}" + "".join(f"{r.total / mib:>12.1f}" for r in rows))
     lines.append(f"{'vs ' + base.name:<14}" + "".join(f"{r.total / base.total:>11.1%} " for r in rows))
-    lines.append("other = block and stage LayerNorms, residual sums, and the inputs kept by checkpointed regions.")
+    lines.append("other = block and stage LayerNorms, residual sums, and the inputs kept by checkpointed regions"
+                 + (" (SETR: also the position embedding)." if _is_setr(variant) else "."))
     if budget is None:
         return "\n".join(lines)
     lines.append("")
@@ -244,13 +275,23 @@ def format_report(rows: list[MemoryRow], variant: str, budget: float | None, bud
     return "\n".join(lines)
 
 
+def _is_setr(variant: str) -> bool:
+    from .benchmark import SETR_MODELS
+
+    return variant in SETR_MODELS
+
+
+def _title(variant: str) -> str:
+    return variant.upper() if _is_setr(variant) else f"SegFormer-{variant.upper()}"
+
+
 def _cmd_memory(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = parse_bytes(args.budget) if args.budget else None
     if args.size < _MIN_FIT_SIDE:
         raise SystemExit(f"segformer-fast memory: --size must be at least {_MIN_FIT_SIDE}, got {args.size}")
-    print(f"measuring SegFormer-{args.model.upper()} at {args.size}x{args.size} and {max(_MIN_FIT_SIDE, args.size // 2)} "
+    print(f"measuring {_title(args.model)} at {args.size}x{args.size} and {max(_MIN_FIT_SIDE, args.size // 2)} "
           f"(batch {args.batch}, {args.num_classes} classes, backend {args.backend!r}) on the CPU ...", flush=True)
     rows = measure_all(args.model, args.size, args.batch, args.num_classes, args.backend, hf=not args.no_hf,
                        progress=lambda name: print(f"  {name}", flush=True))
@@ -260,6 +301,7 @@ def _cmd_memory(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
+    from .benchmark import SETR_MODELS
     from .configs import SEGFORMER_VARIANTS
 
     p = subparsers.add_parser(
@@ -269,7 +311,8 @@ def register(subparsers) -> None:
         "attention, Mix-FFN, decoder, loss), for each memory mode next to the reference and Hugging Face, "
         "and estimate the largest square training size that fits --budget from those measurements.",
     )
-    p.add_argument("--model", default="b2", choices=sorted(SEGFORMER_VARIANTS), help="variant (default b2)")
+    p.add_argument("--model", default="b2", choices=sorted(SEGFORMER_VARIANTS) + sorted(SETR_MODELS),
+                   help="SegFormer variant (default b2) or a SETR (setr-pup, setr-mla-b16, ...; no Hugging Face twin)")
     p.add_argument("--size", type=int, default=1024, help="square image side (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 16GiB, for the largest-size estimate")

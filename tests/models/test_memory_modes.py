@@ -164,3 +164,16 @@ def test_memory_command_on_a_tiny_size(capsys):
     side = {f[0]: int(f[1].split("x")[0]) for f in estimates if len(f) > 1 and f[1][0].isdigit()}
     assert side["checkpoint"] > side["save"] > side["reference"] > 0
     assert "Method: saved bytes measured" in out
+
+
+def test_memory_command_on_a_setr(capsys):
+    assert cli.main(["memory", "--model", "setr-mla-b16", "--size", "64", "--num-classes", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("component"))
+    assert head.split()[1:] == ["save", "recompute", "checkpoint", "reference"]
+    rows = {line[:14].strip(): [float(v) for v in line[14:].split()] for line in lines
+            if line[:14].strip() in COMPONENTS + ("total",)}
+    assert "Mix-FFN" not in rows and {"patch embed", "attention", "MLP", "decoder", "loss", "other"} <= set(rows)
+    save, recompute, checkpoint, reference = rows["total"]
+    assert checkpoint < recompute < save < reference
+    assert rows["MLP"][1] < rows["MLP"][0] and rows["attention"][2] == 0.0  # checkpointed blocks keep their input only
