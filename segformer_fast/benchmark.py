@@ -216,8 +216,7 @@ def format_table(rows: list[BenchRow], baseline: str = "hf") -> str:
     by = {r.provider: r for r in rows}
     ref = by.get("reference")
     base = by.get(baseline) or ref
-    bases = [b for b in (base, ref) if b is not None]
-    bases = bases[:1] if len(bases) == 2 and bases[0] is bases[1] else bases
+    bases = [base] if ref is None or ref is base else [base, ref]
     header = f"{'provider':<16}{'mode':<11}{'median ms':>11}{'images/s':>10}"
     header += "".join(f"{'vs ' + b.provider:>15}" for b in bases)
     show_mem = any(r.saved_bytes is not None for r in rows)

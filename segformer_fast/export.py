@@ -33,9 +33,8 @@ class _LogitsOnly(nn.Module):
 
 def _exportable(model: nn.Module) -> nn.Module:
     from .models.segformer import SegFormer
-    from .patch import is_patched, unpatch
-
     from .models.setr import SETR
+    from .patch import is_patched, unpatch
 
     if isinstance(model, SETR):
         twin = SETR(model.config, backend="torch", aux=model.aux)

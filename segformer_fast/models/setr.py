@@ -247,7 +247,12 @@ def _fused_loss(outputs: tuple[torch.Tensor, ...], labels: torch.Tensor, ignore_
     from ..ops.upsample_cross_entropy import upsample_cross_entropy
 
     # fp32 logits (a small copy at head resolution under autocast): the loss is summed in fp32
-    losses = [upsample_cross_entropy(o.float(), labels, ignore_index, backend=backend) for o in outputs]
+    return _main_plus_aux([upsample_cross_entropy(o.float(), labels, ignore_index, backend=backend) for o in outputs],
+                          aux_weight)
+
+
+def _main_plus_aux(losses: list[torch.Tensor], aux_weight: float) -> torch.Tensor:
+    """losses[0] + aux_weight * each of the rest: SETR's combination of its heads' losses."""
     loss = losses[0]
     for a in losses[1:]:
         loss = loss + aux_weight * a
@@ -299,7 +304,4 @@ def setr_loss(outputs: SETROutput | torch.Tensor, labels: torch.Tensor, aux_weig
         main, aux = outputs, ()
     else:
         main, aux = outputs[0], tuple(outputs[1])
-    loss = SegFormer.loss(main, labels, ignore_index)
-    for a in aux:
-        loss = loss + aux_weight * SegFormer.loss(a, labels, ignore_index)
-    return loss
+    return _main_plus_aux([SegFormer.loss(o, labels, ignore_index) for o in (main, *aux)], aux_weight)

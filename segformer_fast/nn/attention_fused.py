@@ -17,9 +17,6 @@ from ._autocast import fp32_under_autocast
 __all__ = ["FusedSpatialReductionAttention"]
 
 
-_OP_NAMES = {"q": "q", "k": "k", "v": "v", "proj": "proj", "sr": "sr", "sr_norm": "norm"}  # submodule -> op prefix
-
-
 class FusedSpatialReductionAttention(SpatialReductionAttention):
     """MiT efficient self-attention with the fused, memory-linear op.
 
@@ -82,7 +79,8 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
         w = {}
         for name in ("q", "k", "v", "proj") + (("sr", "sr_norm") if self.sr_ratio > 1 else ()):
             params = mods[name]._parameters
-            w[_OP_NAMES[name] + "_weight"], w[_OP_NAMES[name] + "_bias"] = params["weight"], params.get("bias")
+            prefix = "norm" if name == "sr_norm" else name  # the op's argument names
+            w[prefix + "_weight"], w[prefix + "_bias"] = params["weight"], params.get("bias")
         if self.sr_ratio == 1:
             w.update(sr_weight=None, sr_bias=None, norm_weight=None, norm_bias=None)
             return w, 1e-5

@@ -76,6 +76,7 @@ class MLANeck(nn.Module):
     """SETR-MLA neck: four (B, C, h, w) maps (shallow first) -> four (B, D, h, w) maps (deepest first)."""
 
     conv_module = ConvBNReLU
+    channels_last = False  # the LayerNorm output as a channels-last view (fused convs) or NCHW copy
 
     def __init__(self, in_channels: int, out_channels: int, num_levels: int = 4, eps: float = 1e-6):
         super().__init__()
@@ -84,7 +85,8 @@ class MLANeck(nn.Module):
         self.feat_extract = nn.ModuleList(self.conv_module(out_channels, out_channels, 3) for _ in range(num_levels))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        proj = [conv(layer_norm_nchw(norm, x)) for x, norm, conv in zip(feats, self.norm, self.channel_proj)]
+        proj = [conv(layer_norm_nchw(norm, x, self.channels_last))
+                for x, norm, conv in zip(feats, self.norm, self.channel_proj)]
         outs, acc = [], None
         for p, conv in zip(proj[::-1], self.feat_extract):  # top-down: p4, p4 + p3, ...
             acc = p if acc is None else acc + p

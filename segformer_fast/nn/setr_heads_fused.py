@@ -65,15 +65,7 @@ class FusedSETRUpHead(SETRUpHead):
 
 class FusedMLANeck(MLANeck):
     conv_module = FusedConvBNReLU
-
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        proj = [conv(layer_norm_nchw(norm, x, channels_last=True))
-                for x, norm, conv in zip(feats, self.norm, self.channel_proj)]
-        outs, acc = [], None
-        for p, conv in zip(proj[::-1], self.feat_extract):  # top-down: p4, p4 + p3, ...
-            acc = p if acc is None else acc + p
-            outs.append(conv(acc))
-        return outs
+    channels_last = True  # the convs run channels-last, from the LayerNorm's own layout
 
 
 class FusedSETRMLAHead(SETRMLAHead):

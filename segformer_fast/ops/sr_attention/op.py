@@ -382,7 +382,12 @@ def sr_attention_inference(x: torch.Tensor, hw: tuple[int, int], num_heads: int,
     q = weights["q_weight"]
     if x.dtype != q.dtype or x.device != q.device:
         raise TypeError(f"sr_attention: x is {x.dtype} on {x.device}; the weights are {q.dtype} on {q.device}")
-    return _fwd(x.contiguous(), tuple(hw), num_heads, sr, weights, float(eps), _resolve(backend, x.device.type))[0]
+    return _forward_only(x, hw, num_heads, sr, weights, eps, backend)
+
+
+def _forward_only(x, hw, num_heads, sr, w, eps, backend) -> torch.Tensor:
+    """y without the op dispatcher or autograd (inference), on checked arguments."""
+    return _fwd(x.contiguous(), tuple(hw), num_heads, sr, w, float(eps), _resolve(backend, x.device.type))[0]
 
 
 def sr_attention(
@@ -435,7 +440,7 @@ def sr_attention(
     backend = validate_backend(backend, check_available=False)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *w.values()))
     if not needs_grad and not torch.compiler.is_compiling():  # inference: skip the op dispatcher's overhead
-        return _fwd(x.contiguous(), tuple(hw), num_heads, sr, w, float(eps), _resolve(backend, x.device.type))[0]
+        return _forward_only(x, hw, num_heads, sr, w, eps, backend)
     y, _ = torch.ops.segformer_fast.sr_attention(
         x.contiguous(), int(hw[0]), int(hw[1]), num_heads, sr, *(w[k] for k in _WEIGHT_NAMES), float(eps), backend)
     return y
