@@ -7,6 +7,10 @@ Backends:
 - ``cuda``: the compiled CUDA extension ``segformer_fast._C_cuda`` and a CUDA device.
 - ``cpp``: the compiled CPU extension ``segformer_fast._C_cpu`` (C++ with OpenMP).
 
+Test only: ``SEGFORMER_FAST_TEST_CUDA_STANDIN=1`` replaces ``_C_cuda`` by a CPU stand-in
+(:mod:`segformer_fast.testing.cuda_standin`) with the same functions, so that ``backend="cuda"``
+runs its Python glue on CPU tensors where there is no GPU. "auto" never picks it.
+
 The choice is explicit: a ``backend`` argument per model/module, the environment variable
 ``SEGFORMER_FAST_BACKEND`` as the default, and :func:`available_backends` to inspect.
 "auto" picks, per op and per tensor device, the fastest backend present that implements the op.
@@ -59,8 +63,19 @@ def cpu_extension():
 
 
 def cuda_extension():
-    """The compiled CUDA extension module, or None when it was not built."""
+    """The compiled CUDA extension module, or None when it was not built (the CPU stand-in under
+    ``SEGFORMER_FAST_TEST_CUDA_STANDIN=1``, test only)."""
+    if _standin_active():
+        from .testing import cuda_standin
+
+        return cuda_standin
     return _import_extension("_C_cuda")[0]
+
+
+def _standin_active() -> bool:
+    from .testing.cuda_standin import active
+
+    return active()
 
 
 def _cuda_device_present() -> bool:
@@ -88,6 +103,13 @@ def _triton_status() -> BackendStatus:
 
 
 def _extension_status(backend: str, module: str, how: str, needs_cuda: bool) -> BackendStatus:
+    if needs_cuda and _standin_active():
+        from .testing.cuda_standin import ENV_VAR, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            return BackendStatus(backend, False, f"{ENV_VAR}=1 selects the CPU stand-in, but {reason}")
+        return BackendStatus(backend, True, f"CPU stand-in for segformer_fast.{module} ({ENV_VAR}=1, test only)")
     ext, err = _import_extension(module)
     if ext is None:
         if "No module named" in err:
@@ -147,7 +169,7 @@ def resolve_backend(backend: str, device_type: str, implemented: tuple[str, ...]
         present; an explicit backend that is missing, unimplemented or wrong for the device raises.
     """
     name = validate_backend(backend, check_available=False)
-    key = (name, device_type, implemented, triton_interpret())  # all that a resolution depends on
+    key = (name, device_type, implemented, triton_interpret(), _standin_active())  # all a resolution depends on
     hit = _RESOLVED.get(key)
     if hit is not None:  # per-call ops resolve often; available_backends() probes imports each time
         return hit
@@ -175,7 +197,7 @@ def _runs_on(backend: str, device_type: str) -> bool:
     if backend == "cpp":
         return device_type == "cpu"
     if backend == "cuda":
-        return device_type == "cuda"
+        return device_type == "cuda" or (device_type == "cpu" and _standin_active())
     if backend == "triton":
         return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
     return False

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from segformer_fast.backends import available_backends
+from segformer_fast.testing import backend_device
 from segformer_fast.nn.attention import SpatialReductionAttention
 from segformer_fast.nn.attention_fused import FusedSpatialReductionAttention
 from segformer_fast.ops import sr_attention_reference
@@ -19,12 +20,10 @@ PARAM_NAMES = {"q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias",
 
 
 def _device(backend):
-    if backend == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    status = available_backends()[backend]
+    status = available_backends()[backend]  # "cuda" without a GPU: the CPU stand-in (tests/conftest.py)
     if not status.available:
         pytest.skip(status.reason)
-    return "cuda" if backend == "cuda" else "cpu"
+    return backend_device(backend)
 
 
 @pytest.mark.parametrize("sr", [1, 2, 8])

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from segformer_fast.backends import available_backends, cpu_extension
+from segformer_fast.testing import backend_device
 from segformer_fast.nn.decode_head import AllMLPDecoder
 from segformer_fast.nn.decode_head_fused import FusedAllMLPDecoder
 from segformer_fast.utils.memory import SavedTensorRecorder
@@ -20,16 +21,12 @@ SHAPES = [(1, (7, 9)), (3, (17, 33))]
 
 
 def require(backend):
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA device")
-        return "cuda"
     status = available_backends()[backend]
     if not status.available:
         pytest.skip(f"{backend} backend unavailable: {status.reason}")
     if backend == "cpp" and not hasattr(cpu_extension(), "upsample_sum_fwd"):
         pytest.skip("segformer_fast._C_cpu was built without upsample_sum; rebuild with pip install --no-build-isolation -e .")
-    return "cpu"
+    return backend_device(backend)  # "cuda" without a GPU: the CPU stand-in (tests/conftest.py)
 
 
 def stage_sizes(hw):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from segformer_fast.backends import available_backends, cpu_extension
+from segformer_fast.testing import backend_device, cuda_backend_unavailable_reason
 from segformer_fast.nn import MixFFN
 from segformer_fast.nn.mix_ffn_fused import FusedMixFFN
 from segformer_fast.utils.memory import SavedTensorRecorder
@@ -33,13 +34,13 @@ BACKENDS = [
     pytest.param("torch", id="torch"),
     pytest.param("triton", id="triton", marks=_skip(_triton_reason())),
     pytest.param("cpp", id="cpp", marks=_skip(_cpp_reason())),
-    pytest.param("cuda", id="cuda", marks=_skip(None if torch.cuda.is_available() else "needs a CUDA device")),
+    pytest.param("cuda", id="cuda", marks=_skip(cuda_backend_unavailable_reason("dwconv3x3_gelu_fwd"))),
 ]
 B, H, W, DIM, HIDDEN = 3, 7, 9, 8, 36  # hidden not a multiple of any kernel block
 
 
 def _device(backend):
-    return "cuda" if backend == "cuda" else "cpu"
+    return backend_device(backend)  # "cuda" without a GPU: the CPU stand-in (tests/conftest.py)
 
 
 def _reference_and_grads(ref, x64, grad_out):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.backends import available_backends, cpu_extension, cuda_extension
+from segformer_fast.backends import available_backends, cpu_extension
+from segformer_fast.testing import backend_device, cuda_backend_unavailable_reason
 from segformer_fast.ops import dwconv3x3_gelu
 from segformer_fast.ops.dwconv3x3_gelu import dwconv3x3_gelu_reference
 
@@ -24,12 +25,7 @@ def _cpp_skip_reason():
 
 
 def _cuda_skip_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA device"
-    ext = cuda_extension()
-    if ext is None or not hasattr(ext, "dwconv3x3_gelu_fwd"):
-        return "segformer_fast._C_cuda is not built with dwconv3x3_gelu"
-    return None
+    return cuda_backend_unavailable_reason("dwconv3x3_gelu_fwd")  # no GPU: the CPU stand-in (tests/conftest.py)
 
 
 def _triton_skip_reason():
@@ -66,7 +62,7 @@ LARGE_SHAPES = [(3, 65, 97, 5), (1, 65, 9, 33), (1, 9, 65, 70)]
 
 
 def _device(backend):
-    return "cuda" if backend == "cuda" else "cpu"
+    return backend_device(backend)
 
 
 def _inputs(b, h, w, c, device="cpu"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from segformer_fast.backends import available_backends
+from segformer_fast.testing import backend_device
 from segformer_fast.nn.attention import SpatialReductionAttention
 from segformer_fast.ops import sr_attention, sr_attention_reference
 from segformer_fast.ops.sr_attention import op as sr_op
@@ -64,12 +65,10 @@ def check(backend, b, h, w, c, heads, sr, qkv_bias=True, device="cpu"):
 
 
 def _skip_unless(backend):
-    if backend == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    status = available_backends()[backend]
+    status = available_backends()[backend]  # "cuda" without a GPU: the CPU stand-in (tests/conftest.py)
     if not status.available:
         pytest.skip(status.reason)
-    return "cuda" if backend == "cuda" else "cpu"
+    return backend_device(backend)
 
 
 # (B, H, W, C, heads, sr): head dims 32/64 (Triton), odd N and M, M = 1, heads 1, 2, 5, 8.

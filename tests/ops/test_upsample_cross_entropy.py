@@ -4,18 +4,16 @@ import pytest
 import torch
 
 from segformer_fast.ops.upsample_cross_entropy import op as uce_op
-from segformer_fast.backends import available_backends, cpu_extension, cuda_extension
+from segformer_fast.backends import available_backends, cpu_extension
+from segformer_fast.testing import backend_device, cuda_backend_unavailable_reason
 from segformer_fast.ops import upsample_cross_entropy
 from segformer_fast.ops.upsample_cross_entropy import upsample_cross_entropy_reference
 from segformer_fast.utils.memory import SavedTensorRecorder
 
 
 def _skip_reason(backend):
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            return "needs a CUDA device"
-        ext = cuda_extension()
-        return None if ext is not None and hasattr(ext, "upsample_cross_entropy_fwd") else "_C_cuda lacks the op"
+    if backend == "cuda":  # no GPU: the CPU stand-in (tests/conftest.py)
+        return cuda_backend_unavailable_reason("upsample_cross_entropy_fwd")
     status = available_backends()[backend]
     if not status.available:
         return f"{backend} backend unavailable: {status.reason}"
@@ -31,7 +29,6 @@ def _param(name):
 
 ALL = [_param(b) for b in ("torch", "triton", "cpp", "cuda")]
 NATIVE = [_param(b) for b in ("torch", "cpp", "cuda")]  # no interpreter: bigger shapes are cheap
-DEVICE = {"cuda": "cuda"}
 
 # (B, K, h, w, H, W): odd upsampling, labels smaller than the logits, an exact 4x; K not a multiple of any block.
 SHAPES = [(1, 5, 7, 9, 27, 35), (3, 37, 9, 7, 5, 4), (3, 19, 4, 6, 16, 24)]
@@ -49,7 +46,7 @@ def rel_err(a, b):
 
 
 def check(backend, B, K, h, w, H, W, reduction="mean", weighted=False, ignore=255, tol=2e-5):
-    device = DEVICE.get(backend, "cpu")
+    device = backend_device(backend)
     logits, labels = make_inputs(B, K, h, w, H, W, device, ignore=ignore)
     weight = torch.rand(K, device=device) + 0.1 if weighted else None
     want = upsample_cross_entropy_reference(logits, labels, ignore, weight, reduction)
@@ -90,7 +87,7 @@ def test_torch_implementation_works_in_row_chunks(monkeypatch):
 
 @pytest.mark.parametrize("backend", NATIVE)
 def test_all_ignored_is_nan_with_zero_gradient(backend):
-    device = DEVICE.get(backend, "cpu")
+    device = backend_device(backend)
     logits = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
     labels = torch.full((2, 8, 8), 255, device=device)
     loss = upsample_cross_entropy(logits, labels, backend=backend)

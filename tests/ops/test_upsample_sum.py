@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from segformer_fast.backends import available_backends, cpu_extension
+from segformer_fast.testing import backend_device
 from segformer_fast.ops import upsample_sum
 from segformer_fast.ops.upsample_sum import upsample_sum_nhwc, upsample_sum_reference
 
@@ -23,16 +24,12 @@ def stage_sizes(hw, n=4):
 
 
 def require(backend):
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA device")
-        return "cuda"
     status = available_backends()[backend]
     if not status.available:
         pytest.skip(f"{backend} backend unavailable: {status.reason}")
     if backend == "cpp" and not hasattr(cpu_extension(), "upsample_sum_fwd"):
         pytest.skip("segformer_fast._C_cpu was built without upsample_sum; rebuild with pip install --no-build-isolation -e .")
-    return "cpu"
+    return backend_device(backend)  # "cuda" without a GPU: the CPU stand-in (tests/conftest.py)
 
 
 def make_inputs(B, hw, device, dtype=torch.float32, n=4, affine=True):

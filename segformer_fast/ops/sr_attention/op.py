@@ -242,9 +242,9 @@ def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, name):
     g["q_weight"], g["q_bias"] = dq2.t() @ x.reshape(-1, c), dq2.sum(0)
     dx = torch.matmul(dq, w["q_weight"]).contiguous()  # (B, N, C)
     kvx2 = kvx.reshape(-1, c)
-    for name, d in (("k", dk), ("v", dv)):  # separate outputs: the op's results must not alias
+    for proj, d in (("k", dk), ("v", dv)):  # separate outputs: the op's results must not alias
         d2 = d.reshape(-1, c)
-        g[f"{name}_weight"], g[f"{name}_bias"] = d2.t() @ kvx2, d2.sum(0)
+        g[f"{proj}_weight"], g[f"{proj}_bias"] = d2.t() @ kvx2, d2.sum(0)
     dkvx = torch.matmul(dk, w["k_weight"]).add_(torch.matmul(dv, w["v_weight"]))  # (B, M, C)
     g["sr_weight"], g["sr_bias"], g["norm_weight"], g["norm_bias"] = _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name)
     return dx, g

@@ -1,0 +1,37 @@
+"""Test helpers that ship with the package (not used by the library itself).
+
+- :mod:`segformer_fast.testing.cuda_standin`: the CPU stand-in for the CUDA extension, selected by
+  ``SEGFORMER_FAST_TEST_CUDA_STANDIN=1`` (test only), so the CUDA glue runs in CI without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["backend_device"]
+
+
+def backend_device(backend: str) -> str:
+    """The device a test runs ``backend`` on: "cuda" for the CUDA backend on a machine with a CUDA
+    device (the real extension), else "cpu" (the CUDA backend then runs on the stand-in)."""
+    return "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def cuda_backend_unavailable_reason(needs: str = "") -> str | None:
+    """Why a test of ``backend="cuda"`` cannot run here (None when it can), for collection-time skips.
+
+    With a CUDA device the real extension must be built (and have ``needs``, a function name, when
+    given); without one the tests run on the CPU stand-in, which needs the C++ CPU extension.
+    """
+    if not torch.cuda.is_available():
+        from .cuda_standin import unavailable_reason
+
+        return unavailable_reason()
+    from ..backends import _import_extension
+
+    ext, err = _import_extension("_C_cuda")
+    if ext is None:
+        return f"segformer_fast._C_cuda is not built ({err})"
+    if needs and not hasattr(ext, needs):
+        return f"segformer_fast._C_cuda was built without {needs}; rebuild it"
+    return None
