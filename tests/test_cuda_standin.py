@@ -107,6 +107,22 @@ def _perturb(model):
     return model
 
 
+def _count_calls(monkeypatch) -> dict[str, int]:
+    """Counts the calls of every stand-in function (where the cuda backend runs on the stand-in)."""
+    calls = {}
+    if torch.cuda.is_available():
+        return calls
+    for name in _bindings():
+        fn = getattr(cuda_standin, name)
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(cuda_standin, name, counted)
+    return calls
+
+
 def _grads_close(fast, ref, rtol=1e-4, atol=1e-5):
     fp = dict(fast.named_parameters())
     n = 0
@@ -121,9 +137,10 @@ def _grads_close(fast, ref, rtol=1e-4, atol=1e-5):
 
 @pytest.mark.parametrize("backend", ["cuda"])
 @pytest.mark.parametrize("memory", ["save", "recompute", "checkpoint"])
-def test_segformer_on_the_cuda_path_matches_the_reference(backend, memory):
+def test_segformer_on_the_cuda_path_matches_the_reference(backend, memory, monkeypatch):
     """A whole MiT-B0 (sr 8, 4, 2 and 1) with the fused decoder and loss, training step and eval."""
     device = backend_device(backend)
+    calls = _count_calls(monkeypatch)
     kw = dict(num_classes=5, depths=(1, 2, 1, 1), drop_path_rate=0.0, decoder_dropout=0.0)
     torch.manual_seed(0)
     ref = _perturb(sf.segformer("b0", backend="torch", **kw)).to(device)
@@ -143,6 +160,8 @@ def test_segformer_on_the_cuda_path_matches_the_reference(backend, memory):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(fast.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+    if device == "cpu":  # every CUDA kernel of the model ran (on the stand-in)
+        assert set(calls) == set(_bindings()), sorted(set(_bindings()) - set(calls))
 
 
 @pytest.mark.parametrize("backend", ["cuda"])
@@ -167,3 +186,47 @@ def test_segformer_half_precision_on_the_cuda_path(backend, dtype):
     assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 0.05 * abs(ref_loss.item()) + 1e-3
     assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
                for p in fast.parameters())
+
+
+@pytest.mark.parametrize("backend", ["cuda"])
+@pytest.mark.parametrize("decoder", ["naive", "pup", "mla"])
+def test_setr_on_the_cuda_path_matches_the_reference(backend, decoder):
+    """SETR (attention with sr = 1, fused heads, fused upsampling loss on every head) on the cuda glue."""
+    device = backend_device(backend)
+    kw = dict(num_classes=5, embed_dim=64, depth=4, num_heads=2, img_size=64, head_channels=16,
+              mla_head_channels=8)
+    torch.manual_seed(0)
+    ref = _perturb(sf.setr(decoder, backend="torch", **kw)).to(device)
+    fast = sf.setr(decoder, backend=backend, **kw).to(device)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 40, 56, device=device)  # padded to 48 x 64 inside
+    labels = torch.randint(0, 5, (2, 40, 56), device=device)
+    labels[1, :, :7] = 255
+    literal = sf.setr_loss(ref.train()(x), labels)
+    literal.backward()
+    out = fast.train()(x, labels)
+    torch.testing.assert_close(out.loss, literal, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    _grads_close(fast, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_patched_hf_on_the_cuda_path_matches_unpatched(backend):
+    transformers = pytest.importorskip("transformers")
+    device = backend_device(backend)
+    cfg = transformers.SegformerConfig(num_labels=5, depths=[1, 2, 1, 1], drop_path_rate=0.0,
+                                       classifier_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ref = _perturb(transformers.SegformerForSemanticSegmentation(cfg)).to(device).train()
+    fast = transformers.SegformerForSemanticSegmentation(cfg).to(device).train()
+    fast.load_state_dict(ref.state_dict())
+    sf.patch(fast, backend=backend, memory="recompute")
+    x = torch.randn(2, 3, 67, 93, device=device)
+    labels = torch.randint(0, 5, (2, 67, 93), device=device)
+    out, out_ref = fast(pixel_values=x, labels=labels), ref(pixel_values=x, labels=labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    out_ref.loss.backward()
+    _grads_close(fast, ref)
