@@ -165,7 +165,7 @@ def test_segformer_on_the_cuda_path_matches_the_reference(backend, memory, monke
 
 
 @pytest.mark.parametrize("backend", ["cuda"])
-@pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_segformer_half_precision_on_the_cuda_path(backend, dtype):
     """Half-precision models (.to(dtype)) run the cuda glue end to end: every kernel gets the storage
     dtype it is given (the stand-in checks it like the binding does), outputs keep it."""

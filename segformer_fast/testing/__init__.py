@@ -12,9 +12,10 @@ __all__ = ["backend_device"]
 
 
 def backend_device(backend: str) -> str:
-    """The device a test runs ``backend`` on: "cuda" for the CUDA backend on a machine with a CUDA
-    device (the real extension), else "cpu" (the CUDA backend then runs on the stand-in)."""
-    return "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    """The device a test runs ``backend`` on: "cuda" for the GPU backends ("cuda", "triton") on a
+    machine with a CUDA device; else "cpu", where "triton" runs in the interpreter
+    (``TRITON_INTERPRET=1``) and "cuda" on the stand-in."""
+    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
 def cuda_backend_unavailable_reason(needs: str = "") -> str | None:

@@ -125,6 +125,8 @@ def _use_triton_core(name: str, q: torch.Tensor, num_heads: int) -> bool:
 
     if name == "cuda" and not available_backends()["triton"].available:
         return False
+    if name == "cuda" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return False  # the cuda glue on CPU tensors (the test stand-in): the interpreter refuses bf16
     from .triton_kernels import TRITON_HEAD_DIMS
 
     return q.shape[2] // num_heads in TRITON_HEAD_DIMS
