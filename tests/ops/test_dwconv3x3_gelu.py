@@ -178,7 +178,8 @@ def test_triton_fp16_storage(backend):
     b, h, w, c = 1, 7, 9, 5
     x = torch.randn(b, h * w, c).half()
     weight, bias = torch.randn(c, 1, 3, 3) * 0.5, torch.randn(c)
-    y = dwconv3x3_gelu(x, (h, w), weight, bias, backend=backend)
+    dev = _device(backend)
+    y = dwconv3x3_gelu(x.to(dev), (h, w), weight.to(dev), bias.to(dev), backend=backend).cpu()
     assert y.dtype == torch.float16
     y_ref = dwconv3x3_gelu_reference(x.double(), (h, w), weight.double(), bias.double())
     torch.testing.assert_close(y.double(), y_ref, atol=2e-3, rtol=2e-3)
@@ -187,8 +188,8 @@ def test_triton_fp16_storage(backend):
 @pytest.mark.parametrize("backend", [TRITON, CPP])
 def test_weight_grad_deterministic(backend):
     b, h, w, c = 3, 9, 7, 33
-    _, (x, weight, bias) = _inputs(b, h, w, c)
-    grad_y = torch.randn(b, h * w, c)
+    _, (x, weight, bias) = _inputs(b, h, w, c, _device(backend))
+    grad_y = torch.randn(b, h * w, c, device=x.device)
     runs = []
     for threads in (1, 2):
         prev = torch.get_num_threads()
@@ -259,14 +260,15 @@ def test_triton_launcher_validates(backend):
         dwconv3x3_gelu_bwd(x[..., :4].contiguous(), x, hw, wt, bs)
 
 
-@pytest.mark.parametrize("backend", [_param("torch", None), TRITON, CPP])
+@pytest.mark.parametrize("backend", [_param("torch", None), TRITON, CPP, CUDA])
 def test_opcheck(backend):
     b, h, w, c = 2, 3, 5, 5
-    x = torch.randn(b, h * w, c, requires_grad=True)
-    weight = torch.randn(c, 1, 3, 3, requires_grad=True)
-    bias = torch.randn(c, requires_grad=True)
+    dev = _device(backend)
+    x = torch.randn(b, h * w, c, device=dev, requires_grad=True)
+    weight = torch.randn(c, 1, 3, 3, device=dev, requires_grad=True)
+    bias = torch.randn(c, device=dev, requires_grad=True)
     torch.library.opcheck(torch.ops.segformer_fast.dwconv3x3_gelu.default, (x, h, w, weight, bias, "none", backend))
-    grad_y = torch.randn(b, h * w, c)
+    grad_y = torch.randn(b, h * w, c, device=dev)
     torch.library.opcheck(
         torch.ops.segformer_fast.dwconv3x3_gelu_backward.default,
         (grad_y, x.detach(), h, w, weight.detach(), bias.detach(), "tanh", backend),

@@ -143,8 +143,9 @@ def test_bad_input(mutate, exc, match):
 
 
 def _op_args(sr, backend, b=2, c=64, heads=2, h=5, w=7, grad=True):
-    m = make(c, heads, sr)
-    x = torch.randn(b, h * w, c, requires_grad=grad)
+    dev = backend_device(backend)
+    m = make(c, heads, sr).to(dev)
+    x = torch.randn(b, h * w, c, device=dev, requires_grad=grad)
     wt = weights(m)
     ws = [wt.get(k) if sr > 1 or not k.startswith(("sr_", "norm_")) else None for k in sr_op._WEIGHT_NAMES]
     if not grad:
@@ -157,9 +158,10 @@ def test_opcheck(sr):
     torch.library.opcheck(torch.ops.segformer_fast.sr_attention.default, _op_args(sr, "torch"))
 
 
-def test_opcheck_triton():
-    _skip_unless("triton")
-    torch.library.opcheck(torch.ops.segformer_fast.sr_attention.default, _op_args(2, "triton", b=1, h=3, w=5),
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_opcheck_fused(backend):
+    _skip_unless(backend)
+    torch.library.opcheck(torch.ops.segformer_fast.sr_attention.default, _op_args(2, backend, b=1, h=3, w=5),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

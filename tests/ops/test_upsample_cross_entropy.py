@@ -158,18 +158,19 @@ def test_bad_inputs():
             upsample_cross_entropy(logits, bad, backend=backend)
 
 
-@pytest.mark.parametrize("backend", [_param("torch"), _param("cpp"), _param("triton")])
+@pytest.mark.parametrize("backend", [_param("torch"), _param("cpp"), _param("triton"), _param("cuda")])
 def test_opcheck(backend):
-    logits = torch.randn(2, 2, 3, 5, requires_grad=True)  # (B, h, w, K), as the op takes it
-    labels = torch.randint(0, 5, (2, 5, 4))
+    dev = backend_device(backend)
+    logits = torch.randn(2, 2, 3, 5, device=dev, requires_grad=True)  # (B, h, w, K), as the op takes it
+    labels = torch.randint(0, 5, (2, 5, 4), device=dev)
     labels[0, 0] = 255
-    weight = torch.rand(5)
+    weight = torch.rand(5, device=dev)
     for reduction in ("mean", "none"):
         torch.library.opcheck(torch.ops.segformer_fast.upsample_cross_entropy.default,
                               (logits, labels, weight, 255, reduction, backend))
     loss, lse = torch.ops.segformer_fast.upsample_cross_entropy(logits.detach(), labels, None, 255, "sum", backend)
     torch.library.opcheck(torch.ops.segformer_fast.upsample_cross_entropy_backward.default,
-                          (torch.tensor(1.5), logits.detach(), labels, None, lse, 255, "sum", backend))
+                          (torch.tensor(1.5, device=dev), logits.detach(), labels, None, lse, 255, "sum", backend))
 
 
 def test_torch_compile_fullgraph():

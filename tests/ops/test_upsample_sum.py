@@ -165,16 +165,16 @@ def test_bad_inputs():
         upsample_sum_nhwc([m[0]], (6, 6))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "cuda"])
 def test_opcheck(backend):
-    require(backend)
-    maps = [torch.randn(2, h, w, 5, requires_grad=True) for h, w in [(5, 6), (3, 3), (2, 2)]]
-    scale = torch.rand(5, requires_grad=True)
-    shift = torch.randn(5, requires_grad=True)
+    dev = require(backend)
+    maps = [torch.randn(2, h, w, 5, device=dev, requires_grad=True) for h, w in [(5, 6), (3, 3), (2, 2)]]
+    scale = torch.rand(5, device=dev, requires_grad=True)
+    shift = torch.randn(5, device=dev, requires_grad=True)
     torch.library.opcheck(torch.ops.segformer_fast.upsample_sum.default, (maps, 5, 6, scale, shift, True, backend))
     torch.library.opcheck(torch.ops.segformer_fast.upsample_sum.default, (maps[:1], 7, 9, None, None, False, backend))
-    grad = torch.randn(2, 5, 6, 5)
-    out = torch.relu(torch.randn(2, 5, 6, 5))
+    grad = torch.randn(2, 5, 6, 5, device=dev)
+    out = torch.relu(torch.randn(2, 5, 6, 5, device=dev))
     args = (grad, [5, 6, 3, 3, 2, 2], [m.detach() for m in maps], out, scale.detach(), True, True, True, backend)
     torch.library.opcheck(torch.ops.segformer_fast.upsample_sum_backward.default, args)
 
