@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...utils.debug import empty
 
-__all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "ACT_CODES"]
+__all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES"]
 
 ACT_CODES = {"none": 1, "tanh": 2}  # GELU approximation -> kernel ACT code; ACT=0 is identity
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -247,11 +247,22 @@ def _check(x: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor, bias: tor
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
+def launch_config(h: int, w: int, c: int) -> dict[str, int]:
+    """Tile of one program for an (H=h, W=w, C=c) image: ROWS rows x BLOCK_W columns x BLOCK_C channels.
+
+    The same on a GPU and in the interpreter: the tiles are capped by the image, so the
+    interpreter's test shapes already get small ones.
+    """
+    return {
+        "ROWS": min(8, triton.next_power_of_2(h)),
+        "BLOCK_W": min(16, triton.next_power_of_2(w)),
+        "BLOCK_C": max(4, min(64, triton.next_power_of_2(c))),
+    }
+
+
 def _blocks(h: int, w: int, c: int) -> tuple[int, int, int]:
-    rows = min(8, triton.next_power_of_2(h))
-    block_w = min(16, triton.next_power_of_2(w))
-    block_c = max(4, min(64, triton.next_power_of_2(c)))
-    return rows, block_w, block_c
+    cfg = launch_config(h, w, c)
+    return cfg["ROWS"], cfg["BLOCK_W"], cfg["BLOCK_C"]
 
 
 def dwconv3x3_gelu_fwd(

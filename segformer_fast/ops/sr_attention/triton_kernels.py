@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...utils.debug import empty
 
-__all__ = ["TRITON_HEAD_DIMS", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
+__all__ = ["TRITON_HEAD_DIMS", "launch_config", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
 
 TRITON_HEAD_DIMS = (32, 64)
 LOG2E = 1.4426950408889634
@@ -182,6 +182,15 @@ def _check(name: str, t: torch.Tensor, b: int, c: int) -> None:
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots, not TF32
+
+
+def launch_config() -> dict[str, int]:
+    """Block sizes of every launch: query rows (BLOCK_N) and key rows (BLOCK_M) per tile.
+
+    The same on a GPU and in the interpreter: the dots need tiles of at least 16 on a GPU, and
+    the interpreter handles these sizes at test shapes.
+    """
+    return {"BLOCK_N": BLOCK_Q, "BLOCK_M": BLOCK_K}
 
 
 def sr_attention_fwd_triton(q, k, v, num_heads: int, scale: float, lse=None):

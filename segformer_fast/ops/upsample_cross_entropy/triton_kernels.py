@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
+from .._triton_launch import gpu_launch_config
 from ..upsample_sum.triton_kernels import _source_index, _window, _window_weight
 
-__all__ = ["upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
+__all__ = ["launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
 
 
 @triton.jit
@@ -113,10 +114,20 @@ def _upsample_cross_entropy_bwd_kernel(
     tl.store(gx_ptr + out, acc.to(gx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_k[None, :])
 
 
-def _blocks(K: int) -> tuple[int, int]:
+def launch_config(K: int, gpu: bool) -> dict[str, int]:
+    """Pixels (BLOCK_P) x classes (BLOCK_K) per program, for K classes; ``gpu``: see gpu_launch_config.
+
+    On a GPU a tile holds about 2048 elements; the interpreter takes 64 pixels whatever K, so
+    that it runs fewer programs.
+    """
     block_k = min(64, triton.next_power_of_2(K))
-    block_p = max(1, 2048 // block_k) if torch.cuda.is_available() else 64  # fewer interpreter programs
-    return block_p, block_k
+    block_p = max(1, 2048 // block_k) if gpu else 64
+    return {"BLOCK_P": block_p, "BLOCK_K": block_k}
+
+
+def _blocks(K: int, t: torch.Tensor) -> tuple[int, int]:
+    cfg = launch_config(K, gpu_launch_config(t))
+    return cfg["BLOCK_P"], cfg["BLOCK_K"]
 
 
 def upsample_cross_entropy_fwd_triton(
@@ -128,7 +139,7 @@ def upsample_cross_entropy_fwd_triton(
     nll = empty(B, H, W, dtype=torch.float32, device=x.device)
     lse = empty(B, H, W, dtype=torch.float32, device=x.device)
     n_pix = B * H * W
-    block_p, block_k = _blocks(K)
+    block_p, block_k = _blocks(K, x)
     _upsample_cross_entropy_fwd_kernel[(triton.cdiv(n_pix, block_p),)](
         nll, lse, x, labels, n_pix, h, w, H, W, K, h / H, w / W, ignore_index,
         BLOCK_P=block_p, BLOCK_K=block_k,
@@ -144,7 +155,7 @@ def upsample_cross_entropy_bwd_triton(
     H, W = labels.shape[-2:]
     gx = empty(B, h, w, K, dtype=torch.float32, device=x.device)
     n_in = B * h * w
-    block_p, block_k = _blocks(K)
+    block_p, block_k = _blocks(K, x)
     _upsample_cross_entropy_bwd_kernel[(triton.cdiv(n_in, block_p), triton.cdiv(K, block_k))](
         gx, x, labels, lse, coef, n_in, h, w, H, W, K, h / H, w / W, _window(h, H), _window(w, W),
         BLOCK_P=block_p, BLOCK_K=block_k,

@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
+from .._triton_launch import gpu_launch_config
 
-__all__ = ["upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
+__all__ = ["launch_config", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
 
 MAX_MAPS = 4
 
@@ -196,10 +197,20 @@ def _window(n_in: int, n_out: int) -> int:
     return min(int(math.ceil(2.0 * n_out / n_in)) + 4, n_out)
 
 
-def _blocks(D: int) -> tuple[int, int]:
+def launch_config(D: int, gpu: bool) -> dict[str, int]:
+    """Pixels (BLOCK_P) x channels (BLOCK_D) per program, for D channels; ``gpu``: see gpu_launch_config.
+
+    On a GPU a tile holds about 4096 elements; the interpreter takes 128 pixels whatever D, so
+    that it runs fewer (larger) programs.
+    """
     block_d = min(128, triton.next_power_of_2(D))
-    block_p = max(1, 4096 // block_d) if torch.cuda.is_available() else 128  # fewer interpreter programs
-    return block_p, block_d
+    block_p = max(1, 4096 // block_d) if gpu else 128
+    return {"BLOCK_P": block_p, "BLOCK_D": block_d}
+
+
+def _blocks(D: int, t: torch.Tensor) -> tuple[int, int]:
+    cfg = launch_config(D, gpu_launch_config(t))
+    return cfg["BLOCK_P"], cfg["BLOCK_D"]
 
 
 def upsample_sum_fwd_triton(
@@ -209,7 +220,7 @@ def upsample_sum_fwd_triton(
     B, D = maps[0].shape[0], maps[0].shape[3]
     out = empty(B, H, W, D, dtype=maps[0].dtype, device=maps[0].device)
     n_pix = B * H * W
-    block_p, block_d = _blocks(D)
+    block_p, block_d = _blocks(D, maps[0])
     zs = [maps[min(i, len(maps) - 1)] for i in range(MAX_MAPS)]
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(D, block_d))
     _upsample_sum_fwd_kernel[grid](
@@ -235,7 +246,7 @@ def upsample_sum_bwd_triton(
     out (the forward output) only for relu. Returns (grads of the maps, dscale, dshift) in fp32."""
     B, H, W, D = grad.shape
     n_pix = B * H * W
-    block_p, block_d = _blocks(D)
+    block_p, block_d = _blocks(D, grad)
     dscale = dshift = None
     if relu or scale is not None or need_dscale or need_dshift:
         n_blocks = triton.cdiv(n_pix, block_p)
