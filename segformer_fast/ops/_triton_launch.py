@@ -1,4 +1,4 @@
-"""What every Triton launcher decides before it launches: the launch configuration.
+"""What every Triton launcher decides before it launches: the launch configuration and the dtypes.
 
 Launch configuration. A launcher picks its block sizes (and num_warps/num_stages where it sets
 them) from the tensor it is given, never from ``torch.cuda.is_available()``: a tensor that is
@@ -6,16 +6,21 @@ not on the CPU (cuda, or meta when compiling ahead of time) gets the GPU configu
 tensor runs in Triton's interpreter and gets a small one that keeps the interpreter's program
 count down. :func:`force_gpu_launch_config` is for tests only: inside it CPU tensors get the GPU
 configuration too, so the interpreter runs the block sizes and masks a GPU launch runs.
+
+bfloat16. Triton's interpreter computes bf16 ``tl.dot`` wrongly (a bf16 SegFormer agreed with
+the reference on 48% of pixels), so every launcher refuses bf16 CPU tensors under the
+interpreter (:func:`check_interpreter_dtypes`); fp16 and fp32 run there, bf16 runs on a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["gpu_launch_config", "force_gpu_launch_config"]
+__all__ = ["gpu_launch_config", "force_gpu_launch_config", "interpreting", "check_interpreter_dtypes"]
 
 _forced = 0  # depth of nested force_gpu_launch_config() blocks
 
@@ -40,3 +45,25 @@ def force_gpu_launch_config() -> Iterator[None]:
     finally:
         _forced -= 1
 
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET is set: Triton kernels given CPU tensors run in the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_interpreter_dtypes(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise TypeError when a bfloat16 CPU tensor would run through the Triton interpreter.
+
+    Args:
+        op: the op's name, for the message.
+        tensors: the launcher's tensor arguments (None entries are skipped).
+    """
+    if not interpreting():
+        return
+    for t in tensors:
+        if t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu":
+            raise TypeError(
+                f"{op} (triton): the Triton interpreter's bfloat16 arithmetic is wrong (bf16 tl.dot); "
+                f"got a bfloat16 tensor of shape {tuple(t.shape)} on the CPU. Use float16 or float32 with the "
+                "interpreter, or run bfloat16 on a GPU"
+            )

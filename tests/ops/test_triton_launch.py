@@ -1,9 +1,22 @@
-"""segformer_fast.ops._triton_launch: launch configuration by tensor device."""
+"""segformer_fast.ops._triton_launch: launch configuration by tensor device, and bf16 refused by the interpreter."""
 
 import pytest
 import torch
 
-from segformer_fast.ops._triton_launch import force_gpu_launch_config, gpu_launch_config
+from segformer_fast.backends import available_backends
+from segformer_fast.ops._triton_launch import force_gpu_launch_config, gpu_launch_config, interpreting
+
+
+def _interpreter_skip_reason():
+    status = available_backends()["triton"]
+    if not status.available:
+        return f"triton backend unavailable: {status.reason}"
+    if not interpreting():
+        return "runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)"
+    return None
+
+
+needs_interpreter = pytest.mark.skipif(_interpreter_skip_reason() is not None, reason=_interpreter_skip_reason() or "")
 
 
 def test_gpu_configuration_follows_the_tensor_device():
@@ -39,3 +52,79 @@ def test_launchers_pick_blocks_by_device():
     assert us.launch_config(768, gpu=True) == {"BLOCK_P": 32, "BLOCK_D": 128}  # the GPU sizes, unchanged
     assert uce.launch_config(150, gpu=True) == {"BLOCK_P": 32, "BLOCK_K": 64}
 
+
+def _bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def _sr_attention_fwd():
+    from segformer_fast.ops.sr_attention.triton_kernels import sr_attention_fwd_triton
+
+    sr_attention_fwd_triton(_bf16(1, 9, 32), _bf16(1, 4, 32), _bf16(1, 4, 32), 1, 32**-0.5)
+
+
+def _sr_attention_bwd():
+    from segformer_fast.ops.sr_attention.triton_kernels import sr_attention_bwd_triton
+
+    q, k, v, o = _bf16(1, 9, 32), _bf16(1, 4, 32), _bf16(1, 4, 32), _bf16(1, 9, 32)
+    sr_attention_bwd_triton(_bf16(1, 9, 32), q, k, v, o, torch.zeros(1, 1, 9), 1, 32**-0.5)
+
+
+def _dwconv_fwd():
+    from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_fwd
+
+    dwconv3x3_gelu_fwd(_bf16(1, 12, 5), (3, 4), _bf16(5, 1, 3, 3), _bf16(5))
+
+
+def _dwconv_bwd():
+    from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_bwd
+
+    dwconv3x3_gelu_bwd(_bf16(1, 12, 5), _bf16(1, 12, 5), (3, 4), _bf16(5, 1, 3, 3), _bf16(5))
+
+
+def _upsample_sum_fwd():
+    from segformer_fast.ops.upsample_sum.triton_kernels import upsample_sum_fwd_triton
+
+    upsample_sum_fwd_triton([_bf16(1, 3, 4, 8), _bf16(1, 2, 2, 8)], 6, 8, None, None, False)
+
+
+def _upsample_sum_bwd():
+    from segformer_fast.ops.upsample_sum.triton_kernels import upsample_sum_bwd_triton
+
+    upsample_sum_bwd_triton(_bf16(1, 6, 8, 8), [(3, 4), (2, 2)], [], None, None, False, False, False)
+
+
+def _upsample_cross_entropy_fwd():
+    from segformer_fast.ops.upsample_cross_entropy.triton_kernels import upsample_cross_entropy_fwd_triton
+
+    upsample_cross_entropy_fwd_triton(_bf16(1, 3, 4, 5), torch.randint(0, 5, (1, 6, 8)), 255)
+
+
+def _upsample_cross_entropy_bwd():
+    from segformer_fast.ops.upsample_cross_entropy.triton_kernels import upsample_cross_entropy_bwd_triton
+
+    coef, lse = torch.rand(1, 6, 8), torch.rand(1, 6, 8)
+    upsample_cross_entropy_bwd_triton(coef, _bf16(1, 3, 4, 5), torch.randint(0, 5, (1, 6, 8)), lse)
+
+
+LAUNCHERS = [_sr_attention_fwd, _sr_attention_bwd, _dwconv_fwd, _dwconv_bwd, _upsample_sum_fwd, _upsample_sum_bwd,
+             _upsample_cross_entropy_fwd, _upsample_cross_entropy_bwd]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("launch", LAUNCHERS, ids=lambda f: f.__name__.lstrip("_"))
+def test_interpreter_refuses_bfloat16(launch):
+    with pytest.raises(TypeError, match=r"Triton interpreter's bfloat16 arithmetic is wrong.*float16 or float32.*GPU"):
+        launch()
+    with force_gpu_launch_config(), pytest.raises(TypeError, match="bfloat16"):
+        launch()
+
+
+@needs_interpreter
+def test_public_op_with_triton_backend_refuses_bfloat16():
+    from segformer_fast.ops import upsample_cross_entropy
+
+    logits = torch.randn(1, 5, 3, 4).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 arithmetic is wrong"):
+        upsample_cross_entropy(logits, torch.randint(0, 5, (1, 6, 8)), backend="triton")
+    upsample_cross_entropy(logits.half(), torch.randint(0, 5, (1, 6, 8)), backend="triton")  # fp16 still runs

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
+from .._triton_launch import check_interpreter_dtypes
 
 __all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES"]
 
@@ -270,6 +271,7 @@ def dwconv3x3_gelu_fwd(
 ) -> torch.Tensor:
     """GELU(dwconv3x3(x) + bias). x (B, N, C) contiguous, weight (C, 1, 3, 3), bias (C,); returns (B, N, C)."""
     _check(x, hw, weight, bias, approximate)
+    check_interpreter_dtypes("dwconv3x3_gelu", x, weight, bias)
     b, n, c = x.shape
     h, w = hw
     y = empty(b, n, c, dtype=x.dtype, device=x.device)
@@ -302,6 +304,7 @@ def dwconv3x3_gelu_bwd(
             f"grad_y must be a contiguous float32/float16/bfloat16 tensor, got {grad_y.dtype} with shape "
             f"{tuple(grad_y.shape)} strides {grad_y.stride()}"
         )
+    check_interpreter_dtypes("dwconv3x3_gelu", grad_y, x, weight, bias)
     b, n, c = x.shape
     h, w = hw
     rows, block_w, block_c = _blocks(h, w, c)

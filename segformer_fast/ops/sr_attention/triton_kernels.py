@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
+from .._triton_launch import check_interpreter_dtypes
 
 __all__ = ["TRITON_HEAD_DIMS", "launch_config", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
 
@@ -195,6 +196,7 @@ def launch_config() -> dict[str, int]:
 
 def sr_attention_fwd_triton(q, k, v, num_heads: int, scale: float, lse=None):
     """O (B, N, C) and lse (B, h, N) fp32. With ``lse`` given, recompute O from it (no online softmax)."""
+    check_interpreter_dtypes("sr_attention", q, k, v)
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
@@ -220,6 +222,7 @@ def sr_attention_fwd_triton(q, k, v, num_heads: int, scale: float, lse=None):
 
 def sr_attention_bwd_triton(do, q, k, v, out, lse, num_heads: int, scale: float):
     """dQ (B, N, C) and dK, dV (B, M, C) written side by side into one (B, M, 2C) tensor, returned as views."""
+    check_interpreter_dtypes("sr_attention", do, q, k, v, out)
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from .._triton_launch import gpu_launch_config
+from .._triton_launch import check_interpreter_dtypes, gpu_launch_config
 from ..upsample_sum.triton_kernels import _source_index, _window, _window_weight
 
 __all__ = ["launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
@@ -134,6 +134,7 @@ def upsample_cross_entropy_fwd_triton(
     x: torch.Tensor, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: contiguous (B, h, w, K) logits; labels: contiguous int64 (B, H, W). Returns (nll, lse), (B, H, W) fp32."""
+    check_interpreter_dtypes("upsample_cross_entropy", x)
     B, h, w, K = x.shape
     H, W = labels.shape[-2:]
     nll = empty(B, H, W, dtype=torch.float32, device=x.device)
@@ -151,6 +152,7 @@ def upsample_cross_entropy_bwd_triton(
     coef: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor
 ) -> torch.Tensor:
     """coef, lse: contiguous (B, H, W) fp32; x: (B, h, w, K). Returns d(sum coef * nll)/dx, (B, h, w, K) fp32."""
+    check_interpreter_dtypes("upsample_cross_entropy", x, coef, lse)
     B, h, w, K = x.shape
     H, W = labels.shape[-2:]
     gx = empty(B, h, w, K, dtype=torch.float32, device=x.device)

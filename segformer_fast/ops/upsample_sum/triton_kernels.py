@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from .._triton_launch import gpu_launch_config
+from .._triton_launch import check_interpreter_dtypes, gpu_launch_config
 
 __all__ = ["launch_config", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
 
@@ -217,6 +217,7 @@ def upsample_sum_fwd_triton(
     maps: list[torch.Tensor], H: int, W: int, scale: torch.Tensor | None, shift: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
     """maps: 1..4 contiguous (B, h_i, w_i, D); scale/shift fp32 (D,) or None. Returns (B, H, W, D)."""
+    check_interpreter_dtypes("upsample_sum", *maps)
     B, D = maps[0].shape[0], maps[0].shape[3]
     out = empty(B, H, W, D, dtype=maps[0].dtype, device=maps[0].device)
     n_pix = B * H * W
@@ -244,6 +245,7 @@ def upsample_sum_bwd_triton(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """grad: contiguous (B, H, W, D); sizes: (h_i, w_i) per map; maps needed only for need_dscale,
     out (the forward output) only for relu. Returns (grads of the maps, dscale, dshift) in fp32."""
+    check_interpreter_dtypes("upsample_sum", grad, *maps, out)
     B, H, W, D = grad.shape
     n_pix = B * H * W
     block_p, block_d = _blocks(D, grad)
