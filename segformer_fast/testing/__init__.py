@@ -36,3 +36,16 @@ def cuda_backend_unavailable_reason(needs: str = "") -> str | None:
     if needs and not hasattr(ext, needs):
         return f"segformer_fast._C_cuda was built without {needs}; rebuild it"
     return None
+
+
+def interpreter_unavailable_reason() -> str | None:
+    """Why a test that runs Triton's interpreter on CPU tensors cannot run here (None when it can)."""
+    from ..backends import available_backends
+    from ..ops._triton_launch import interpreting
+
+    status = available_backends()["triton"]
+    if not status.available:
+        return f"triton backend unavailable: {status.reason}"
+    if not interpreting():
+        return "runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)"
+    return None

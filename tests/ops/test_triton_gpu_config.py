@@ -16,23 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.backends import available_backends
-from segformer_fast.ops._triton_launch import force_gpu_launch_config, interpreting
+from segformer_fast.ops._triton_launch import force_gpu_launch_config
 from segformer_fast.ops.dwconv3x3_gelu import dwconv3x3_gelu_reference
 from segformer_fast.ops.upsample_cross_entropy import upsample_cross_entropy_reference
 from segformer_fast.ops.upsample_sum import upsample_sum_reference
+from segformer_fast.testing import interpreter_unavailable_reason
 
-
-def _skip_reason():
-    status = available_backends()["triton"]
-    if not status.available:
-        return f"triton backend unavailable: {status.reason}"
-    if not interpreting():
-        return "runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+_REASON = interpreter_unavailable_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 

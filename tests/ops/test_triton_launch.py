@@ -3,20 +3,11 @@
 import pytest
 import torch
 
-from segformer_fast.backends import available_backends
-from segformer_fast.ops._triton_launch import force_gpu_launch_config, gpu_launch_config, interpreting
+from segformer_fast.ops._triton_launch import force_gpu_launch_config, gpu_launch_config
+from segformer_fast.testing import interpreter_unavailable_reason
 
-
-def _interpreter_skip_reason():
-    status = available_backends()["triton"]
-    if not status.available:
-        return f"triton backend unavailable: {status.reason}"
-    if not interpreting():
-        return "runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)"
-    return None
-
-
-needs_interpreter = pytest.mark.skipif(_interpreter_skip_reason() is not None, reason=_interpreter_skip_reason() or "")
+_REASON = interpreter_unavailable_reason()
+needs_interpreter = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 def test_gpu_configuration_follows_the_tensor_device():
