@@ -3,10 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
-__all__ = ["LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
+__all__ = ["MemoryMode", "MEMORY_MODES", "LAYER_MEMORY_MODES", "LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
            "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "get_setr_config"]
+
+
+class MemoryMode(str, enum.Enum):
+    """What training keeps for backward. A ``str`` enum: ``MemoryMode.SAVE == "save"``.
+
+    - ``SAVE``: the fused ops' own minimum (the fused FFN/MLP keeps its input and fc1's output).
+    - ``RECOMPUTE``: the fused FFN/MLP keeps only its input and recomputes the rest in backward.
+    - ``CHECKPOINT``: ``RECOMPUTE`` in the layers plus activation checkpointing of whole blocks
+      (and, in SegFormer, the patch embeddings, stage norms and decoder): each keeps only its input
+      and reruns its forward in backward.
+
+    Models take all three; a layer takes ``LAYER_MEMORY_MODES`` (see :attr:`layer`).
+
+    Example:
+        >>> MemoryMode.parse("checkpoint").layer
+        <MemoryMode.RECOMPUTE: 'recompute'>
+    """
+
+    SAVE = "save"
+    RECOMPUTE = "recompute"
+    CHECKPOINT = "checkpoint"
+
+    @classmethod
+    def parse(cls, value, allowed=None) -> "MemoryMode":
+        """The mode named by ``value`` (a string or a MemoryMode).
+
+        Args:
+            value: "save", "recompute", "checkpoint" or a MemoryMode.
+            allowed: the modes accepted (default: all of them).
+        Returns:
+            The MemoryMode. Raises ValueError naming the accepted modes for anything else.
+        """
+        names = MEMORY_MODES if allowed is None else tuple(cls(a).value for a in allowed)
+        if value not in names:
+            raise ValueError(f"memory must be one of {names}, got {value!r}")
+        return cls(value)
+
+    @property
+    def layer(self) -> "MemoryMode":
+        """The mode for the layers inside a block: checkpointing is the model's, so CHECKPOINT -> RECOMPUTE."""
+        return MemoryMode.RECOMPUTE if self is MemoryMode.CHECKPOINT else self
+
+
+MEMORY_MODES: tuple[str, ...] = tuple(m.value for m in MemoryMode)  # all modes (argparse choices)
+LAYER_MEMORY_MODES: tuple[str, ...] = (MemoryMode.SAVE.value, MemoryMode.RECOMPUTE.value)  # a layer's modes
 
 
 @dataclass(frozen=True)

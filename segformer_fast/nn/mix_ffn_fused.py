@@ -23,13 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import validate_backend
+from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.dwconv3x3_gelu import dwconv3x3_gelu
 from ..ops.dwconv3x3_gelu.op import _dwconv3x3_gelu_backward_op, _dwconv3x3_gelu_op
 from ._autocast import fp32_under_autocast
 
 __all__ = ["FusedMixFFN"]
-
-_MEMORY_MODES = ("save", "recompute")
 
 
 class _MixFFNFunction(torch.autograd.Function):
@@ -98,8 +97,7 @@ class FusedMixFFN(nn.Module):
         approximate: str = "none",
     ):
         super().__init__()
-        if memory not in _MEMORY_MODES:
-            raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
+        MemoryMode.parse(memory, allowed=LAYER_MEMORY_MODES)
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.fc1 = nn.Linear(dim, hidden_dim)

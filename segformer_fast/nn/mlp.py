@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.mlp_gelu import mlp_gelu
 from ._autocast import fp32_under_autocast
 
 __all__ = ["Mlp", "FusedMlp"]
-
-_MEMORY_MODES = ("save", "recompute")
 
 
 class Mlp(nn.Module):
@@ -42,8 +41,7 @@ class FusedMlp(Mlp):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, memory: str = "save"):
         super().__init__(dim, hidden_dim, drop)
-        if memory not in _MEMORY_MODES:
-            raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
+        MemoryMode.parse(memory, allowed=LAYER_MEMORY_MODES)
         self.memory = memory
 
     @fp32_under_autocast
