@@ -6,7 +6,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-__all__ = ["MemoryMode", "MEMORY_MODES", "LAYER_MEMORY_MODES", "LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
+__all__ = ["MemoryMode", "MEMORY_MODES", "LAYER_MEMORY_MODES",
+           "LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
            "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "get_setr_config"]
 
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .configs import MEMORY_MODES
 from .utils.memory import SavedTensorRecorder
 
 __all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "register"]
 
 COMPONENTS = ("patch embed", "attention", "Mix-FFN", "MLP", "decoder", "loss", "other")  # MLP: SETR's ViT MLP
-MODES = ("save", "recompute", "checkpoint")
+MODES = MEMORY_MODES
 OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 _MIN_FIT_SIDE = 64
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backends import default_backend, validate_backend
-from ..configs import LayerNormEps, SegFormerConfig, get_config
+from ..configs import MEMORY_MODES, LayerNormEps, MemoryMode, SegFormerConfig, get_config  # noqa: F401  (MEMORY_MODES: old home)
 from ..nn import AllMLPDecoder, Block, OverlapPatchEmbed
 from ..nn.decode_head_fused import FusedAllMLPDecoder
 from ..ops.upsample_cross_entropy import upsample_cross_entropy
@@ -20,10 +20,6 @@ from ..ops.upsample_cross_entropy import upsample_cross_entropy
 __all__ = ["MiTStage", "MiTEncoder", "SegFormer", "segformer", "MIN_IMAGE_SIDE", "check_image_batch"]
 
 MIN_IMAGE_SIDE = 32  # below this, stage 1's 8x8 spatial reduction has no full patch
-# What training keeps for backward: "save" (the fused ops' own minimum), "recompute" (Mix-FFN keeps
-# only its input), "checkpoint" ("recompute" plus activation checkpointing of every block, patch
-# embedding, stage norm and the decoder: each keeps only its input, the forward reruns in backward).
-MEMORY_MODES = ("save", "recompute", "checkpoint")
 
 
 def _run(fn, *args, checkpointed: bool):
@@ -92,6 +88,7 @@ class MiTStage(nn.Module):
     def __init__(self, cfg: SegFormerConfig, i: int, drop_path: list[float], backend: str | None = None,
                  memory: str = "save"):
         super().__init__()
+        mode = MemoryMode.parse(memory)
         dim = cfg.hidden_sizes[i]
         in_ch = cfg.in_channels if i == 0 else cfg.hidden_sizes[i - 1]
         self.patch_embed = OverlapPatchEmbed(in_ch, dim, cfg.patch_sizes[i], cfg.strides[i], eps=cfg.ln_eps.patch)
@@ -108,12 +105,12 @@ class MiTStage(nn.Module):
                 eps=cfg.ln_eps.block,
                 sr_eps=cfg.ln_eps.sr,
                 backend=backend,
-                memory="recompute" if memory == "checkpoint" else memory,
+                memory=mode.layer.value,
             )
             for p in drop_path
         )
         self.norm = nn.LayerNorm(dim, eps=cfg.ln_eps.stage)
-        self.checkpoint = memory == "checkpoint"
+        self.checkpoint = mode is MemoryMode.CHECKPOINT
 
     def _finish(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         x = self.norm(x)  # (B, N, C)
@@ -167,8 +164,7 @@ class SegFormer(nn.Module):
 
     def __init__(self, config: SegFormerConfig, backend: str = "auto", memory: str = "save"):
         super().__init__()
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        memory = MemoryMode.parse(memory).value  # stored as the plain string
         self.config = config
         self.backend = validate_backend(backend)
         self.memory = memory

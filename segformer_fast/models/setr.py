@@ -15,18 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import default_backend, validate_backend
-from ..configs import SETRConfig, get_setr_config
+from ..configs import MEMORY_MODES, MemoryMode, SETRConfig, get_setr_config  # noqa: F401  (MEMORY_MODES: old home)
 from ..nn.setr_heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUpHead
 from ..nn.setr_heads_fused import FusedMLANeck, FusedSETRMLAHead, FusedSETRUpHead
 from ..nn.vit_block import ViTBlock
 from .segformer import SegFormer, _init_weights, _run, check_image_batch
 
 __all__ = ["ViTEncoder", "SETR", "SETROutput", "setr", "setr_loss"]
-
-# What training keeps for backward: "save" (the fused MLP keeps x and fc1's output), "recompute" (x
-# only, see nn.mlp.FusedMlp), "checkpoint" ("recompute" plus activation checkpointing of every
-# encoder block: each block keeps only its input and reruns its forward in backward).
-MEMORY_MODES = ("save", "recompute", "checkpoint")
 
 
 class SETROutput(NamedTuple):
@@ -53,6 +48,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, cfg: SETRConfig, backend: str | None = None, memory: str = "save"):
         super().__init__()
+        mode = MemoryMode.parse(memory)
         self.config = cfg
         c, g = cfg.embed_dim, cfg.grid_size
         self.patch_embed = nn.Conv2d(cfg.in_channels, c, cfg.patch_size, stride=cfg.patch_size)
@@ -62,10 +58,10 @@ class ViTEncoder(nn.Module):
         rates = [cfg.drop_path_rate * k / max(cfg.depth - 1, 1) for k in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             ViTBlock(c, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, p, cfg.ln_eps, backend,
-                     "recompute" if memory == "checkpoint" else memory)
+                     mode.layer.value)
             for p in rates
         )
-        self.checkpoint = memory == "checkpoint"
+        self.checkpoint = mode is MemoryMode.CHECKPOINT
 
     def position_embedding(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cls part (1, 1, C), grid part (1, h*w, C)), the grid resized bilinearly to h x w if needed."""
@@ -118,8 +114,7 @@ class SETR(nn.Module):
 
     def __init__(self, config: SETRConfig, backend: str = "auto", memory: str = "save", aux: bool = True):
         super().__init__()
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        memory = MemoryMode.parse(memory).value  # stored as the plain string
         self.config, self.memory, self.aux = config, memory, bool(aux)
         self.backend = validate_backend(backend)
         fused = self.backend != "torch"  # "torch" is the pure reference; every other backend the fused layers
@@ -272,7 +267,7 @@ def setr(decoder: str = "pup", num_classes: int = 150, img_size: int = 512, back
         aux: build the auxiliary heads (their logits come back in training).
         variant: the encoder, "vit-l16" (default: 1024 dim, 24 blocks, 16 heads) or "vit-b16".
         memory: what training keeps for backward: "save" (default), "recompute" or "checkpoint"
-            (see ``MEMORY_MODES``); the fused layers only, the reference backend keeps what eager does
+            (see ``segformer_fast.configs.MemoryMode``); the fused layers only, the reference backend keeps what eager does
             (with "checkpoint" it still checkpoints the encoder blocks).
         **overrides: any SETRConfig field, e.g. ``embed_dim=768, depth=12, num_heads=12``.
     Returns:

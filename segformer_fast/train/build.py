@@ -9,14 +9,13 @@ A built model is recorded as {"architecture": "segformer" | "setr", "config": it
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 from torch import nn
 
 from ..benchmark import SETR_MODELS
-from ..configs import SEGFORMER_VARIANTS, SegFormerConfig, SETRConfig, get_setr_config
+from ..configs import MEMORY_MODES, SEGFORMER_VARIANTS, SegFormerConfig, SETRConfig, get_setr_config
 
 __all__ = ["MODEL_NAMES", "is_setr", "memory_modes", "build_model", "model_record", "model_from_record",
            "classifier_names", "load_into", "load_native", "save_model", "load_model_file"]
@@ -39,10 +38,9 @@ def _check_name(name: str) -> None:
 
 
 def memory_modes(name: str) -> tuple[str, ...]:
-    """The activation-memory modes the named model supports."""
+    """The activation-memory modes the named model supports (all of ``configs.MemoryMode``, for SegFormer and SETR)."""
     _check_name(name)
-    module = "segformer_fast.models.setr" if is_setr(name) else "segformer_fast.models.segformer"
-    return tuple(importlib.import_module(module).MEMORY_MODES)
+    return MEMORY_MODES
 
 
 def build_model(name: str, num_classes: int, backend: str | None = None, memory: str = "save",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 
+from ..configs import MEMORY_MODES
 from .build import MODEL_NAMES
 
 __all__ = ["register"]
@@ -146,8 +146,6 @@ def register(subparsers) -> None:
     """Add the train, predict and evaluate subcommands to ``segformer-fast``."""
     from .trainer import TrainConfig
 
-    segformer_module = importlib.import_module("segformer_fast.models.segformer")  # MEMORY_MODES, read now
-
     d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="train SegFormer or SETR (default: built-in synthetic data, no download)",
@@ -177,7 +175,7 @@ def register(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0.01)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default steps/20, at most 1500)")
     p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
-    p.add_argument("--memory", default=d.memory, choices=segformer_module.MEMORY_MODES,
+    p.add_argument("--memory", default=d.memory, choices=MEMORY_MODES,
                    help="activation memory mode (default save): save, recompute or checkpoint, for SegFormer and SETR")
     p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
     p.add_argument("--weights", default=None, help="initial weights, any layout load_weights reads (backbone-only OK)")

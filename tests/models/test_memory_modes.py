@@ -24,7 +24,7 @@ TINY = dict(num_classes=5, depths=(1, 2, 1, 1))  # dropout and drop path left on
 
 def _models(**kw):
     models = {}
-    for mode in segformer_module.MEMORY_MODES:
+    for mode in sf.configs.MEMORY_MODES:
         torch.manual_seed(0)
         models[mode] = sf.segformer("b0", memory=mode, **TINY, **kw)
     for m in models.values():
