@@ -19,8 +19,14 @@
 #include "dwconv3x3_gelu/dwconv3x3_gelu.h"
 
 #include "common.cuh"
+#include "common/gelu.h"
 
 using segformer_fast::from_float;
+using segformer_fast::gelu_erf;
+using segformer_fast::gelu_erf_grad;
+using segformer_fast::gelu_tanh;
+using segformer_fast::gelu_tanh_grad;
+using segformer_fast::LibmMath;
 using segformer_fast::to_float;
 
 namespace {
@@ -32,21 +38,15 @@ constexpr int kReduceThreads = 256;
 
 template <int ACT>
 __device__ __forceinline__ float act_fwd(float z) {
-  if (ACT == segformer_fast::kActGeluErf) return 0.5f * z * (1.0f + erff(z * 0.7071067811865476f));
-  if (ACT == segformer_fast::kActGeluTanh)
-    return 0.5f * z * (1.0f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+  if (ACT == segformer_fast::kActGeluErf) return gelu_erf<LibmMath>(z);
+  if (ACT == segformer_fast::kActGeluTanh) return gelu_tanh<LibmMath>(z);
   return z;
 }
 
 template <int ACT>
 __device__ __forceinline__ float act_grad(float z) {
-  if (ACT == segformer_fast::kActGeluTanh) {
-    const float t = tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z));
-    const float du = 0.7978845608028654f * (1.0f + 0.134145f * z * z);
-    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
-  }
-  const float cdf = 0.5f * (1.0f + erff(z * 0.7071067811865476f));
-  return cdf + z * 0.3989422804014327f * expf(-0.5f * z * z);
+  if (ACT == segformer_fast::kActGeluTanh) return gelu_tanh_grad<LibmMath>(z);
+  return gelu_erf_grad<LibmMath>(z);
 }
 
 // Row r, columns col-1, col, col+1 of channel c in image b (rows of the image start at img_row = b * H).

@@ -2,9 +2,9 @@
 //
 // Tokens are channels-last, so for each output position the 9 taps are 9 contiguous rows of C
 // floats; the inner loop runs over channels with no branches (a tap outside the image points at a
-// row of zeros), so it vectorises. GELU uses branch-free erf / exp approximations (Abramowitz &
-// Stegun 7.1.26 for erf, |error| < 1.5e-7; exp by range reduction and a degree-7 polynomial), since
-// std::erf / std::exp are not vectorised without -ffast-math.
+// row of zeros), so it vectorises. GELU (common/gelu.h) runs on branch-free erf / exp approximations
+// (Abramowitz & Stegun 7.1.26 for erf, |error| < 1.5e-7; exp by range reduction and a degree-7
+// polynomial), since std::erf / std::exp are not vectorised without -ffast-math.
 // Parallel over rows (forward, grad_x) and over fixed blocks of rows (weight-gradient partials):
 // the block partition depends on the shape only, so results do not depend on the thread count.
 #include "dwconv3x3_gelu/dwconv3x3_gelu.h"
@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "common/gelu.h"
 
 namespace segformer_fast {
 namespace {
@@ -81,12 +83,19 @@ inline vf erf_v(vf x) {
 
 inline vf tanh_v(vf u) { return 1.0f - 2.0f / (1.0f + exp_v(2.0f * u)); }
 
+// The transcendental functions of common/gelu.h on 4 lanes.
+struct VecMath {
+  static vf erf(vf x) { return erf_v(x); }
+  static vf exp(vf x) { return exp_v(x); }
+  static vf tanh(vf x) { return tanh_v(x); }
+};
+
 template <int ACT>
 inline vf act_fwd(vf z) {
   if constexpr (ACT == kActGeluErf) {
-    return 0.5f * z * (1.0f + erf_v(z * 0.7071067811865476f));
+    return gelu_erf<VecMath>(z);
   } else if constexpr (ACT == kActGeluTanh) {
-    return 0.5f * z * (1.0f + tanh_v(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+    return gelu_tanh<VecMath>(z);
   } else {
     return z;
   }
@@ -95,12 +104,9 @@ inline vf act_fwd(vf z) {
 template <int ACT>
 inline vf act_grad(vf z) {
   if constexpr (ACT == kActGeluErf) {
-    const vf cdf = 0.5f * (1.0f + erf_v(z * 0.7071067811865476f));
-    return cdf + z * 0.3989422804014327f * exp_v(-0.5f * z * z);
+    return gelu_erf_grad<VecMath>(z);
   } else {
-    const vf t = tanh_v(0.7978845608028654f * (z + 0.044715f * z * z * z));
-    const vf du = 0.7978845608028654f * (1.0f + 0.134145f * z * z);
-    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
+    return gelu_tanh_grad<VecMath>(z);
   }
 }
 

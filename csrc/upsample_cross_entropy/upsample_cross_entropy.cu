@@ -1,8 +1,9 @@
 // Upsampled cross-entropy, CUDA kernels (plain CUDA, no torch headers). See upsample_cross_entropy.h.
 //
 // Forward: one warp per output pixel. The lanes stride over the K classes of the 4-tap bilinear
-// gather (each tap a contiguous K-vector, so loads coalesce), keep a running max and rescaled sum,
-// and combine them with warp shuffles; lane 0 writes lse and nll.
+// gather (PyTorch's align_corners=False index rule, common/bilinear.h; each tap a contiguous
+// K-vector, so loads coalesce), keep a running max and rescaled sum, and combine them with warp
+// shuffles; lane 0 writes lse and nll.
 // Backward: one thread per (low-resolution pixel, class), classes fastest. Each thread walks the
 // window of output pixels that can read its pixel and accumulates
 // a_p * coef_p * (exp(z_pk - lse_p) - [y_p == k]), recomputing z_pk from the four taps: the
@@ -14,30 +15,13 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "common/bilinear.h"
 
 namespace segformer_fast {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kBwdThreads = 256;
-
-struct Tap {
-  int64_t i0, i1;
-  float l1;
-};
-
-// PyTorch's upsample_bilinear2d index rule (align_corners=False): src clamped at 0.
-__device__ __forceinline__ Tap source_index(int64_t o, float scale, int64_t n_in) {
-  float src = fmaxf(scale * (static_cast<float>(o) + 0.5f) - 0.5f, 0.f);
-  const int64_t i0 = static_cast<int64_t>(src);
-  return {i0, i0 < n_in - 1 ? i0 + 1 : i0, fminf(fmaxf(src - static_cast<float>(i0), 0.f), 1.f)};
-}
-
-// Weight with which output index o reads input index i (0 when it does not).
-__device__ __forceinline__ float window_weight(int64_t o, int64_t i, float scale, int64_t n_in) {
-  const Tap t = source_index(o, scale, n_in);
-  return (t.i0 == i ? 1.f - t.l1 : 0.f) + (t.i1 == i ? t.l1 : 0.f);
-}
 
 struct Gather {
   int64_t o00, o01, o10, o11;  // element offsets of the four taps' K-vectors
@@ -46,7 +30,7 @@ struct Gather {
 
 __device__ __forceinline__ Gather taps(int64_t b, int64_t oh, int64_t ow, int64_t h, int64_t w, int64_t K,
                                        float scale_h, float scale_w) {
-  const Tap ty = source_index(oh, scale_h, h), tx = source_index(ow, scale_w, w);
+  const BilinearTap ty = bilinear_tap(oh, scale_h, h), tx = bilinear_tap(ow, scale_w, w);
   const int64_t r0 = (b * h + ty.i0) * w, r1 = (b * h + ty.i1) * w;
   return {(r0 + tx.i0) * K, (r0 + tx.i1) * K, (r1 + tx.i0) * K, (r1 + tx.i1) * K, ty.l1, tx.l1};
 }
@@ -97,17 +81,15 @@ __global__ void bwd_kernel(T* __restrict__ grad_x, const float* __restrict__ coe
   if (idx >= n) return;
   const int64_t k = idx % K, pix = idx / K;
   const int64_t iw = pix % w, ih = (pix / w) % h, b = pix / (w * h);
-  // First output index that can read input i (one index of margin; weights are recomputed exactly).
-  const int64_t lo_h = max(static_cast<int64_t>(floorf((ih - 0.5f) / scale_h - 0.5f)) - 1, int64_t(0));
-  const int64_t lo_w = max(static_cast<int64_t>(floorf((iw - 0.5f) / scale_w - 0.5f)) - 1, int64_t(0));
+  const int64_t lo_h = bilinear_first_reader(ih, scale_h), lo_w = bilinear_first_reader(iw, scale_w);
   float acc = 0.f;
   for (int r = 0; r < rh && lo_h + r < H; ++r) {
     const int64_t oh = lo_h + r;
-    const float wy = window_weight(oh, ih, scale_h, h);
+    const float wy = bilinear_weight(oh, ih, scale_h, h);
     if (wy == 0.f) continue;
     for (int c = 0; c < rw && lo_w + c < W; ++c) {
       const int64_t ow = lo_w + c;
-      const float wt = wy * window_weight(ow, iw, scale_w, w);
+      const float wt = wy * bilinear_weight(ow, iw, scale_w, w);
       if (wt == 0.f) continue;
       const int64_t p = (b * H + oh) * W + ow;
       const float cp = coef[p];
@@ -119,20 +101,14 @@ __global__ void bwd_kernel(T* __restrict__ grad_x, const float* __restrict__ coe
   grad_x[idx] = from_float<T>(acc);
 }
 
-int window(int64_t n_in, int64_t n_out) {
-  // Output indices reading one input index lie in a run of at most 2 / scale + 2, plus the margin.
-  const int64_t run = (2 * n_out + n_in - 1) / n_in + 4;
-  return static_cast<int>(run < n_out ? run : n_out);
-}
-
 template <typename T>
 int launch_fwd(float* nll, float* lse, const void* x, const int64_t* labels, int64_t B, int64_t h, int64_t w,
                int64_t K, int64_t H, int64_t W, int64_t ignore_index, cudaStream_t stream) {
   const int64_t n_pix = B * H * W;
   const int64_t blocks = (n_pix + kWarpsPerBlock - 1) / kWarpsPerBlock;
   fwd_kernel<T><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(
-      nll, lse, static_cast<const T*>(x), labels, n_pix, h, w, K, H, W, static_cast<float>(h) / H,
-      static_cast<float>(w) / W, ignore_index);
+      nll, lse, static_cast<const T*>(x), labels, n_pix, h, w, K, H, W, bilinear_scale(h, H), bilinear_scale(w, W),
+      ignore_index);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -142,8 +118,8 @@ int launch_bwd(void* grad_x, const float* coef, const void* x, const int64_t* la
   const int64_t n = B * h * w * K;
   const int64_t blocks = (n + kBwdThreads - 1) / kBwdThreads;
   bwd_kernel<T><<<static_cast<unsigned>(blocks), kBwdThreads, 0, stream>>>(
-      static_cast<T*>(grad_x), coef, static_cast<const T*>(x), labels, lse, n, h, w, K, H, W,
-      static_cast<float>(h) / H, static_cast<float>(w) / W, window(h, H), window(w, W));
+      static_cast<T*>(grad_x), coef, static_cast<const T*>(x), labels, lse, n, h, w, K, H, W, bilinear_scale(h, H),
+      bilinear_scale(w, W), static_cast<int>(bilinear_window(h, H)), static_cast<int>(bilinear_window(w, W)));
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -14,25 +14,27 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/bilinear.h"
+
 namespace segformer_fast {
 namespace {
 
 constexpr int64_t kChunk = 8;
 
-// PyTorch's upsample_bilinear2d index rule (align_corners=False) for every output index.
+// PyTorch's upsample_bilinear2d index rule (align_corners=False, common/bilinear.h) for every
+// output index.
 struct Axis {
   std::vector<int64_t> i0, i1;
   std::vector<float> l0, l1;
 
   Axis(int64_t n_in, int64_t n_out) : i0(n_out), i1(n_out), l0(n_out), l1(n_out) {
-    const float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
+    const float scale = bilinear_scale(n_in, n_out);
     for (int64_t o = 0; o < n_out; ++o) {
-      const float src = std::max(scale * (static_cast<float>(o) + 0.5f) - 0.5f, 0.f);
-      const int64_t lo = static_cast<int64_t>(src);
-      i0[o] = lo;
-      i1[o] = lo + (lo < n_in - 1 ? 1 : 0);
-      l1[o] = std::min(std::max(src - static_cast<float>(lo), 0.f), 1.f);
-      l0[o] = 1.f - l1[o];
+      const BilinearTap tap = bilinear_tap(o, scale, n_in);
+      i0[o] = tap.i0;
+      i1[o] = tap.i1;
+      l1[o] = tap.l1;
+      l0[o] = 1.f - tap.l1;
     }
   }
 };

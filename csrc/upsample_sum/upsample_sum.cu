@@ -2,21 +2,21 @@
 //
 // fp32 / fp16 / bf16 storage, fp32 arithmetic. One thread per (pixel, channel) element with the
 // channel fastest, so every warp reads and writes contiguous channel runs of the NHWC tensors.
-// Forward: the 4-tap bilinear gather of each map (PyTorch's align_corners=False index rule),
-// summed, then affine and ReLU. Backward: a prep kernel masks and scales the gradient into an fp32
-// workspace and writes per-chunk partial sums for dscale/dshift (block tree reduction, then a fixed-
-// order sum over chunks); the adjoint of each map's upsampling is a gather over the window of
-// output pixels that read each input pixel. No atomics: results are deterministic.
+// Forward: the 4-tap bilinear gather of each map (PyTorch's align_corners=False index rule,
+// common/bilinear.h), summed, then affine and ReLU. Backward: a prep kernel masks and scales the
+// gradient into an fp32 workspace and writes per-chunk partial sums for dscale/dshift (block tree
+// reduction, then a fixed-order sum over chunks); the adjoint of each map's upsampling is a gather
+// over the window of output pixels that read each input pixel. No atomics: results are deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "upsample_sum/upsample_sum.h"
 
 #include "common.cuh"
+#include "common/bilinear.h"
 
 namespace segformer_fast {
 
@@ -35,23 +35,6 @@ struct MapArgs {
   int n;
 };
 
-// PyTorch: src = scale * (dst + 0.5) - 0.5 clamped at 0; i1 = i0 + (i0 < n_in - 1).
-__device__ __forceinline__ void source_index(int64_t o, float scale, int64_t n_in, int64_t& i0, int64_t& i1, float& l1) {
-  float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
-  src = src < 0.f ? 0.f : src;
-  i0 = static_cast<int64_t>(src);
-  i1 = i0 + (i0 < n_in - 1 ? 1 : 0);
-  l1 = fminf(fmaxf(src - static_cast<float>(i0), 0.f), 1.f);
-}
-
-// Weight with which output index o reads input index i (0 when it does not).
-__device__ __forceinline__ float tap_weight(int64_t o, int64_t i, float scale, int64_t n_in) {
-  int64_t i0, i1;
-  float l1;
-  source_index(o, scale, n_in, i0, i1, l1);
-  return (i0 == i ? 1.f - l1 : 0.f) + (i1 == i ? l1 : 0.f);
-}
-
 template <typename T>
 __device__ __forceinline__ float gather_sum(const MapArgs& ma, int64_t b, int64_t oh, int64_t ow, int64_t d, int64_t D) {
   float acc = 0.f;
@@ -60,15 +43,13 @@ __device__ __forceinline__ float gather_sum(const MapArgs& ma, int64_t b, int64_
     if (m >= ma.n) break;
     const T* z = static_cast<const T*>(ma.ptr[m]);
     const int64_t h = ma.h[m], w = ma.w[m];
-    int64_t y0, y1, x0, x1;
-    float ly, lx;
-    source_index(oh, ma.sh[m], h, y0, y1, ly);
-    source_index(ow, ma.sw[m], w, x0, x1, lx);
-    const int64_t r0 = (b * h + y0) * w, r1 = (b * h + y1) * w;
-    const float v00 = to_float<T>(z[(r0 + x0) * D + d]);
-    const float v01 = to_float<T>(z[(r0 + x1) * D + d]);
-    const float v10 = to_float<T>(z[(r1 + x0) * D + d]);
-    const float v11 = to_float<T>(z[(r1 + x1) * D + d]);
+    const BilinearTap ty = bilinear_tap(oh, ma.sh[m], h), tx = bilinear_tap(ow, ma.sw[m], w);
+    const float ly = ty.l1, lx = tx.l1;
+    const int64_t r0 = (b * h + ty.i0) * w, r1 = (b * h + ty.i1) * w;
+    const float v00 = to_float<T>(z[(r0 + tx.i0) * D + d]);
+    const float v01 = to_float<T>(z[(r0 + tx.i1) * D + d]);
+    const float v10 = to_float<T>(z[(r1 + tx.i0) * D + d]);
+    const float v11 = to_float<T>(z[(r1 + tx.i1) * D + d]);
     acc += (1.f - ly) * ((1.f - lx) * v00 + lx * v01) + ly * ((1.f - lx) * v10 + lx * v11);
   }
   return acc;
@@ -147,32 +128,23 @@ __global__ void upsample_sum_bwd_kernel(T* __restrict__ gz, const G* __restrict_
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = idx % D, p = idx / D;
     const int64_t iw = p % w, ih = (p / w) % h, b = p / (w * h);
-    // First output index that can read input i: o >= (i - 0.5) / scale - 0.5; one index of margin.
-    int64_t lo_h = static_cast<int64_t>(floorf((static_cast<float>(ih) - 0.5f) / sh - 0.5f)) - 1;
-    int64_t lo_w = static_cast<int64_t>(floorf((static_cast<float>(iw) - 0.5f) / sw - 0.5f)) - 1;
-    lo_h = lo_h < 0 ? 0 : lo_h;
-    lo_w = lo_w < 0 ? 0 : lo_w;
+    const int64_t lo_h = bilinear_first_reader(ih, sh), lo_w = bilinear_first_reader(iw, sw);
     const int64_t hi_h = lo_h + win_h < H ? lo_h + win_h : H;
     const int64_t hi_w = lo_w + win_w < W ? lo_w + win_w : W;
     float acc = 0.f;
     for (int64_t oh = lo_h; oh < hi_h; ++oh) {
-      const float wy = tap_weight(oh, ih, sh, h);
+      const float wy = bilinear_weight(oh, ih, sh, h);
       if (wy == 0.f) continue;
       const G* row = g + (b * H + oh) * W * D + d;
       float racc = 0.f;
       for (int64_t ow = lo_w; ow < hi_w; ++ow) {
-        const float wx = tap_weight(ow, iw, sw, w);
+        const float wx = bilinear_weight(ow, iw, sw, w);
         if (wx != 0.f) racc += wx * to_float<G>(row[ow * D]);
       }
       acc += wy * racc;
     }
     gz[idx] = from_float<T>(acc);
   }
-}
-
-int64_t window(int64_t n_in, int64_t n_out) {
-  const int64_t r = static_cast<int64_t>(std::ceil(2.0 * static_cast<double>(n_out) / static_cast<double>(n_in))) + 4;
-  return r < n_out ? r : n_out;
 }
 
 unsigned int grid_for(int64_t total) {
@@ -191,8 +163,8 @@ MapArgs make_map_args(const void* const* maps, const int64_t* hs, const int64_t*
     ma.ptr[m] = maps ? maps[m] : nullptr;
     ma.h[m] = hs[m];
     ma.w[m] = ws[m];
-    ma.sh[m] = static_cast<float>(hs[m]) / static_cast<float>(H);
-    ma.sw[m] = static_cast<float>(ws[m]) / static_cast<float>(W);
+    ma.sh[m] = bilinear_scale(hs[m], H);
+    ma.sw[m] = bilinear_scale(ws[m], W);
   }
   return ma;
 }
@@ -227,13 +199,14 @@ int bwd_impl(void* const* grad_maps, const void* grad, const void* out, const Ma
   }
   for (int m = 0; m < ma.n; ++m) {
     const int64_t h = ma.h[m], w = ma.w[m], n_in = B * h * w;
+    const int64_t win_h = bilinear_window(h, H), win_w = bilinear_window(w, W);
     T* gz = static_cast<T*>(grad_maps[m]);
     if (prep) {
       upsample_sum_bwd_kernel<float, T><<<grid_for(n_in * D), kThreads, 0, stream>>>(
-          gz, workspace, n_in, h, w, ma.sh[m], ma.sw[m], H, W, D, window(h, H), window(w, W));
+          gz, workspace, n_in, h, w, ma.sh[m], ma.sw[m], H, W, D, win_h, win_w);
     } else {
       upsample_sum_bwd_kernel<T, T><<<grid_for(n_in * D), kThreads, 0, stream>>>(
-          gz, static_cast<const T*>(grad), n_in, h, w, ma.sh[m], ma.sw[m], H, W, D, window(h, H), window(w, W));
+          gz, static_cast<const T*>(grad), n_in, h, w, ma.sh[m], ma.sw[m], H, W, D, win_h, win_w);
     }
   }
   return static_cast<int>(cudaGetLastError());

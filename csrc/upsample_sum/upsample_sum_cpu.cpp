@@ -15,11 +15,12 @@
 #include <utility>
 #include <vector>
 
+#include "common/bilinear.h"
+
 namespace segformer_fast {
 namespace {
 
-// PyTorch's upsample_bilinear2d index rule (align_corners=False): scale = in / out in fp32,
-// src = scale * (dst + 0.5) - 0.5 clamped at 0, i1 = i0 + (i0 < in - 1).
+// PyTorch's upsample_bilinear2d index rule (align_corners=False, common/bilinear.h), tabulated.
 struct Taps {
   std::vector<int64_t> i0, i1;
   std::vector<float> l0, l1;
@@ -33,16 +34,13 @@ Taps make_taps(int64_t n_in, int64_t n_out) {
   t.l0.resize(n_out);
   t.l1.resize(n_out);
   t.identity = n_in == n_out;
-  const float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
+  const float scale = bilinear_scale(n_in, n_out);
   for (int64_t o = 0; o < n_out; ++o) {
-    float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
-    if (src < 0.f) src = 0.f;
-    const int64_t i0 = static_cast<int64_t>(src);
-    const float l1 = std::min(std::max(src - static_cast<float>(i0), 0.f), 1.f);
-    t.i0[o] = i0;
-    t.i1[o] = i0 + (i0 < n_in - 1 ? 1 : 0);
-    t.l1[o] = l1;
-    t.l0[o] = 1.f - l1;
+    const BilinearTap tap = bilinear_tap(o, scale, n_in);
+    t.i0[o] = tap.i0;
+    t.i1[o] = tap.i1;
+    t.l1[o] = tap.l1;
+    t.l0[o] = 1.f - tap.l1;
   }
   return t;
 }
