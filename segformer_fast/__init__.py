@@ -7,7 +7,7 @@ from .backends import available_backends
 from .export import export_onnx
 from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
 from .io import CheckpointMismatchError, LoadReport, export_state_dict, from_pretrained, load_weights, save_weights
-from .models import SegFormer, segformer
+from .models import SegFormer, segformer, segformer_loss_reference
 from .models.setr import SETR, setr, setr_loss
 from .io.setr_weights import load_setr_weights
 from .patch import is_patched, patch, unpatch
@@ -32,6 +32,7 @@ __all__ = [
     "patch",
     "unpatch",
     "segformer",
+    "segformer_loss_reference",
     "SETR",
     "setr",
     "setr_loss",

@@ -198,7 +198,7 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
     if variant in SETR_MODELS:
         return _setr_models(variant, num_classes, backend, seed)
     from .configs import get_config
-    from .models.segformer import SegFormer
+    from .models.segformer import SegFormer, segformer_loss_reference
 
     torch.manual_seed(seed)
     cfg = get_config(variant, num_classes=num_classes)
@@ -213,7 +213,7 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
         from .io.hf import to_hf
 
         hf_model = to_hf(reference, attn_implementation="eager")
-        out["hf eager"] = (hf_model, lambda x: hf_model(pixel_values=x).logits, SegFormer.loss)
+        out["hf eager"] = (hf_model, lambda x: hf_model(pixel_values=x).logits, segformer_loss_reference)
     return out
 
 

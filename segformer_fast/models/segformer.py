@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,8 @@ from ..nn import AllMLPDecoder, Block, OverlapPatchEmbed
 from ..nn.decode_head_fused import FusedAllMLPDecoder
 from ..ops.upsample_cross_entropy import upsample_cross_entropy
 
-__all__ = ["MiTStage", "MiTEncoder", "SegFormer", "segformer", "MIN_IMAGE_SIDE", "check_image_batch"]
+__all__ = ["MiTStage", "MiTEncoder", "SegFormer", "segformer", "segformer_loss_reference", "MIN_IMAGE_SIDE",
+           "check_image_batch"]
 
 MIN_IMAGE_SIDE = 32  # below this, stage 1's 8x8 spatial reduction has no full patch
 
@@ -39,17 +39,6 @@ def _buffers_kept(module: nn.Module):
         with torch.no_grad():
             for b, saved in kept:
                 b.copy_(saved)
-
-
-class _LossMethod:
-    """``model.loss(...)`` dispatches on the model's backend; ``SegFormer.loss(...)`` on the class is the reference."""
-
-    def __init__(self, method, reference):
-        self.method, self.reference = method, reference
-        self.__doc__ = method.__doc__
-
-    def __get__(self, obj, objtype=None):
-        return self.reference if obj is None else types.MethodType(self.method, obj)
 
 
 def check_image_batch(images: torch.Tensor, in_channels: int, min_side: int, param: torch.Tensor) -> None:
@@ -203,20 +192,13 @@ class SegFormer(nn.Module):
 
         return _run(decode, *feats, checkpointed=True)
 
-    @staticmethod
-    def _reference_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
-        _check_labels(logits, labels)
-        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(up, labels.long(), weight=weight, ignore_index=ignore_index)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of logits upsampled (bilinear, align_corners=False) to the labels' size.
 
-        Backend "torch" computes it literally (F.interpolate + F.cross_entropy); every other
-        backend uses the fused segformer_fast.ops.upsample_cross_entropy, which never stores the
-        full-resolution logits. ``SegFormer.loss(logits, labels)`` called on the class is the literal form.
+        Backend "torch" computes it literally (:func:`segformer_loss_reference`: F.interpolate +
+        F.cross_entropy); every other backend uses the fused segformer_fast.ops.upsample_cross_entropy,
+        which never stores the full-resolution logits.
 
         Args:
             logits: (B, K, h, w). labels: (B, H, W) integer class ids; ``ignore_index`` pixels are skipped.
@@ -225,11 +207,9 @@ class SegFormer(nn.Module):
             The mean loss over non-ignored pixels (a scalar).
         """
         if self.backend == "torch":
-            return self._reference_loss(logits, labels, ignore_index, weight)
+            return segformer_loss_reference(logits, labels, ignore_index, weight)
         _check_labels(logits, labels)
         return upsample_cross_entropy(logits, labels, ignore_index, weight, backend=self.backend)
-
-    loss = _LossMethod(_loss, _reference_loss.__func__)
 
     def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
         """Which implementation each fused op runs with on ``device`` (default: the model's)."""
@@ -258,6 +238,25 @@ class SegFormer(nn.Module):
     def extra_repr(self) -> str:
         return (f"variant={self.config.name}, num_classes={self.config.num_classes}, backend={self.backend!r}, "
                 f"memory={self.memory!r}")
+
+
+def segformer_loss_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+                             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SegFormer's loss, literally: logits upsampled (bilinear, align_corners=False) to the labels'
+    size, then F.cross_entropy. The oracle for :meth:`SegFormer.loss` on the fused backends.
+
+    Args:
+        logits: (B, K, h, w). labels: (B, H, W) integer class ids; ``ignore_index`` pixels are skipped.
+        weight: optional (K,) class weights (weighted mean, as F.cross_entropy).
+    Returns:
+        The mean loss over non-ignored pixels (a scalar).
+
+    Example:
+        >>> loss = segformer_loss_reference(torch.randn(2, 19, 16, 16), torch.randint(0, 19, (2, 64, 64)))
+    """
+    _check_labels(logits, labels)
+    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(up, labels.long(), weight=weight, ignore_index=ignore_index)
 
 
 def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:

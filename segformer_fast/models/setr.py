@@ -19,7 +19,7 @@ from ..configs import MEMORY_MODES, MemoryMode, SETRConfig, get_setr_config  # n
 from ..nn.setr_heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUpHead
 from ..nn.setr_heads_fused import FusedMLANeck, FusedSETRMLAHead, FusedSETRUpHead
 from ..nn.vit_block import ViTBlock
-from .segformer import SegFormer, _init_weights, _run, check_image_batch
+from .segformer import SegFormer, _init_weights, _run, check_image_batch, segformer_loss_reference
 
 __all__ = ["ViTEncoder", "SETR", "SETROutput", "setr", "setr_loss"]
 
@@ -299,4 +299,4 @@ def setr_loss(outputs: SETROutput | torch.Tensor, labels: torch.Tensor, aux_weig
         main, aux = outputs, ()
     else:
         main, aux = outputs[0], tuple(outputs[1])
-    return _main_plus_aux([SegFormer.loss(o, labels, ignore_index) for o in (main, *aux)], aux_weight)
+    return _main_plus_aux([segformer_loss_reference(o, labels, ignore_index) for o in (main, *aux)], aux_weight)

@@ -95,14 +95,14 @@ def test_loss_matches_manual_upsampled_cross_entropy():
     logits = torch.randn(2, 4, 9, 7, requires_grad=True)
     labels = torch.randint(0, 4, (2, 33, 27))
     labels[0, :5] = 255
-    got = sf.SegFormer.loss(logits, labels)
+    got = sf.segformer_loss_reference(logits, labels)
     up = torch.nn.functional.interpolate(logits, size=(33, 27), mode="bilinear", align_corners=False)
     want = torch.nn.functional.cross_entropy(up, labels, ignore_index=255)
     torch.testing.assert_close(got, want)
     with pytest.raises(TypeError, match="integer"):
-        sf.SegFormer.loss(logits, labels.float())
+        sf.segformer_loss_reference(logits, labels.float())
     with pytest.raises(ValueError, match=r"\(B, H, W\)"):
-        sf.SegFormer.loss(logits, labels[0])
+        sf.segformer_loss_reference(logits, labels[0])
 
 
 def test_autocast_bf16_runs_on_cpu():
