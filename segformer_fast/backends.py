@@ -34,6 +34,8 @@ __all__ = [
     "resolve_backend",
     "cpu_extension",
     "cuda_extension",
+    "runs_on",
+    "triton_interpret",
 ]
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
@@ -176,14 +178,14 @@ def resolve_backend(backend: str, device_type: str, implemented: tuple[str, ...]
     status = available_backends()
     if name == "auto":
         for cand in _AUTO_ORDER.get(device_type, ("torch",)):
-            if cand in implemented and status[cand].available and _runs_on(cand, device_type):
+            if cand in implemented and status[cand].available and runs_on(cand, device_type):
                 return _RESOLVED.setdefault(key, cand)
         return _RESOLVED.setdefault(key, "torch")
     if name not in implemented:
         raise NotImplementedError(f"this op has no {name!r} implementation; it has {implemented}")
     if not status[name].available:
         raise RuntimeError(f"backend {name!r} is not available: {status[name].reason}")
-    if not _runs_on(name, device_type):
+    if not runs_on(name, device_type):
         raise ValueError(f"backend {name!r} cannot run on {device_type} tensors")
     return _RESOLVED.setdefault(key, name)
 
@@ -191,7 +193,8 @@ def resolve_backend(backend: str, device_type: str, implemented: tuple[str, ...]
 _RESOLVED: dict[tuple, str] = {}  # successful resolve_backend results (failures are not cached)
 
 
-def _runs_on(backend: str, device_type: str) -> bool:
+def runs_on(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` runs on tensors of ``device_type`` here (Triton on the CPU: the interpreter)."""
     if backend == "torch":
         return True
     if backend == "cpp":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import default_backend, validate_backend
+from ..backends import validate_backend
 from ..ops.sr_attention import sr_attention
 from ..ops.sr_attention.op import sr_attention_inference
 from .attention import SpatialReductionAttention
@@ -57,9 +57,7 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
         """x: (B, N, C) with N = H*W; returns (B, N, C)."""
         if self.training and self.attn_drop > 0:
             return super().forward(x, hw)  # attention dropout needs the probabilities: reference path
-        backend = default_backend() if self.backend == "auto" else self.backend
-        if backend == "cpp":  # the environment's default; this op has no C++ CPU kernel, let "auto" pick
-            backend = "auto"
+        backend = self.backend  # "auto" reads SEGFORMER_FAST_BACKEND in the resolver, as every op does
         w, eps = self._op_weights()
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # inference: the weights are this module's own (checked at construction), so only x is

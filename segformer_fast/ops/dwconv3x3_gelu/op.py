@@ -15,25 +15,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...backends import cpu_extension, cuda_extension, resolve_backend, validate_backend
+from ...backends import cpu_extension, cuda_extension, validate_backend
+from ...dispatch import Impl, OpSpec, register
 from ...utils.debug import empty
+from .._math import gelu_grad
 from .reference import dwconv3x3_gelu_reference
 
 __all__ = ["dwconv3x3_gelu", "IMPLEMENTED"]
 
-IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
 _ACT_CODES = {"none": 1, "tanh": 2}  # the compiled kernels' GELU codes (0 is identity)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _gelu_grad(z: torch.Tensor, approximate: str) -> torch.Tensor:
-    """dGELU/dz, fp32."""
-    if approximate == "tanh":
-        k0 = 0.7978845608028654  # sqrt(2 / pi)
-        t = torch.tanh(k0 * (z + 0.044715 * z**3))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k0 * (1.0 + 0.134145 * z * z)
-    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
-    return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
 
 
 def _torch_bwd(grad_y, x, hw, weight, bias, approximate):
@@ -43,7 +34,7 @@ def _torch_bwd(grad_y, x, hw, weight, bias, approximate):
     xf = x.float().transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
     wf = weight.float()
     z = F.conv2d(xf, wf, bias.float(), padding=1, groups=c)
-    gz = grad_y.float().transpose(1, 2).reshape(b, c, h, w) * _gelu_grad(z, approximate)
+    gz = grad_y.float().transpose(1, 2).reshape(b, c, h, w) * gelu_grad(z, approximate)
     grad_x = F.conv2d(gz, wf.flip(-1, -2), padding=1, groups=c)  # transposed conv = conv with the kernel flipped
     grad_w = torch.nn.grad.conv2d_weight(xf, wf.shape, gz, padding=1, groups=c)
     grad_b = gz.sum((0, 2, 3))
@@ -51,71 +42,80 @@ def _torch_bwd(grad_y, x, hw, weight, bias, approximate):
     return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype)
 
 
-def _cpp_module():
-    ext = cpu_extension()
-    if ext is None or not hasattr(ext, "dwconv3x3_gelu_fwd"):
-        raise RuntimeError(
-            "segformer_fast._C_cpu has no dwconv3x3_gelu; build it with `pip install --no-build-isolation -e .`"
-        )
-    return ext
+def _torch_fwd(x, hw, weight, bias, approximate):
+    return dwconv3x3_gelu_reference(x, hw, weight, bias, approximate)
 
 
-def _cuda_module():
-    ext = cuda_extension()
-    if ext is None or not hasattr(ext, "dwconv3x3_gelu_fwd"):
-        raise RuntimeError(
-            "segformer_fast._C_cuda has no dwconv3x3_gelu; build it with `pip install --no-build-isolation -e .` "
-            "where torch has CUDA and nvcc is found"
-        )
-    return ext
+def _triton_fwd(x, hw, weight, bias, approximate):
+    from .triton_kernels import dwconv3x3_gelu_fwd
+
+    return dwconv3x3_gelu_fwd(x, hw, weight, bias, approximate)
 
 
-def _forward_impl(x, hw, weight, bias, approximate, backend):
-    name = resolve_backend(backend, x.device.type, IMPLEMENTED)
-    if name == "torch":
-        return dwconv3x3_gelu_reference(x, hw, weight, bias, approximate)
-    if name == "triton":
-        from .triton_kernels import dwconv3x3_gelu_fwd
+def _triton_bwd(grad_y, x, hw, weight, bias, approximate):
+    from .triton_kernels import dwconv3x3_gelu_bwd
 
-        return dwconv3x3_gelu_fwd(x, hw, weight, bias, approximate)
+    return dwconv3x3_gelu_bwd(grad_y, x, hw, weight, bias, approximate)
+
+
+def _cpp_fwd(x, hw, weight, bias, approximate):  # fp32 kernels: other dtypes are upcast
     b, n, c = x.shape
-    if name == "cpp":  # fp32 kernels: other dtypes are upcast
-        y = empty(b, n, c, dtype=torch.float32, device=x.device)
-        _cpp_module().dwconv3x3_gelu_fwd(
-            x.float().contiguous(), weight.float().contiguous(), bias.float().contiguous(), y, hw[0], hw[1],
-            _ACT_CODES[approximate],
-        )  # fmt: skip
-        return y.to(x.dtype)
+    y = empty(b, n, c, dtype=torch.float32, device=x.device)
+    cpu_extension().dwconv3x3_gelu_fwd(
+        x.float().contiguous(), weight.float().contiguous(), bias.float().contiguous(), y, hw[0], hw[1],
+        _ACT_CODES[approximate],
+    )  # fmt: skip
+    return y.to(x.dtype)
+
+
+def _cpp_bwd(grad_y, x, hw, weight, bias, approximate):
+    b, n, c = x.shape
+    grad_w, grad_b = _param_grads(x, c)
+    grad_x = empty(b, n, c, dtype=torch.float32, device=x.device)
+    cpu_extension().dwconv3x3_gelu_bwd(
+        grad_y.float().contiguous(), x.float().contiguous(), weight.float().contiguous(),
+        bias.float().contiguous(), grad_x, grad_w, grad_b, hw[0], hw[1], _ACT_CODES[approximate],
+    )  # fmt: skip
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype)
+
+
+def _cuda_fwd(x, hw, weight, bias, approximate):
+    b, n, c = x.shape
     y = empty(b, n, c, dtype=x.dtype, device=x.device)
-    _cuda_module().dwconv3x3_gelu_fwd(x, weight, bias, y, hw[0], hw[1], _ACT_CODES[approximate])
+    cuda_extension().dwconv3x3_gelu_fwd(x, weight, bias, y, hw[0], hw[1], _ACT_CODES[approximate])
     return y
 
 
-def _backward_impl(grad_y, x, hw, weight, bias, approximate, backend):
-    name = resolve_backend(backend, x.device.type, IMPLEMENTED)
-    grad_y = grad_y.contiguous()
-    if name == "torch":
-        return _torch_bwd(grad_y, x, hw, weight, bias, approximate)
-    if name == "triton":
-        from .triton_kernels import dwconv3x3_gelu_bwd
-
-        return dwconv3x3_gelu_bwd(grad_y, x, hw, weight, bias, approximate)
+def _cuda_bwd(grad_y, x, hw, weight, bias, approximate):
     b, n, c = x.shape
-    grad_w = empty(c, 1, 3, 3, dtype=torch.float32, device=x.device)
-    grad_b = empty(c, dtype=torch.float32, device=x.device)
-    if name == "cpp":
-        grad_x = empty(b, n, c, dtype=torch.float32, device=x.device)
-        _cpp_module().dwconv3x3_gelu_bwd(
-            grad_y.float().contiguous(), x.float().contiguous(), weight.float().contiguous(),
-            bias.float().contiguous(), grad_x, grad_w, grad_b, hw[0], hw[1], _ACT_CODES[approximate],
-        )  # fmt: skip
-        grad_x = grad_x.to(x.dtype)
-    else:
-        grad_x = empty(b, n, c, dtype=x.dtype, device=x.device)
-        _cuda_module().dwconv3x3_gelu_bwd(
-            grad_y, x, weight, bias, grad_x, grad_w, grad_b, hw[0], hw[1], _ACT_CODES[approximate]
-        )
+    grad_w, grad_b = _param_grads(x, c)
+    grad_x = empty(b, n, c, dtype=x.dtype, device=x.device)
+    cuda_extension().dwconv3x3_gelu_bwd(grad_y, x, weight, bias, grad_x, grad_w, grad_b, hw[0], hw[1],
+                                        _ACT_CODES[approximate])
     return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype)
+
+
+def _param_grads(x, c):
+    # the compiled kernels write fp32 weight / bias gradients
+    return empty(c, 1, 3, 3, dtype=torch.float32, device=x.device), empty(c, dtype=torch.float32, device=x.device)
+
+
+_NEEDS = ("dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd")
+SPEC = register(OpSpec("dwconv3x3_gelu", [
+    Impl("torch", _torch_fwd, _torch_bwd, note="F.conv2d + GELU (NCHW views), fp32 backward"),
+    Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
+    Impl("cpp", _cpp_fwd, _cpp_bwd, needs=_NEEDS, note="C++/OpenMP, fp32 (other dtypes upcast)"),
+    Impl("cuda", _cuda_fwd, _cuda_bwd, needs=_NEEDS, note="CUDA kernels"),
+], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}))
+IMPLEMENTED = tuple(SPEC.impls)
+
+
+def _forward_impl(x, hw, weight, bias, approximate, backend):
+    return SPEC.resolve(backend, x).forward(x, hw, weight, bias, approximate)
+
+
+def _backward_impl(grad_y, x, hw, weight, bias, approximate, backend):
+    return SPEC.resolve(backend, x).backward(grad_y.contiguous(), x, hw, weight, bias, approximate)
 
 
 @torch.library.custom_op("segformer_fast::dwconv3x3_gelu", mutates_args=())

@@ -34,17 +34,19 @@ Implementations (``backend``):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ...backends import cuda_extension, resolve_backend, validate_backend
+from ...backends import cuda_extension, validate_backend
+from ...dispatch import Impl, OpSpec, register
 from .reduce import conv_weight_matrix, patchify, reduced_size, unpatchify_add
 
 __all__ = ["sr_attention", "IMPLEMENTED", "attention_core_fwd", "attention_core_bwd"]
 
-IMPLEMENTED = ("torch", "triton", "cuda")
 _CHUNK_ELEMS = 1 << 22  # max score-tile elements of the chunked torch core (16 MiB fp32)
 _WEIGHT_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "proj_weight", "proj_bias",
                  "sr_weight", "sr_bias", "norm_weight", "norm_bias")
@@ -118,63 +120,74 @@ def _chunked_core_bwd(do, q, k, v, o, lse, num_heads, scale):
     return _tokens(torch.cat(dqs, 2).to(q.dtype)), _tokens(dk.to(k.dtype)), _tokens(dv.to(v.dtype))
 
 
-def _use_triton_core(name: str, q: torch.Tensor, num_heads: int) -> bool:
-    if name == "torch" or q.dtype == torch.float64:
-        return False
-    from ...backends import available_backends
-
-    if name == "cuda" and not available_backends()["triton"].available:
-        return False
-    if name == "cuda" and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return False  # the cuda glue on CPU tensors (the test stand-in): the interpreter refuses bf16
+def _triton_core_condition(q: torch.Tensor, facts: dict) -> Optional[str]:
     from .triton_kernels import TRITON_HEAD_DIMS
 
-    return q.shape[2] // num_heads in TRITON_HEAD_DIMS
+    if facts["head_dim"] not in TRITON_HEAD_DIMS:
+        return f"head dim {facts['head_dim']} is not one of the Triton kernels' {TRITON_HEAD_DIMS}"
+    if q.dtype == torch.float64:
+        return "the Triton kernels take float32, float16 and bfloat16"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bfloat16 in Triton's interpreter is wrong (bf16 tl.dot)"
+    return None
 
 
-def attention_core_fwd(q, k, v, num_heads: int, scale: float, name: str = "torch", lse=None):
-    """Flash-style attention on token layouts. q: (B, N, C); k, v: (B, M, C) -> o (B, N, C), lse (B, h, N) fp32.
+def _triton_core_fwd(q, k, v, num_heads, scale, lse):
+    from .triton_kernels import sr_attention_fwd_triton
 
-    With ``lse`` given (the triton core) O is recomputed from it; the torch core recomputes both.
-    """
-    if _use_triton_core(name, q, num_heads):
-        from .triton_kernels import sr_attention_fwd_triton
+    return sr_attention_fwd_triton(q, k, v, num_heads, scale, None if lse is None else lse.contiguous())
 
-        o, lse2 = sr_attention_fwd_triton(q, k, v, num_heads, scale, None if lse is None else lse.contiguous())
-        return o, lse2
-    o, lse2 = _torch_core_fwd(q, k, v, num_heads, scale)
+
+def _triton_core_bwd(do, q, k, v, o, lse, num_heads, scale):
+    from .triton_kernels import sr_attention_bwd_triton
+
+    return sr_attention_bwd_triton(do.contiguous(), q, k, v, o, lse.contiguous(), num_heads, scale)
+
+
+def _torch_core_fwd_lse(q, k, v, num_heads, scale, lse):
+    o, lse2 = _torch_core_fwd(q, k, v, num_heads, scale)  # recomputes both; a given lse is kept
     return o, (lse2 if lse is None else lse)
 
 
-def attention_core_bwd(do, q, k, v, o, lse, num_heads: int, scale: float, name: str = "torch"):
-    """Gradients dq (B, N, C), dk, dv (B, M, C) of the attention core, recomputing P from q, k and lse."""
-    if _use_triton_core(name, q, num_heads):
-        from .triton_kernels import sr_attention_bwd_triton
+CORE = register(OpSpec("sr_attention.core", [
+    Impl("torch", _torch_core_fwd_lse, _torch_core_bwd,
+         note="ATen's flash-attention kernels on the CPU, else query-chunked PyTorch with bounded score tiles"),
+    Impl("triton", _triton_core_fwd, _triton_core_bwd, conditions=(_triton_core_condition,), fallback="torch",
+         note="flash-style Triton kernels (triton_kernels.py)"),
+], prefer={"*": ("triton", "torch")}))
 
-        return sr_attention_bwd_triton(do.contiguous(), q, k, v, o, lse.contiguous(), num_heads, scale)
-    return _torch_core_bwd(do, q, k, v, o, lse, num_heads, scale)
+
+def _core(request: str, q: torch.Tensor, num_heads: int) -> Impl:
+    # "torch"; "triton" (its declared fallback: torch); "auto": the best core present, whatever the environment says
+    return CORE.resolve(request, q, use_env=False, head_dim=q.shape[2] // num_heads)
+
+
+def attention_core_fwd(q, k, v, num_heads: int, scale: float, core: str = "torch", lse=None):
+    """Flash-style attention on token layouts. q: (B, N, C); k, v: (B, M, C) -> o (B, N, C), lse (B, h, N) fp32.
+
+    ``core``: "torch", "triton" or "auto" (the ``sr_attention.core`` spec). With ``lse`` given (the
+    triton core) O is recomputed from it; the torch core recomputes both.
+    """
+    return _core(core, q, num_heads).forward(q, k, v, num_heads, scale, lse)
+
+
+def attention_core_bwd(do, q, k, v, o, lse, num_heads: int, scale: float, core: str = "torch"):
+    """Gradients dq (B, N, C), dk, dv (B, M, C) of the attention core, recomputing P from q, k and lse."""
+    return _core(core, q, num_heads).backward(do, q, k, v, o, lse, num_heads, scale)
 
 
 # ---------------------------------------------------------------------------------------------
 # reduction + LayerNorm: kvx (B, M, C) from x, and its backward
 
 
-def _cuda_ext():
-    ext = cuda_extension()
-    if ext is None or not hasattr(ext, "sr_attention_bias_ln_fwd"):
-        raise RuntimeError("the cuda extension has no sr_attention kernels; rebuild with "
-                           "`pip install --no-build-isolation -e .` where torch has CUDA and nvcc is found")
-    return ext
-
-
-def _reduce_ln_fwd(x, hw, sr, w, eps, name):
+def _reduce_ln_fwd(x, hw, sr, w, eps, kind):
     """kvx (B, M, C) and what the backward needs (patches, pre-norm r, mean, rstd)."""
     if sr == 1:
         return x, None
     c = x.shape[2]
     wmat = conv_weight_matrix(w["sr_weight"])  # (C, sr*sr*C)
-    if name == "cuda":
-        ext = _cuda_ext()
+    if kind == "cuda":
+        ext = cuda_extension()
         patches = ext.sr_attention_patchify(x, hw[0], hw[1], sr)  # (B, M, sr*sr*C)
         r = torch.matmul(patches, wmat.t())  # (B, M, C), bias folded into the LN kernel
         kvx, mean, rstd = ext.sr_attention_bias_ln_fwd(r, w["sr_bias"], w["norm_weight"], w["norm_bias"], eps)
@@ -185,15 +198,15 @@ def _reduce_ln_fwd(x, hw, sr, w, eps, name):
     return kvx, (patches, r, mean, rstd)
 
 
-def _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name):
+def _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, kind):
     """Adds the reduction's input gradient into dx (in place); returns dsr_weight, dsr_bias, dnorm_weight, dnorm_bias."""
     if sr == 1:
         dx.add_(dkvx)
         return None, None, None, None
     patches, r, mean, rstd = saved
     c = dx.shape[2]
-    if name == "cuda":
-        dr, dnw, dnb, dsb = _cuda_ext().sr_attention_bias_ln_bwd(
+    if kind == "cuda":
+        dr, dnw, dnb, dsb = cuda_extension().sr_attention_bias_ln_bwd(
             dkvx.contiguous(), r, w["sr_bias"], w["norm_weight"], mean, rstd)
     else:
         dr, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
@@ -204,8 +217,8 @@ def _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name):
     dwmat = dr2.t() @ patches.reshape(dr2.shape[0], -1)  # (C, sr*sr*C)
     dsw = dwmat.view(c, sr, sr, c).permute(0, 3, 1, 2)  # back to the conv layout (C, C, sr, sr)
     dpatches = torch.matmul(dr, wmat)  # (B, M, sr*sr*C)
-    if name == "cuda":
-        _cuda_ext().sr_attention_unpatchify_add(dx, dpatches.contiguous(), hw[0], hw[1], sr)
+    if kind == "cuda":
+        cuda_extension().sr_attention_unpatchify_add(dx, dpatches.contiguous(), hw[0], hw[1], sr)
     else:
         unpatchify_add(dx, dpatches, hw, sr)
     return dsw.contiguous(), dsb, dnw, dnb
@@ -215,9 +228,9 @@ def _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name):
 # the whole layer
 
 
-def _qkv(x, hw, sr, w, eps, name):
+def _qkv(x, hw, sr, w, eps, kind):
     q = F.linear(x, w["q_weight"], w["q_bias"])  # (B, N, C)
-    kvx, saved = _reduce_ln_fwd(x, hw, sr, w, eps, name)  # (B, M, C)
+    kvx, saved = _reduce_ln_fwd(x, hw, sr, w, eps, kind)  # (B, M, C)
     # K and V as two matmuls on the shared reduced tokens: one matmul on [Wk; Wv] would need that
     # (2C, C) concatenation copied on every call, which costs more than it saves at M << N.
     k = F.linear(kvx, w["k_weight"], w["k_bias"])  # (B, M, C)
@@ -225,21 +238,21 @@ def _qkv(x, hw, sr, w, eps, name):
     return q, k, v, kvx, saved
 
 
-def _fwd(x, hw, num_heads, sr, w, eps, name):
-    q, k, v, _, _ = _qkv(x, hw, sr, w, eps, name)
-    o, lse = attention_core_fwd(q, k, v, num_heads, (x.shape[2] // num_heads) ** -0.5, name)
+def _fwd(x, hw, num_heads, sr, w, eps, kind, core):
+    q, k, v, _, _ = _qkv(x, hw, sr, w, eps, kind)
+    o, lse = attention_core_fwd(q, k, v, num_heads, (x.shape[2] // num_heads) ** -0.5, core)
     return F.linear(o, w["proj_weight"], w["proj_bias"]), lse
 
 
-def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, name):
+def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, kind, core):
     c = x.shape[2]
     scale = (c // num_heads) ** -0.5
-    q, k, v, kvx, saved = _qkv(x, hw, sr, w, eps, name)
-    o, _ = attention_core_fwd(q, k, v, num_heads, scale, name, lse=lse)  # recomputed from the saved lse
+    q, k, v, kvx, saved = _qkv(x, hw, sr, w, eps, kind)
+    o, _ = attention_core_fwd(q, k, v, num_heads, scale, core, lse=lse)  # recomputed from the saved lse
     dy2, o2 = dy.reshape(-1, c), o.reshape(-1, c)
     g = {"proj_weight": dy2.t() @ o2, "proj_bias": dy2.sum(0)}
     do = torch.matmul(dy, w["proj_weight"])  # (B, N, C)
-    dq, dk, dv = attention_core_bwd(do, q, k, v, o, lse, num_heads, scale, name)
+    dq, dk, dv = attention_core_bwd(do, q, k, v, o, lse, num_heads, scale, core)
     dq2 = dq.reshape(-1, c)
     g["q_weight"], g["q_bias"] = dq2.t() @ x.reshape(-1, c), dq2.sum(0)
     dx = torch.matmul(dq, w["q_weight"]).contiguous()  # (B, N, C)
@@ -248,17 +261,27 @@ def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, name):
         d2 = d.reshape(-1, c)
         g[f"{proj}_weight"], g[f"{proj}_bias"] = d2.t() @ kvx2, d2.sum(0)
     dkvx = torch.matmul(dk, w["k_weight"]).add_(torch.matmul(dv, w["v_weight"]))  # (B, M, C)
-    g["sr_weight"], g["sr_bias"], g["norm_weight"], g["norm_bias"] = _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, name)
+    g["sr_weight"], g["sr_bias"], g["norm_weight"], g["norm_bias"] = _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, kind)
     return dx, g
 
 
-def _resolve(backend: str, device_type: str) -> str:
-    name = resolve_backend(backend, device_type, IMPLEMENTED)
-    if name == "cuda" and backend == "auto":
-        ext = cuda_extension()
-        if ext is None or not hasattr(ext, "sr_attention_bias_ln_fwd"):  # extension built before this op
-            name = resolve_backend("auto", device_type, ("torch", "triton"))
-    return name
+def _impl(kind: str, core: str) -> tuple[Callable, Callable]:
+    # an implementation = the reduction's kind ("torch" or "cuda") + the attention core asked of sr_attention.core
+    return functools.partial(_fwd, kind=kind, core=core), functools.partial(_bwd, kind=kind, core=core)
+
+
+SPEC = register(OpSpec("sr_attention", [
+    Impl("torch", *_impl("torch", "torch"), note="PyTorch matmuls + the torch attention core"),
+    Impl("triton", *_impl("torch", "triton"),
+         note="PyTorch matmuls + the Triton attention core (sr_attention.core; torch for other head dims)"),
+    Impl("cuda", *_impl("cuda", "auto"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+         needs=("sr_attention_patchify", "sr_attention_unpatchify_add", "sr_attention_bias_ln_fwd",
+                "sr_attention_bias_ln_bwd"),
+         note="CUDA patch gather/scatter and bias+LayerNorm, cuBLAS matmuls, the best attention core present"),
+    Impl("cpp", *_impl("torch", "torch"),
+         note="no kernel of ours: the torch implementation, whose CPU core is ATen's C++ flash attention"),
+], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}))
+IMPLEMENTED = tuple(SPEC.impls)
 
 
 @torch.library.custom_op("segformer_fast::sr_attention", mutates_args=())
@@ -272,7 +295,7 @@ def _sr_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     w = dict(zip(_WEIGHT_NAMES, (q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
                                  sr_weight, sr_bias, norm_weight, norm_bias)))
-    y, lse = _fwd(x, (height, width), num_heads, sr, w, eps, _resolve(backend, x.device.type))
+    y, lse = SPEC.resolve(backend, x).forward(x, (height, width), num_heads, sr, w, eps)
     return y.contiguous(), lse.contiguous()
 
 
@@ -289,7 +312,7 @@ def _sr_attention_backward_op(
 ) -> list[torch.Tensor]:
     """Returns [dx] + the gradient of every weight in ``weights`` that is not None, in order."""
     w = dict(zip(_WEIGHT_NAMES, weights))
-    dx, g = _bwd(grad, x, lse, (height, width), num_heads, sr, w, eps, _resolve(backend, x.device.type))
+    dx, g = SPEC.resolve(backend, x).backward(grad, x, lse, (height, width), num_heads, sr, w, eps)
     return [dx] + [g[k].to(w[k].dtype).contiguous() for k in _WEIGHT_NAMES if w[k] is not None]
 
 
@@ -389,7 +412,7 @@ def sr_attention_inference(x: torch.Tensor, hw: tuple[int, int], num_heads: int,
 
 def _forward_only(x, hw, num_heads, sr, w, eps, backend) -> torch.Tensor:
     """y without the op dispatcher or autograd (inference), on checked arguments."""
-    return _fwd(x.contiguous(), tuple(hw), num_heads, sr, w, float(eps), _resolve(backend, x.device.type))[0]
+    return SPEC.resolve(backend, x).forward(x.contiguous(), tuple(hw), num_heads, sr, w, float(eps))[0]
 
 
 def sr_attention(

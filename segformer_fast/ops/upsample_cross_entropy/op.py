@@ -33,11 +33,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...backends import cpu_extension, cuda_extension, resolve_backend, validate_backend
+from ...backends import cpu_extension, cuda_extension, validate_backend
+from ...dispatch import Impl, OpSpec, register
+from .._math import bilinear_taps
 
 __all__ = ["upsample_cross_entropy", "IMPLEMENTED", "REDUCTIONS"]
 
-IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK_ELEMENTS = 1 << 22  # the torch implementation's (B, K, rows, W) chunk: 16 MiB in fp32
@@ -46,15 +47,10 @@ _CHUNK_ELEMENTS = 1 << 22  # the torch implementation's (B, K, rows, W) chunk: 1
 def _row_matrix(h: int, H: int, r0: int, r1: int, device) -> tuple[int, int, torch.Tensor]:
     """Bilinear row weights of output rows [r0, r1): (lo, hi, R) with R (r1 - r0, hi - lo) over input rows [lo, hi).
 
-    PyTorch's rule in fp32: scale = h / H, src = max(scale (o + 0.5) - 0.5, 0), taps floor(src)
-    and the next row (clamped), weights 1 - frac and frac.
+    PyTorch's rule (:func:`segformer_fast.ops._math.bilinear_taps`): taps floor(src) and the next
+    row (clamped), weights 1 - frac and frac.
     """
-    o = torch.arange(r0, r1, dtype=torch.float32, device=device)
-    scale = torch.tensor(h, dtype=torch.float32) / torch.tensor(H, dtype=torch.float32)
-    src = (scale.to(device) * (o + 0.5) - 0.5).clamp_min(0.0)
-    i0 = src.long()
-    l1 = (src - i0).clamp(0.0, 1.0)
-    i1 = torch.where(i0 < h - 1, i0 + 1, i0)
+    i0, i1, l1 = bilinear_taps(h, H, r0, r1, device)
     lo, hi = int(i0.min()), int(i1.max()) + 1
     rows = torch.arange(r1 - r0, device=device)
     mat = torch.zeros(r1 - r0, hi - lo, dtype=torch.float32, device=device)
@@ -108,41 +104,52 @@ def _torch_bwd(coef, x_nhwc, labels, lse):
     return grad.permute(0, 2, 3, 1)  # (B, h, w, K) view
 
 
-def _extension(name):
-    ext = cpu_extension() if name == "cpp" else cuda_extension()
-    if ext is None or not hasattr(ext, "upsample_cross_entropy_fwd"):
-        raise RuntimeError(
-            f"the {name} extension has no upsample_cross_entropy kernels; rebuild with `pip install --no-build-isolation -e .`"
-        )
-    return ext
+def _triton_fwd(x_nhwc, labels, ignore_index):
+    from .triton_kernels import upsample_cross_entropy_fwd_triton
+
+    return upsample_cross_entropy_fwd_triton(x_nhwc, labels, ignore_index)
+
+
+def _triton_bwd(coef, x_nhwc, labels, lse):
+    from .triton_kernels import upsample_cross_entropy_bwd_triton
+
+    return upsample_cross_entropy_bwd_triton(coef, x_nhwc, labels, lse)
+
+
+def _cpp_fwd(x_nhwc, labels, ignore_index):  # fp32 kernel: other dtypes are upcast (the logits are low resolution)
+    return tuple(cpu_extension().upsample_cross_entropy_fwd(x_nhwc.float().contiguous(), labels, ignore_index))
+
+
+def _cpp_bwd(coef, x_nhwc, labels, lse):
+    return cpu_extension().upsample_cross_entropy_bwd(coef, x_nhwc.float().contiguous(), labels, lse)
+
+
+def _cuda_fwd(x_nhwc, labels, ignore_index):
+    return tuple(cuda_extension().upsample_cross_entropy_fwd(x_nhwc, labels, ignore_index))
+
+
+def _cuda_bwd(coef, x_nhwc, labels, lse):
+    return cuda_extension().upsample_cross_entropy_bwd(coef, x_nhwc, labels, lse)
+
+
+_NEEDS = ("upsample_cross_entropy_fwd", "upsample_cross_entropy_bwd")
+SPEC = register(OpSpec("upsample_cross_entropy", [
+    Impl("torch", _torch_fwd, _torch_bwd, note="row-chunked PyTorch (interpolation matrices), fp32"),
+    Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
+    Impl("cpp", _cpp_fwd, _cpp_bwd, needs=_NEEDS, note="C++/OpenMP, fp32 (other dtypes upcast)"),
+    Impl("cuda", _cuda_fwd, _cuda_bwd, needs=_NEEDS, note="CUDA kernels"),
+], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}))
+IMPLEMENTED = tuple(SPEC.impls)
 
 
 def _fwd(x_nhwc, labels, ignore_index, backend):
     """Per-pixel (nll, lse), both (B, H, W) fp32; nll is 0 at ignored pixels."""
-    name = resolve_backend(backend, x_nhwc.device.type, IMPLEMENTED)
-    if name == "torch":
-        return _torch_fwd(x_nhwc, labels, ignore_index)
-    if name == "triton":
-        from .triton_kernels import upsample_cross_entropy_fwd_triton
-
-        return upsample_cross_entropy_fwd_triton(x_nhwc, labels, ignore_index)
-    if name == "cpp":  # fp32 kernel: other dtypes are upcast (the logits are low resolution)
-        return tuple(_extension("cpp").upsample_cross_entropy_fwd(x_nhwc.float().contiguous(), labels, ignore_index))
-    return tuple(_extension("cuda").upsample_cross_entropy_fwd(x_nhwc, labels, ignore_index))
+    return SPEC.resolve(backend, x_nhwc).forward(x_nhwc, labels, ignore_index)
 
 
 def _bwd(coef, x_nhwc, labels, lse, backend):
     """Gradient of sum_p coef_p nll_p with respect to the (B, h, w, K) logits."""
-    name = resolve_backend(backend, x_nhwc.device.type, IMPLEMENTED)
-    if name == "torch":
-        return _torch_bwd(coef, x_nhwc, labels, lse)
-    if name == "triton":
-        from .triton_kernels import upsample_cross_entropy_bwd_triton
-
-        return upsample_cross_entropy_bwd_triton(coef, x_nhwc, labels, lse)
-    if name == "cpp":
-        return _extension("cpp").upsample_cross_entropy_bwd(coef, x_nhwc.float().contiguous(), labels, lse)
-    return _extension("cuda").upsample_cross_entropy_bwd(coef, x_nhwc, labels, lse)
+    return SPEC.resolve(backend, x_nhwc).backward(coef, x_nhwc, labels, lse)
 
 
 def _check_label_values(labels, K, ignore_index):

@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...backends import cpu_extension, cuda_extension, resolve_backend, validate_backend
+from ...backends import cpu_extension, cuda_extension, validate_backend
+from ...dispatch import Impl, OpSpec, register
 
 __all__ = ["upsample_sum", "upsample_sum_nhwc", "upsample_sum_fwd_nhwc", "upsample_sum_bwd_nhwc", "IMPLEMENTED"]
 
-IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
 MAX_MAPS = 4
 
 
@@ -63,56 +63,68 @@ def _torch_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift):
     return grads, dscale, dshift
 
 
-def _extension(name):
-    ext = cpu_extension() if name == "cpp" else cuda_extension()
-    if ext is None or not hasattr(ext, "upsample_sum_fwd"):
-        raise RuntimeError(
-            f"the {name} extension has no upsample_sum kernels; rebuild with `pip install --no-build-isolation -e .`"
-        )
-    return ext
-
-
 def _f32(t):
     return None if t is None else t.float().contiguous()
 
 
-def _fwd(maps, H, W, scale, shift, relu, backend):
-    name = resolve_backend(backend, maps[0].device.type, IMPLEMENTED)
-    if name == "torch":
-        return _torch_fwd(maps, H, W, scale, shift, relu)
-    if name == "triton":
-        from .triton_kernels import upsample_sum_fwd_triton
+def _triton_fwd(maps, H, W, scale, shift, relu):
+    from .triton_kernels import upsample_sum_fwd_triton
 
-        return upsample_sum_fwd_triton(maps, H, W, _f32(scale), _f32(shift), relu)
-    if name == "cpp":  # fp32 kernel; other dtypes are computed in fp32 and cast back
-        out = _extension("cpp").upsample_sum_fwd([m.float() for m in maps], H, W, _f32(scale), _f32(shift), relu)
-        return out.to(maps[0].dtype)
-    return _extension("cuda").upsample_sum_fwd(maps, H, W, _f32(scale), _f32(shift), relu)
+    return upsample_sum_fwd_triton(maps, H, W, _f32(scale), _f32(shift), relu)
+
+
+def _triton_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift):
+    from .triton_kernels import upsample_sum_bwd_triton
+
+    return upsample_sum_bwd_triton(grad, sizes, maps, out, _f32(scale), relu, need_dscale, need_dshift)
+
+
+def _cpp_fwd(maps, H, W, scale, shift, relu):  # fp32 kernel; other dtypes are computed in fp32 and cast back
+    out = cpu_extension().upsample_sum_fwd([m.float() for m in maps], H, W, _f32(scale), _f32(shift), relu)
+    return out.to(maps[0].dtype)
+
+
+def _cpp_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift):
+    res = cpu_extension().upsample_sum_bwd(
+        grad.float().contiguous(), [s for hw in sizes for s in hw], [m.float() for m in maps] if need_dscale else [],
+        out.float() if relu else None, _f32(scale), relu, need_dshift,
+    )
+    return _split([r.to(grad.dtype) for r in res[: len(sizes)]] + res[len(sizes):], len(sizes), need_dscale, need_dshift)
+
+
+def _cuda_fwd(maps, H, W, scale, shift, relu):
+    return cuda_extension().upsample_sum_fwd(maps, H, W, _f32(scale), _f32(shift), relu)
+
+
+def _cuda_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift):
+    res = cuda_extension().upsample_sum_bwd(
+        grad, [s for hw in sizes for s in hw], maps if need_dscale else [], out if relu else None, _f32(scale), relu,
+        need_dshift,
+    )
+    return _split(res, len(sizes), need_dscale, need_dshift)
+
+
+def _split(res, n, need_dscale, need_dshift):
+    # the compiled kernels' [grad_map_i..., dscale?, dshift?] -> (grads, dscale, dshift)
+    return res[:n], (res[n] if need_dscale else None), (res[n + int(need_dscale)] if need_dshift else None)
+
+
+SPEC = register(OpSpec("upsample_sum", [
+    Impl("torch", _torch_fwd, _torch_bwd, note="F.interpolate and its ATen backward, fp32 math"),
+    Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
+    Impl("cpp", _cpp_fwd, _cpp_bwd, needs=("upsample_sum_fwd", "upsample_sum_bwd"),
+         note="C++/OpenMP, fp32 (other dtypes upcast)"),
+    Impl("cuda", _cuda_fwd, _cuda_bwd, needs=("upsample_sum_fwd", "upsample_sum_bwd"), note="CUDA kernels"),
+], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}))
+IMPLEMENTED = tuple(SPEC.impls)
+
+
+def _fwd(maps, H, W, scale, shift, relu, backend):
+    return SPEC.resolve(backend, maps[0]).forward(maps, H, W, scale, shift, relu)
 
 
 def _bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift, backend):
-    name = resolve_backend(backend, grad.device.type, IMPLEMENTED)
-    if name == "torch":
-        return _torch_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift)
-    if name == "triton":
-        from .triton_kernels import upsample_sum_bwd_triton
-
-        return upsample_sum_bwd_triton(grad, sizes, maps, out, _f32(scale), relu, need_dscale, need_dshift)
-    flat = [s for hw in sizes for s in hw]
-    if name == "cpp":
-        res = _extension("cpp").upsample_sum_bwd(
-            grad.float().contiguous(), flat, [m.float() for m in maps] if need_dscale else [],
-            out.float() if relu else None, _f32(scale), relu, need_dshift,
-        )
-        res = [r.to(grad.dtype) for r in res[: len(sizes)]] + res[len(sizes):]
-    else:
-        res = _extension("cuda").upsample_sum_bwd(
-            grad, flat, maps if need_dscale else [], out if relu else None, _f32(scale), relu, need_dshift
-        )
-    n = len(sizes)
-    dscale = res[n] if need_dscale else None
-    dshift = res[n + int(need_dscale)] if need_dshift else None
-    return res[:n], dscale, dshift
+    return SPEC.resolve(backend, grad).backward(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift)
 
 
 @torch.library.custom_op("segformer_fast::upsample_sum", mutates_args=())

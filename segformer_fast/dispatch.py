@@ -1,0 +1,320 @@
+"""Which implementation of a fused op runs for a given input, and why the others do not.
+
+Every fused op declares an :class:`OpSpec`: its implementations (:class:`Impl`), each naming its
+backend, the compiled functions it needs, the dtypes it takes, the conditions under which it runs
+(with the reason it does not), an optional declared fallback, and its forward/backward functions.
+One resolver, :meth:`OpSpec.resolve`, picks per call, in this order:
+
+1. an explicit backend ("torch", "triton", "cuda", "cpp"): that implementation, or an error saying
+   why it cannot run for this input -- or its declared fallback, which :func:`explain` shows;
+2. "auto" with ``SEGFORMER_FAST_BACKEND`` set (read by :func:`segformer_fast.backends.default_backend`
+   only): that backend where the op has it and it can run for this input, else as 3;
+3. "auto": the op's preference for the input's device type (the fastest measured first), the first
+   implementation that can run.
+
+:func:`explain` answers "which kernel runs for this tensor, and why" for an op or a whole model::
+
+    >>> import segformer_fast as sf
+    >>> print(sf.explain(sf.segformer("b0"), torch.randn(1, 3, 64, 64)))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .backends import BACKENDS, available_backends, default_backend, runs_on, triton_interpret, validate_backend
+
+__all__ = ["Impl", "OpSpec", "Decision", "Explanation", "register", "get_spec", "specs", "explain"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op.
+
+    Attributes:
+        backend: the backend it belongs to ("torch", "triton", "cuda", "cpp").
+        forward, backward: the op's forward / backward functions for this backend (an op-specific contract).
+        dtypes: the input dtypes it takes.
+        needs: functions the backend's compiled extension must have (an extension built before the
+            op lacks them).
+        conditions: ``cond(x, facts) -> reason or None`` checks on the call (e.g. head dims); the
+            reason says why it cannot run.
+        fallback: the backend that runs instead when a condition fails (declared, shown by explain);
+            None means such a call is an error when this backend is asked for.
+        note: what it is, for the explanation.
+    """
+
+    backend: str
+    forward: Optional[Callable] = None
+    backward: Optional[Callable] = None
+    dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+    needs: tuple[str, ...] = ()
+    conditions: tuple[Callable[[torch.Tensor, dict], Optional[str]], ...] = ()
+    fallback: Optional[str] = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One implementation's verdict for one call: whether it runs and why (not)."""
+
+    op: str
+    backend: str
+    runs: bool
+    reason: str
+
+
+@dataclass
+class _Resolution:
+    impl: Impl
+    decisions: tuple[Decision, ...]
+
+
+class OpSpec:
+    """An op's implementations and its auto preference per device type.
+
+    Args:
+        name: the op's name ("upsample_sum", ...).
+        impls: its implementations, one per backend.
+        prefer: device type -> backends in auto's order of preference (measured fastest first);
+            device types not listed use ``prefer["*"]``, else ("torch",).
+    """
+
+    def __init__(self, name: str, impls: Sequence[Impl], prefer: dict[str, tuple[str, ...]]):
+        self.name = name
+        self.impls = {i.backend: i for i in impls}
+        self.prefer = prefer
+        self._cache: dict[tuple, _Resolution] = {}
+
+    def __repr__(self) -> str:
+        return f"OpSpec({self.name!r}, backends={tuple(self.impls)})"
+
+    # -- one implementation's verdict ------------------------------------------------------
+
+    def why_not(self, impl: Impl, x: torch.Tensor, facts: dict) -> Optional[str]:
+        """None when ``impl`` can run for input ``x`` (and ``facts``), else the reason it cannot."""
+        return self._gate(impl, x) or self._condition(impl, x, facts)
+
+    def _gate(self, impl: Impl, x: torch.Tensor) -> Optional[str]:
+        # What no declared fallback covers: the backend missing, the device, the build, the dtype.
+        status = available_backends()[impl.backend]
+        if not status.available:
+            return status.reason
+        dev = x.device.type
+        if not runs_on(impl.backend, dev):
+            return f"the {impl.backend} backend does not run on {dev} tensors"
+        if impl.needs:
+            from .backends import cpu_extension, cuda_extension
+
+            ext = cpu_extension() if impl.backend == "cpp" else cuda_extension()
+            missing = [f for f in impl.needs if not hasattr(ext, f)]
+            if missing:
+                return (f"its compiled extension lacks {', '.join(missing)} (built before this op); rebuild with "
+                        "`pip install --no-build-isolation -e .`")
+        if x.dtype not in impl.dtypes:
+            return f"it takes {', '.join(str(d).replace('torch.', '') for d in impl.dtypes)}, not {x.dtype}"
+        return None
+
+    @staticmethod
+    def _condition(impl: Impl, x: torch.Tensor, facts: dict) -> Optional[str]:
+        for cond in impl.conditions:
+            reason = cond(x, facts)
+            if reason:
+                return reason
+        return None
+
+    # -- the resolver ----------------------------------------------------------------------
+
+    def resolve(self, backend: str, x: torch.Tensor, *, use_env: bool = True, **facts) -> Impl:
+        """The implementation that runs ``backend`` ("auto" or a name) for input ``x``; raises when an
+        explicitly named backend cannot run (unless it declares a fallback). ``use_env=False``: "auto"
+        ignores SEGFORMER_FAST_BACKEND (for a sub-choice inside an implementation already chosen)."""
+        env = default_backend() if backend == "auto" and use_env else "auto"
+        key = (backend, env, x.device.type, x.dtype, tuple(sorted(facts.items())), triton_interpret(), _standin())
+        res = self._cache.get(key)
+        if res is None:
+            res = self._resolve(backend, env, x, facts)
+            self._cache[key] = res
+        if _RECORDERS:
+            for rec in _RECORDERS:
+                rec.append((self.name, backend, res.decisions))
+        return res.impl
+
+    def _resolve(self, backend: str, env: str, x: torch.Tensor, facts: dict) -> _Resolution:
+        name = validate_backend(backend, check_available=False)
+        verdicts = {b: self.why_not(i, x, facts) for b, i in self.impls.items()}
+
+        def done(chosen: str, how: str) -> _Resolution:
+            decisions = []
+            for b in self.impls:
+                if b == chosen:
+                    decisions.append(Decision(self.name, b, True, how))
+                else:
+                    decisions.append(Decision(self.name, b, False, verdicts[b] or "not chosen: " + _order_note(
+                        self, name, x.device.type, b)))
+            for b in BACKENDS:
+                if b not in self.impls:
+                    decisions.append(Decision(self.name, b, False, f"{self.name} has no {b} implementation"))
+            return _Resolution(self.impls[chosen], tuple(decisions))
+
+        if name != "auto":
+            return self._explicit(name, x, facts, verdicts, done)
+        if env != "auto" and env in self.impls and verdicts[env] is None:
+            return done(env, f"SEGFORMER_FAST_BACKEND={env}")
+        order = self.prefer.get(x.device.type, self.prefer.get("*", ("torch",)))
+        for b in order:
+            if b in self.impls and verdicts[b] is None:
+                lead = (f"SEGFORMER_FAST_BACKEND={env} cannot run it ({verdicts.get(env) or 'no such implementation'}); "
+                        if env != "auto" else "")
+                return done(b, f"{lead}auto: first that can run in the {x.device.type} preference {order}")
+        raise RuntimeError(f"{self.name}: no implementation can run for a {x.dtype} tensor on {x.device}: "
+                           + "; ".join(f"{b}: {r}" for b, r in verdicts.items() if r))
+
+    def _explicit(self, name, x, facts, verdicts, done):
+        impl = self.impls.get(name)
+        if impl is None:
+            raise NotImplementedError(f"{self.name} has no {name!r} implementation; it has {tuple(self.impls)}")
+        if verdicts[name] is None:
+            return done(name, f"asked for (backend={name!r})")
+        gate = self._gate(impl, x)
+        if gate is None and impl.fallback is not None and verdicts.get(impl.fallback) is None:
+            return done(impl.fallback, f"declared fallback of {name}: {self._condition(impl, x, facts)}")
+        status = available_backends()[name]
+        if not status.available:
+            raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
+        raise ValueError(f"{self.name}: backend {name!r} cannot run here: {verdicts[name]}")
+
+    def explain(self, backend: str, x: torch.Tensor, **facts) -> "Explanation":
+        """Every implementation's verdict for one call (see :func:`explain`)."""
+        with record() as log:
+            try:
+                self.resolve(backend, x, **facts)
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                return Explanation([(self.name, backend, (Decision(self.name, backend, False, str(exc)),))])
+        return Explanation(log)
+
+
+def _order_note(spec: OpSpec, asked: str, dev: str, backend: str) -> str:
+    if asked != "auto":
+        return f"backend={asked!r} was asked for"
+    order = spec.prefer.get(dev, spec.prefer.get("*", ("torch",)))
+    return f"a preferred backend runs first on {dev} {order}"
+
+
+def _standin() -> bool:
+    from .testing.cuda_standin import active
+
+    return active()
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry and explain()
+
+_REGISTRY: dict[str, OpSpec] = {}
+_RECORDERS: list[list] = []
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Adds an op's spec to the registry (each op module registers its own at import)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> OpSpec:
+    _import_ops()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no fused op named {name!r}; the ops are {sorted(_REGISTRY)}") from None
+
+
+def specs() -> dict[str, OpSpec]:
+    """Every registered op spec, by name."""
+    _import_ops()
+    return dict(_REGISTRY)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_ops() -> None:
+    from . import ops  # noqa: F401  (each op module registers its spec)
+
+
+@contextlib.contextmanager
+def record() -> Iterator[list]:
+    """Collects (op, backend asked, decisions) of every resolution made inside the block."""
+    log: list = []
+    _RECORDERS.append(log)
+    try:
+        yield log
+    finally:
+        _RECORDERS.remove(log)
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` found: per op, the backend asked for and every implementation's verdict."""
+
+    calls: list = field(default_factory=list)  # (op, backend asked, decisions)
+
+    def chosen(self) -> dict[str, str]:
+        """op -> the backend that runs it (the last call's, for an op called several times)."""
+        return {op: next((d.backend for d in ds if d.runs), "none") for op, _, ds in self.calls}
+
+    def rows(self) -> list[tuple[str, str, str, bool, str]]:
+        """(op, asked, backend, runs, reason), one row per op and implementation (distinct calls merged)."""
+        seen, rows = set(), []
+        for op, asked, ds in self.calls:
+            key = (op, asked, ds)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows += [(op, asked, d.backend, d.runs, d.reason) for d in ds]
+        return rows
+
+    def __str__(self) -> str:
+        if not self.calls:
+            return "no fused op ran"
+        lines = []
+        for op, asked, backend, runs, reason in self.rows():
+            mark = "runs " if runs else "     "
+            lines.append(f"{op:<24} {mark}{backend:<7} {reason}  [asked {asked!r}]" if runs
+                         else f"{op:<24} {mark}{backend:<7} {reason}")
+        return "\n".join(lines)
+
+
+def explain(target: Any, *args, backend: str = "auto", **facts) -> Explanation:
+    """Which implementation of each fused op runs for this input, and why the others do not.
+
+    Args:
+        target: a model or module (it is run on ``args`` under ``torch.no_grad()``, in its current
+            mode, and every fused op it calls is reported), an op name ("upsample_sum"), or an
+            :class:`OpSpec`.
+        args: the model's inputs, or for an op its primary input tensor.
+        backend: for an op, the backend asked for ("auto" by default).
+        facts: for an op, what its conditions look at (``head_dim=...`` for sr_attention).
+    Returns:
+        An :class:`Explanation`; ``print`` it for a table, ``.chosen()`` for op -> backend.
+
+    Example:
+        >>> print(explain("upsample_sum", torch.randn(1, 8, 8, 16)))
+        >>> explain(model, images).chosen()
+        {'sr_attention': 'torch', 'dwconv3x3_gelu': 'cpp', 'upsample_sum': 'cpp'}
+    """
+    if isinstance(target, str):
+        target = get_spec(target)
+    if isinstance(target, OpSpec):
+        (x,) = args
+        return target.explain(backend, x, **facts)
+    if isinstance(target, torch.nn.Module):
+        with record() as log, torch.no_grad():
+            target(*args)
+        return Explanation(log)
+    raise TypeError(f"explain() takes a model, an op name or an OpSpec, got {type(target).__name__}")
