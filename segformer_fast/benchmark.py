@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .configs import get_config
+from .configs import SETR_MODELS, get_config
 from .models.segformer import SegFormer
 from .utils.memory import SavedTensorRecorder
 
-__all__ = ["BenchRow", "Provider", "SETR_MODELS", "build_providers", "run_benchmark", "format_table"]
+__all__ = ["BenchRow", "Provider", "build_providers", "run_benchmark", "format_table"]
 
 
 @dataclass
@@ -105,11 +105,6 @@ def build_providers(
     if names is not None:
         out = {k: v for k, v in out.items() if k in names}
     return out
-
-
-# SETR models by name: decoder and ViT encoder ("-b16": ViT-B/16, else the paper's ViT-L/16).
-SETR_MODELS = {f"setr-{d}{suffix}": (d, enc) for d in ("naive", "pup", "mla")
-               for suffix, enc in (("", "vit-l16"), ("-b16", "vit-b16"))}
 
 
 def _setr_providers(name: str, num_classes: int, backend: str, device: str,

@@ -71,7 +71,7 @@ def _cmd_benchmark(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .configs import SEGFORMER_VARIANTS
+    from .configs import SEGFORMER_VARIANTS, SETR_MODELS
 
     parser = argparse.ArgumentParser(
         prog="segformer-fast",
@@ -89,8 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         "is installed, the Hugging Face model, in one interleaved run with the same weights. --train times a "
         "training step and reports saved-activation memory.",
     )
-    from .benchmark import SETR_MODELS
-
     p.add_argument("--model", default="b0", choices=sorted(SEGFORMER_VARIANTS) + sorted(SETR_MODELS),
                    help="SegFormer variant (default b0), or a SETR: setr-{naive,pup,mla} (ViT-L/16), ...-b16 (ViT-B/16)")
     p.add_argument("--size", type=int, default=512, help="image height (and width unless --width), default 512")

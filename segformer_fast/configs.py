@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 __all__ = ["MemoryMode", "MEMORY_MODES", "LAYER_MEMORY_MODES",
            "LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
-           "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "get_setr_config"]
+           "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "SETR_MODELS", "get_setr_config"]
 
 
 class MemoryMode(str, enum.Enum):
@@ -273,6 +273,10 @@ SETR_VARIANTS: dict[str, SETRConfig] = {
     "vit-l16": SETRConfig(name="vit-l16", embed_dim=1024, depth=24, num_heads=16),
     "vit-b16": SETRConfig(name="vit-b16", embed_dim=768, depth=12, num_heads=12),
 }
+
+# SETR models by name (the tools' --model): decoder and ViT encoder ("-b16": ViT-B/16, else the paper's ViT-L/16).
+SETR_MODELS: dict[str, tuple[str, str]] = {f"setr-{d}{suffix}": (d, enc) for d in SETR_DECODERS
+                                           for suffix, enc in (("", "vit-l16"), ("-b16", "vit-b16"))}
 
 
 def get_setr_config(variant: str | SETRConfig = "vit-l16", **overrides) -> SETRConfig:

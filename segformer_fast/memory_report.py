@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configs import MEMORY_MODES
+from .configs import MEMORY_MODES, SETR_MODELS
 from .utils.memory import SavedTensorRecorder
 
 __all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "register"]
@@ -174,7 +174,6 @@ def parse_bytes(text: str) -> float:
 def _setr_models(name: str, num_classes: int, backend: str, seed: int = 0) -> dict[str, tuple]:
     """SETR: name -> (module, forward, loss). The loss runs the model with the labels (its fused loss
     needs the heads' low-resolution logits), so ``forward`` only hands the images on."""
-    from .benchmark import SETR_MODELS
     from .configs import get_setr_config
     from .models.setr import SETR
 
@@ -193,7 +192,7 @@ def _setr_models(name: str, num_classes: int, backend: str, seed: int = 0) -> di
 
 def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 0) -> dict[str, tuple]:
     """name -> (module, forward, loss), all with one set of random weights."""
-    from .benchmark import SETR_MODELS, have_transformers
+    from .benchmark import have_transformers
 
     if variant in SETR_MODELS:
         return _setr_models(variant, num_classes, backend, seed)
@@ -277,8 +276,6 @@ def format_report(rows: list[MemoryRow], variant: str, budget: float | None, bud
 
 
 def _is_setr(variant: str) -> bool:
-    from .benchmark import SETR_MODELS
-
     return variant in SETR_MODELS
 
 
@@ -302,7 +299,6 @@ def _cmd_memory(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
-    from .benchmark import SETR_MODELS
     from .configs import SEGFORMER_VARIANTS
 
     p = subparsers.add_parser(

@@ -14,8 +14,7 @@ import os
 import torch
 from torch import nn
 
-from ..benchmark import SETR_MODELS
-from ..configs import MEMORY_MODES, SEGFORMER_VARIANTS, SegFormerConfig, SETRConfig, get_setr_config
+from ..configs import MEMORY_MODES, SEGFORMER_VARIANTS, SETR_MODELS, SegFormerConfig, SETRConfig, get_setr_config
 
 __all__ = ["MODEL_NAMES", "is_setr", "memory_modes", "build_model", "model_record", "model_from_record",
            "classifier_names", "load_into", "load_native", "save_model", "load_model_file"]
