@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ...utils.debug import empty
 from .._triton_launch import check_interpreter_dtypes
+from .._triton_math import gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad
 
 __all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES"]
 
@@ -29,20 +30,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _tanh(u):
-    # tanh from exp, stable for large |u| (the interpreter has no libdevice)
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0.0, -t, t)
-
-
-@triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 1:
-        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1 / sqrt(2)
+        out = gelu_erf(z)
     elif ACT == 2:
-        t = _tanh((z + 0.044715 * z * z * z) * 0.7978845608028654)  # sqrt(2 / pi)
-        out = 0.5 * z * (1.0 + t)
+        out = gelu_tanh(z)
     else:
         out = z
     return out
@@ -51,12 +43,9 @@ def _act(z, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(z, ACT: tl.constexpr):
     if ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        out = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327  # pdf = exp(-z^2 / 2) / sqrt(2 pi)
+        out = gelu_erf_grad(z)
     else:
-        t = _tanh((z + 0.044715 * z * z * z) * 0.7978845608028654)
-        du = (1.0 + 0.134145 * z * z) * 0.7978845608028654  # d/dz of the tanh argument
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+        out = gelu_tanh_grad(z)
     return out
 
 

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
+from .._math import bilinear_window
 from .._triton_launch import check_interpreter_dtypes, gpu_launch_config
-from ..upsample_sum.triton_kernels import _source_index, _window, _window_weight
+from .._triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
 
 __all__ = ["launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
 
@@ -26,8 +27,8 @@ __all__ = ["launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross
 @triton.jit
 def _taps(x_ptr, b, oh, ow, h, w, scale_h, scale_w, K):
     # Flat offsets of the four taps of output pixels (b, oh, ow) and their bilinear weights.
-    y0, y1, ly = _source_index(oh, scale_h, h)
-    x0, x1, lx = _source_index(ow, scale_w, w)
+    y0, y1, ly = bilinear_tap(oh, scale_h, h)
+    x0, x1, lx = bilinear_tap(ow, scale_w, w)
     row0 = (b * h + y0) * w
     row1 = (b * h + y1) * w
     return (row0 + x0) * K, (row0 + x1) * K, (row1 + x0) * K, (row1 + x1) * K, ly, lx
@@ -88,16 +89,15 @@ def _upsample_cross_entropy_bwd_kernel(
     iw = (offs_p % w).to(tl.int32)
     ih = ((offs_p // w) % h).to(tl.int32)
     b = offs_p // (w * h)
-    # First output index that can read input i (one index of margin; weights are recomputed exactly).
-    lo_h = tl.maximum(tl.floor((ih.to(tl.float32) - 0.5) / scale_h - 0.5).to(tl.int32) - 1, 0)
-    lo_w = tl.maximum(tl.floor((iw.to(tl.float32) - 0.5) / scale_w - 0.5).to(tl.int32) - 1, 0)
+    lo_h = bilinear_first_reader(ih, scale_h)  # the output window that can read each input pixel
+    lo_w = bilinear_first_reader(iw, scale_w)
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     for r in range(0, RH):
         oh = lo_h + r
-        wy = _window_weight(oh, ih, scale_h, h, (oh < H) & mask_p)
+        wy = bilinear_weight(oh, ih, scale_h, h, (oh < H) & mask_p)
         for c in range(0, RW):
             ow = lo_w + c
-            wt = wy * _window_weight(ow, iw, scale_w, w, ow < W)
+            wt = wy * bilinear_weight(ow, iw, scale_w, w, ow < W)
             live = wt != 0.0
             pix = (b * H + oh) * W + ow
             coef = tl.load(coef_ptr + pix, mask=live, other=0.0)
@@ -159,7 +159,7 @@ def upsample_cross_entropy_bwd_triton(
     n_in = B * h * w
     block_p, block_k = _blocks(K, x)
     _upsample_cross_entropy_bwd_kernel[(triton.cdiv(n_in, block_p), triton.cdiv(K, block_k))](
-        gx, x, labels, lse, coef, n_in, h, w, H, W, K, h / H, w / W, _window(h, H), _window(w, W),
+        gx, x, labels, lse, coef, n_in, h, w, H, W, K, h / H, w / W, bilinear_window(h, H), bilinear_window(w, W),
         BLOCK_P=block_p, BLOCK_K=block_k,
     )
     return gx

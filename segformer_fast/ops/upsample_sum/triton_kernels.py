@@ -1,8 +1,8 @@
 """Upsample-and-sum Triton kernels (channels-last: every tensor is (B, h, w, D), D contiguous).
 
 Forward, one pass over the (B, H, W, D) output: for each output pixel the 4-tap bilinear gather
-of each low-resolution map (PyTorch's align_corners=False source index, clamped at 0), summed in
-fp32, then the optional per-channel affine and ReLU.
+of each low-resolution map (PyTorch's align_corners=False source index, clamped at 0; see
+ops/_triton_math.py), summed in fp32, then the optional per-channel affine and ReLU.
 
 Backward: a prep pass applies the ReLU mask and the scale to the incoming gradient and writes
 per-block partial sums for the scale/shift gradients (recomputing the pre-affine sum by the same
@@ -13,14 +13,14 @@ in the forward. No atomics, so results are deterministic.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ...utils.debug import empty
+from .._math import bilinear_window
 from .._triton_launch import check_interpreter_dtypes, gpu_launch_config
+from .._triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
 
 __all__ = ["launch_config", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
 
@@ -28,21 +28,10 @@ MAX_MAPS = 4
 
 
 @triton.jit
-def _source_index(o, scale, n_in):
-    # PyTorch: src = scale * (dst + 0.5) - 0.5, clamped at 0; i1 = i0 + (i0 < n_in - 1).
-    src = scale * (o.to(tl.float32) + 0.5) - 0.5
-    src = tl.maximum(src, 0.0)
-    i0 = src.to(tl.int32)  # floor, src >= 0
-    i1 = tl.minimum(i0 + 1, n_in - 1)
-    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    return i0, i1, l1
-
-
-@triton.jit
 def _gather(z_ptr, h, w, scale_h, scale_w, b, oh, ow, offs_d, mask, D):
     # (BLOCK_P, BLOCK_D) bilinear sample of map z (B, h, w, D) at output pixels (b, oh, ow).
-    y0, y1, ly = _source_index(oh, scale_h, h)
-    x0, x1, lx = _source_index(ow, scale_w, w)
+    y0, y1, ly = bilinear_tap(oh, scale_h, h)
+    x0, x1, lx = bilinear_tap(ow, scale_w, w)
     row0 = (b * h + y0) * w
     row1 = (b * h + y1) * w
     d = offs_d[None, :]
@@ -141,14 +130,6 @@ def _upsample_sum_bwd_prep_kernel(
 
 
 @triton.jit
-def _window_weight(o, i, scale, n_in, valid):
-    # Weight with which output index o reads input index i (0 when it does not).
-    i0, i1, l1 = _source_index(o, scale, n_in)
-    wt = tl.where(i0 == i, 1.0 - l1, 0.0) + tl.where(i1 == i, l1, 0.0)
-    return tl.where(valid, wt, 0.0)
-
-
-@triton.jit
 def _upsample_sum_bwd_kernel(
     gz_ptr, gu_ptr,
     h, w, scale_h, scale_w, n_in_pix, H, W, D, RH, RW,
@@ -163,18 +144,16 @@ def _upsample_sum_bwd_kernel(
     iw = (offs_p % w).to(tl.int32)
     ih = ((offs_p // w) % h).to(tl.int32)
     b = offs_p // (w * h)
-    # First output index that can read input i: src(o) >= i - 1  <=>  o >= (i - 0.5) / scale - 0.5;
-    # one index of margin, every weight is then recomputed exactly.
-    lo_h = tl.maximum(tl.floor((ih.to(tl.float32) - 0.5) / scale_h - 0.5).to(tl.int32) - 1, 0)
-    lo_w = tl.maximum(tl.floor((iw.to(tl.float32) - 0.5) / scale_w - 0.5).to(tl.int32) - 1, 0)
+    lo_h = bilinear_first_reader(ih, scale_h)  # the output window that can read each input pixel
+    lo_w = bilinear_first_reader(iw, scale_w)
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
     for r in range(0, RH):
         oh = lo_h + r
-        wy = _window_weight(oh, ih, scale_h, h, (oh < H) & mask_p)
+        wy = bilinear_weight(oh, ih, scale_h, h, (oh < H) & mask_p)
         row = (b * H + oh) * W
         for c in range(0, RW):
             ow = lo_w + c
-            wt = wy * _window_weight(ow, iw, scale_w, w, ow < W)
+            wt = wy * bilinear_weight(ow, iw, scale_w, w, ow < W)
             m = mask & (wt != 0.0)[:, None]
             g = tl.load(gu_ptr + ((row + ow) * D)[:, None] + offs_d[None, :], mask=m, other=0.0)
             acc += wt[:, None] * g
@@ -189,12 +168,6 @@ def _map_args(maps: list[torch.Tensor], H: int, W: int) -> list:
         h, w = m.shape[1], m.shape[2]
         args += [h, w, h / H, w / W]
     return args
-
-
-def _window(n_in: int, n_out: int) -> int:
-    # Output indices reading one input index lie in a run of at most 2 / scale + 2; plus the margin
-    # of the window start. Never more than the whole output axis (the start is >= 0).
-    return min(int(math.ceil(2.0 * n_out / n_in)) + 4, n_out)
 
 
 def launch_config(D: int, gpu: bool) -> dict[str, int]:
@@ -274,7 +247,7 @@ def upsample_sum_bwd_triton(
         gz = empty(B, h, w, D, dtype=grad.dtype, device=grad.device)
         n_in = B * h * w
         _upsample_sum_bwd_kernel[(triton.cdiv(n_in, block_p), triton.cdiv(D, block_d))](
-            gz, gu, h, w, h / H, w / W, n_in, H, W, D, _window(h, H), _window(w, W),
+            gz, gu, h, w, h / H, w / W, n_in, H, W, D, bilinear_window(h, H), bilinear_window(w, W),
             BLOCK_P=block_p, BLOCK_D=block_d,
         )
         grads.append(gz)
