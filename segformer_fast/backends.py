@@ -12,8 +12,9 @@ Test only: ``SEGFORMER_FAST_TEST_CUDA_STANDIN=1`` replaces ``_C_cuda`` by a CPU 
 runs its Python glue on CPU tensors where there is no GPU. "auto" never picks it.
 
 The choice is explicit: a ``backend`` argument per model/module, the environment variable
-``SEGFORMER_FAST_BACKEND`` as the default, and :func:`available_backends` to inspect.
-"auto" picks, per op and per tensor device, the fastest backend present that implements the op.
+``SEGFORMER_FAST_BACKEND`` (read by :func:`default_backend` alone), and :func:`available_backends`
+to inspect. Which implementation of an op runs for an input is decided by the op's declared spec
+and one resolver (:mod:`segformer_fast.dispatch`; ``segformer_fast.explain`` says why).
 Asking for a backend that is missing is an error, never a silent fallback.
 """
 
@@ -31,7 +32,6 @@ __all__ = [
     "available_backends",
     "default_backend",
     "validate_backend",
-    "resolve_backend",
     "cpu_extension",
     "cuda_extension",
     "runs_on",
@@ -40,8 +40,6 @@ __all__ = [
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 ENV_VAR = "SEGFORMER_FAST_BACKEND"
-# Preference order for "auto", per device type.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 @dataclass(frozen=True)
@@ -157,40 +155,6 @@ def validate_backend(backend: str, check_available: bool = True) -> str:
         if not status.available:
             raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
     return name
-
-
-def resolve_backend(backend: str, device_type: str, implemented: tuple[str, ...]) -> str:
-    """The backend an op runs with, for a tensor on ``device_type``.
-
-    Args:
-        backend: "auto" or one of BACKENDS.
-        device_type: the input tensor's ``device.type`` ("cpu", "cuda", ...).
-        implemented: the backends this op has an implementation for.
-    Returns:
-        A backend name from ``implemented``. "auto" falls back to "torch" when nothing faster is
-        present; an explicit backend that is missing, unimplemented or wrong for the device raises.
-    """
-    name = validate_backend(backend, check_available=False)
-    key = (name, device_type, implemented, triton_interpret(), _standin_active())  # all a resolution depends on
-    hit = _RESOLVED.get(key)
-    if hit is not None:  # per-call ops resolve often; available_backends() probes imports each time
-        return hit
-    status = available_backends()
-    if name == "auto":
-        for cand in _AUTO_ORDER.get(device_type, ("torch",)):
-            if cand in implemented and status[cand].available and runs_on(cand, device_type):
-                return _RESOLVED.setdefault(key, cand)
-        return _RESOLVED.setdefault(key, "torch")
-    if name not in implemented:
-        raise NotImplementedError(f"this op has no {name!r} implementation; it has {implemented}")
-    if not status[name].available:
-        raise RuntimeError(f"backend {name!r} is not available: {status[name].reason}")
-    if not runs_on(name, device_type):
-        raise ValueError(f"backend {name!r} cannot run on {device_type} tensors")
-    return _RESOLVED.setdefault(key, name)
-
-
-_RESOLVED: dict[tuple, str] = {}  # successful resolve_backend results (failures are not cached)
 
 
 def runs_on(backend: str, device_type: str) -> bool:

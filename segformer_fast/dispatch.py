@@ -30,7 +30,8 @@ import torch
 
 from .backends import BACKENDS, available_backends, default_backend, runs_on, triton_interpret, validate_backend
 
-__all__ = ["Impl", "OpSpec", "Decision", "Explanation", "register", "get_spec", "specs", "explain"]
+__all__ = ["Impl", "OpSpec", "Decision", "Explanation", "register", "get_spec", "specs", "explain", "resolve_ops",
+           "clear_caches"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -228,6 +229,12 @@ def register(spec: OpSpec) -> OpSpec:
     return spec
 
 
+def clear_caches() -> None:
+    """Forgets every memoised resolution (they assume the extensions do not change while running)."""
+    for spec in _REGISTRY.values():
+        spec._cache.clear()
+
+
 def get_spec(name: str) -> OpSpec:
     _import_ops()
     try:
@@ -245,6 +252,11 @@ def specs() -> dict[str, OpSpec]:
 @functools.lru_cache(maxsize=None)
 def _import_ops() -> None:
     from . import ops  # noqa: F401  (each op module registers its spec)
+
+
+def resolve_ops(asked: dict[str, str], like: torch.Tensor) -> dict[str, str]:
+    """{op: backend asked} -> {op: the backend that runs it} for inputs like ``like`` (device, dtype)."""
+    return {op: get_spec(op).resolve(backend, like).backend for op, backend in asked.items()}
 
 
 @contextlib.contextmanager

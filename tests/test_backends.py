@@ -34,10 +34,13 @@ def test_env_var_sets_the_default(monkeypatch):
 
 
 def test_resolve_auto_and_explicit():
-    assert backends.resolve_backend("auto", "cpu", ("torch",)) == "torch"
-    assert backends.resolve_backend("torch", "cuda", ("torch", "triton")) == "torch"
-    with pytest.raises(NotImplementedError, match="no 'cpp' implementation"):
-        backends.resolve_backend("cpp", "cpu", ("torch",))
+    from segformer_fast.dispatch import get_spec
+
+    x = torch.randn(1, 4, 4, 8)
+    assert get_spec("mlp_gelu").resolve("auto", x).backend == "torch"
+    assert get_spec("upsample_sum").resolve("torch", x).backend == "torch"
+    with pytest.raises(NotImplementedError, match="has no 'cpp' implementation"):
+        get_spec("mlp_gelu").resolve("cpp", x)
 
 
 def test_saved_tensor_recorder_counts_activations_not_parameters():

@@ -13,6 +13,7 @@ import torch
 
 import segformer_fast as sf
 from segformer_fast import backends
+from segformer_fast.dispatch import get_spec
 from segformer_fast.testing import backend_device, cuda_standin
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -43,15 +44,16 @@ def test_standin_is_test_only_and_never_auto(monkeypatch):
         assert not sf.available_backends()["cuda"].available
         assert backends.cuda_extension() is not cuda_standin
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
-            backends.resolve_backend("cuda", "cpu", ("torch", "cuda"))
+            get_spec("upsample_sum").resolve("cuda", torch.randn(1, 2, 2, 3))
     monkeypatch.setenv(cuda_standin.ENV_VAR, "1")
     if cuda_standin.unavailable_reason():
         pytest.skip(cuda_standin.unavailable_reason())
     status = sf.available_backends()["cuda"]
     assert status.available and "stand-in" in status.reason and "test only" in status.reason
     assert backends.cuda_extension() is cuda_standin
-    assert backends.resolve_backend("cuda", "cpu", ("torch", "cuda")) == "cuda"
-    assert backends.resolve_backend("auto", "cpu", ("torch", "cuda")) == "torch"  # auto never picks it
+    x = torch.randn(1, 2, 2, 3)
+    assert get_spec("upsample_sum").resolve("cuda", x).backend == "cuda"
+    assert get_spec("upsample_sum").resolve("auto", x).backend in ("cpp", "torch")  # auto never picks it
 
 
 def test_standin_checks_arguments_like_the_binding(cuda_standin):

@@ -213,16 +213,13 @@ class SegFormer(nn.Module):
 
     def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
         """Which implementation each fused op runs with on ``device`` (default: the model's)."""
-        from ..backends import resolve_backend
-        from ..ops.dwconv3x3_gelu.op import IMPLEMENTED as DWCONV
-        from ..ops.sr_attention.op import IMPLEMENTED as ATTN
-        from ..ops.upsample_sum.op import IMPLEMENTED as UPSUM
+        from ..dispatch import resolve_ops
 
+        ops = ("sr_attention", "dwconv3x3_gelu", "upsample_sum")
         if self.backend == "torch":
-            return {"sr_attention": "reference", "dwconv3x3_gelu": "reference", "upsample_sum": "reference"}
-        dev = torch.device(device) if device is not None else self.decoder.classifier.weight.device
-        return {name: resolve_backend(self.backend, dev.type, impl)
-                for name, impl in (("sr_attention", ATTN), ("dwconv3x3_gelu", DWCONV), ("upsample_sum", UPSUM))}
+            return dict.fromkeys(ops, "reference")
+        w = self.decoder.classifier.weight
+        return resolve_ops(dict.fromkeys(ops, self.backend), w.new_empty(0, device=device if device is not None else w.device))
 
     def set_layer_norm_eps(self, eps: LayerNormEps) -> None:
         """Set every LayerNorm's epsilon by role (weights loaded from another convention need this)."""

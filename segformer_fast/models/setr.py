@@ -196,14 +196,14 @@ class SETR(nn.Module):
 
     def op_backends(self, device: str | torch.device | None = None) -> dict[str, str]:
         """Which implementation each fused op runs with on ``device`` (default: the model's)."""
-        from ..backends import resolve_backend
-        from ..ops.sr_attention.op import IMPLEMENTED as ATTN
+        from ..dispatch import resolve_ops
 
+        ops = ("sr_attention", "mlp_gelu", "conv_bn_relu_up")
         if self.backend == "torch":
-            return {"sr_attention": "reference", "mlp_gelu": "reference", "conv_bn_relu_up": "reference"}
-        dev = torch.device(device) if device is not None else self.decode_head.conv_seg.weight.device
-        backend = "auto" if self.backend == "cpp" else self.backend  # as FusedSpatialReductionAttention does
-        return {"sr_attention": resolve_backend(backend, dev.type, ATTN), "mlp_gelu": "torch", "conv_bn_relu_up": "torch"}
+            return dict.fromkeys(ops, "reference")
+        w = self.decode_head.conv_seg.weight
+        asked = {"sr_attention": self.backend, "mlp_gelu": "auto", "conv_bn_relu_up": "auto"}  # the last two: no backend
+        return resolve_ops(asked, w.new_empty(0, device=device if device is not None else w.device))
 
     def extra_repr(self) -> str:
         return (f"encoder={self.config.name}, decoder={self.config.decoder!r}, num_classes={self.config.num_classes}, "

@@ -1,69 +1,25 @@
-"""Mix-FFN on the fused depthwise conv + GELU op, with a choice of what autograd keeps.
+"""Mix-FFN on the fused op (segformer_fast.ops.mix_ffn), with a choice of what autograd keeps.
 
 Linear(C, 4C) -> depthwise 3x3 conv -> GELU -> Linear(4C, C) on (B, N, C) tokens, with the
 reference's parameter names (fc1, dwconv, fc2), so state dicts are interchangeable with
 :class:`segformer_fast.nn.MixFFN`.
 
-What each variant keeps for backward, per token (fp32 words; C = dim, 4C = hidden):
-- Hugging Face / reference: x (C), fc1 output (4C), conv output (4C), GELU output (4C) = 13C.
-- ``memory="save"``: x (C) and the fc1 output h (4C) = 5C. The conv and GELU are recomputed from h
-  in backward (fc2's weight gradient needs y = GELU(conv(h)), the op's backward needs h).
-- ``memory="recompute"``: x only (C). Backward also recomputes h = fc1(x), one extra
-  (C x 4C) matmul: one FFN forward traded for most of its activation memory.
-
-Backward, with gout the output gradient (the op's backward gives the conv and GELU part):
-    y = op(h);  gW2 = gout^T y;  gb2 = sum gout;  gy = gout W2
-    gh, gWc, gbc = op_backward(gy, h);  gW1 = gh^T x;  gb1 = sum gh;  gx = gh W1
+What each memory mode keeps for backward (per token: "save" 5C, "recompute" C, against the
+reference's 13C) and the backward itself: see :mod:`segformer_fast.ops.mix_ffn.op`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backends import validate_backend
 from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.dwconv3x3_gelu import dwconv3x3_gelu
-from ..ops.dwconv3x3_gelu.op import _dwconv3x3_gelu_backward_op, _dwconv3x3_gelu_op
+from ..ops.mix_ffn import mix_ffn
 from ._autocast import fp32_under_autocast
 
 __all__ = ["FusedMixFFN"]
-
-
-class _MixFFNFunction(torch.autograd.Function):
-    """fc1 -> dwconv3x3_gelu -> fc2 keeping x (and h = fc1(x) when save_hidden) for backward."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, wc, bc, w2, b2, hw, approximate, backend, save_hidden):
-        h = F.linear(x, w1, b1)  # (B, N, 4C)
-        y = _dwconv3x3_gelu_op(h, hw[0], hw[1], wc, bc, approximate, backend)  # (B, N, 4C)
-        out = F.linear(y, w2, b2)  # (B, N, C)
-        ctx.save_for_backward(x, h if save_hidden else None, w1, b1, wc, bc, w2)
-        ctx.hw, ctx.approximate, ctx.backend = hw, approximate, backend
-        return out
-
-    @staticmethod
-    def backward(ctx, gout):
-        x, h, w1, b1, wc, bc, w2 = ctx.saved_tensors
-        hh, ww = ctx.hw
-        if h is None:
-            h = F.linear(x, w1, b1)  # recomputed fc1 output
-        dt = h.dtype
-        gout = gout.to(dt).contiguous()
-        y = _dwconv3x3_gelu_op(h, hh, ww, wc, bc, ctx.approximate, ctx.backend)  # recomputed GELU output
-        hidden = h.shape[-1]
-        need = ctx.needs_input_grad
-        gw2 = (gout.reshape(-1, gout.shape[-1]).t() @ y.reshape(-1, hidden)).to(w2.dtype) if need[5] else None
-        gb2 = gout.sum(dim=(0, 1)).to(w2.dtype) if need[6] else None
-        del y
-        gy = gout @ w2.to(dt)  # (B, N, 4C)
-        gh, gwc, gbc = _dwconv3x3_gelu_backward_op(gy, h, hh, ww, wc, bc, ctx.approximate, ctx.backend)
-        del gy
-        gx = (gh @ w1.to(dt)).to(x.dtype) if need[0] else None
-        gw1 = (gh.reshape(-1, hidden).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w1.dtype) if need[1] else None
-        gb1 = gh.sum(dim=(0, 1)).to(w1.dtype) if need[2] else None
-        return gx, gw1, gb1, gwc if need[3] else None, gbc if need[4] else None, gw2, gb2, None, None, None, None
 
 
 class FusedMixFFN(nn.Module):
@@ -134,10 +90,5 @@ class FusedMixFFN(nn.Module):
             h = self.fc1(x)
             y = self.drop(dwconv3x3_gelu(h, hw, wc, bc, self.approximate, self.backend))
             return self.drop(self.fc2(y))
-        hh, ww = int(hw[0]), int(hw[1])
-        if hh * ww != x.shape[1]:
-            raise ValueError(f"hw={tuple(hw)} does not match x of shape {tuple(x.shape)}: need H * W == N")
-        return _MixFFNFunction.apply(
-            x.contiguous(), self.fc1.weight, self.fc1.bias, wc, bc, self.fc2.weight, self.fc2.bias,
-            (hh, ww), self.approximate, self.backend, self.memory == "save",
-        )  # fmt: skip
+        return mix_ffn(x, hw, self.fc1.weight, self.fc1.bias, wc, bc, self.fc2.weight, self.fc2.bias, self.approximate,
+                       self.backend, save_hidden=self.memory == "save")

@@ -21,7 +21,7 @@ from ...utils.debug import empty
 from .._math import gelu_grad
 from .reference import dwconv3x3_gelu_reference
 
-__all__ = ["dwconv3x3_gelu", "IMPLEMENTED"]
+__all__ = ["dwconv3x3_gelu", "dwconv3x3_gelu_forward_op", "dwconv3x3_gelu_backward_op", "IMPLEMENTED"]
 
 _ACT_CODES = {"none": 1, "tanh": 2}  # the compiled kernels' GELU codes (0 is identity)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -170,6 +170,11 @@ def _backward(ctx, grad_y):
 
 
 _dwconv3x3_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The custom ops themselves, for fused autograd built on this op (mix_ffn): checked arguments only.
+dwconv3x3_gelu_forward_op = _dwconv3x3_gelu_op
+dwconv3x3_gelu_backward_op = _dwconv3x3_gelu_backward_op
 
 
 def _check_inputs(x, hw, weight, bias, approximate) -> tuple[int, int]:

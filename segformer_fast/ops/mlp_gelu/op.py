@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mlp_gelu"]
+from ...dispatch import Impl, OpSpec, register
+
+__all__ = ["mlp_gelu", "SPEC"]
 
 
 class _MLPGeluFunction(torch.autograd.Function):
@@ -46,6 +48,12 @@ class _MLPGeluFunction(torch.autograd.Function):
         return dx, gw1, gb1, gw2, gb2, None
 
 
+SPEC = register(OpSpec("mlp_gelu", [
+    Impl("torch", _MLPGeluFunction.apply, _MLPGeluFunction.backward,
+         note="PyTorch matmuls in an autograd.Function that keeps x (and fc1's output); no backend argument"),
+], prefer={"*": ("torch",)}))
+
+
 def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
              b2: torch.Tensor | None, save_hidden: bool = True) -> torch.Tensor:
     """fc2(GELU(fc1(x))) with reduced activation memory in training.
@@ -62,6 +70,7 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     """
     if x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"mlp_gelu: x {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not chain")
+    impl = SPEC.resolve("auto", x)
     if not torch.is_grad_enabled() or not (x.requires_grad or w1.requires_grad or w2.requires_grad):
-        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
-    return _MLPGeluFunction.apply(x, w1, b1, w2, b2, bool(save_hidden))
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)  # nothing to keep: no autograd.Function
+    return impl.forward(x, w1, b1, w2, b2, bool(save_hidden))

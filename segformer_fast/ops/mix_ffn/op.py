@@ -1,0 +1,95 @@
+"""Mix-FFN (fc1 -> depthwise 3x3 conv + GELU -> fc2) keeping x (and fc1's output) for backward.
+
+What autograd keeps per token (fp32 words; C = dim, 4C = hidden):
+- eager / reference: x (C), fc1 output (4C), conv output (4C), GELU output (4C) = 13C.
+- ``save_hidden=True``: x (C) and the fc1 output h (4C) = 5C; the conv and GELU are recomputed
+  from h in backward (fc2's weight gradient needs y = GELU(conv(h)), the conv's backward needs h).
+- ``save_hidden=False``: x only (C); backward also recomputes h = fc1(x), one extra (C x 4C) matmul.
+
+Backward, with gout the output gradient (the dwconv3x3_gelu op gives the conv and GELU part):
+    y = op(h);  gW2 = gout^T y;  gb2 = sum gout;  gy = gout W2
+    gh, gWc, gbc = op_backward(gy, h);  gW1 = gh^T x;  gb1 = sum gh;  gx = gh W1
+
+The conv + GELU runs on the dwconv3x3_gelu op (its backend: "torch", "triton", "cpp", "cuda" or
+"auto"); the matmuls are PyTorch's, so this op has one implementation of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...dispatch import Impl, OpSpec, register
+from ..dwconv3x3_gelu.op import dwconv3x3_gelu_backward_op, dwconv3x3_gelu_forward_op
+
+__all__ = ["mix_ffn", "SPEC"]
+
+
+class _MixFFNFunction(torch.autograd.Function):
+    """fc1 -> dwconv3x3_gelu -> fc2 keeping x (and h = fc1(x) when save_hidden) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, wc, bc, w2, b2, hw, approximate, backend, save_hidden):
+        h = F.linear(x, w1, b1)  # (B, N, 4C)
+        y = dwconv3x3_gelu_forward_op(h, hw[0], hw[1], wc, bc, approximate, backend)  # (B, N, 4C)
+        out = F.linear(y, w2, b2)  # (B, N, C)
+        ctx.save_for_backward(x, h if save_hidden else None, w1, b1, wc, bc, w2)
+        ctx.hw, ctx.approximate, ctx.backend = hw, approximate, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, h, w1, b1, wc, bc, w2 = ctx.saved_tensors
+        hh, ww = ctx.hw
+        if h is None:
+            h = F.linear(x, w1, b1)  # recomputed fc1 output
+        dt = h.dtype
+        gout = gout.to(dt).contiguous()
+        y = dwconv3x3_gelu_forward_op(h, hh, ww, wc, bc, ctx.approximate, ctx.backend)  # recomputed GELU output
+        hidden = h.shape[-1]
+        need = ctx.needs_input_grad
+        gw2 = (gout.reshape(-1, gout.shape[-1]).t() @ y.reshape(-1, hidden)).to(w2.dtype) if need[5] else None
+        gb2 = gout.sum(dim=(0, 1)).to(w2.dtype) if need[6] else None
+        del y
+        gy = gout @ w2.to(dt)  # (B, N, 4C)
+        gh, gwc, gbc = dwconv3x3_gelu_backward_op(gy, h, hh, ww, wc, bc, ctx.approximate, ctx.backend)
+        del gy
+        gx = (gh @ w1.to(dt)).to(x.dtype) if need[0] else None
+        gw1 = (gh.reshape(-1, hidden).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w1.dtype) if need[1] else None
+        gb1 = gh.sum(dim=(0, 1)).to(w1.dtype) if need[2] else None
+        return gx, gw1, gb1, gwc if need[3] else None, gbc if need[4] else None, gw2, gb2, None, None, None, None
+
+
+SPEC = register(OpSpec("mix_ffn", [
+    Impl("torch", _MixFFNFunction.apply, _MixFFNFunction.backward,
+         note="PyTorch matmuls around the dwconv3x3_gelu op (its own backend), in an autograd.Function keeping x "
+              "(and fc1's output)"),
+], prefer={"*": ("torch",)}))
+
+
+def mix_ffn(x: torch.Tensor, hw: tuple[int, int], w1: torch.Tensor, b1: torch.Tensor | None, wc: torch.Tensor,
+            bc: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, approximate: str = "none",
+            backend: str = "auto", save_hidden: bool = True) -> torch.Tensor:
+    """fc2(GELU(dwconv3x3(fc1(x)) + bc)) on (B, N, C) tokens, keeping x (and fc1's output) for backward.
+
+    Args:
+        x: (B, N, C), N = H * W row-major. hw: (H, W).
+        w1, b1: fc1 (4C, C), (4C,). wc, bc: the depthwise conv (4C, 1, 3, 3), (4C,). w2, b2: fc2 (C_out, 4C), (C_out,).
+        approximate: GELU's "none" (erf) or "tanh".
+        backend: the dwconv3x3_gelu op's backend ("auto", "torch", "triton", "cpp", "cuda").
+        save_hidden: keep fc1's output (5C per token); False keeps x only (C) and recomputes fc1.
+    Returns:
+        (B, N, C_out), equal to :func:`mix_ffn_reference` up to rounding.
+
+    Example:
+        >>> ffn = segformer_fast.nn.MixFFN(64, 256)
+        >>> y = mix_ffn(torch.randn(2, 63, 64), (7, 9), ffn.fc1.weight, ffn.fc1.bias, ffn.dwconv.weight,
+        ...             ffn.dwconv.bias, ffn.fc2.weight, ffn.fc2.bias)
+    """
+    if x.dim() != 3 or x.shape[-1] != w1.shape[1]:
+        raise ValueError(f"mix_ffn: x must be (B, N, {w1.shape[1]}), got shape {tuple(x.shape)}")
+    hh, ww = int(hw[0]), int(hw[1])
+    if hh * ww != x.shape[1]:
+        raise ValueError(f"mix_ffn: hw={tuple(hw)} does not match x of shape {tuple(x.shape)}: need H * W == N")
+    return SPEC.resolve("auto", x).forward(x.contiguous(), w1, b1, wc, bc, w2, b2, (hh, ww), approximate, backend,
+                                           bool(save_hidden))
