@@ -41,7 +41,15 @@ from torch import nn
 
 from ..backends import validate_backend
 from ..ops.upsample_sum.op import upsample_sum_nhwc
-from ..utils.distributed import all_reduce_sum, default_group, sync_batch_stats
+from ..ops._math import (
+    batch_norm_affine,
+    batch_norm_backward,
+    batch_norm_fold,
+    batch_stats,
+    unbiased_var,
+    update_running_stats,
+)
+from ..utils.distributed import default_group
 from .decode_head import AllMLPDecoder
 from ._autocast import fp32_under_autocast
 
@@ -54,6 +62,10 @@ def _stage(c: torch.Tensor, A: torch.Tensor, a: torch.Tensor | None) -> torch.Te
     x = c.permute(0, 2, 3, 1).reshape(B * h * w, C)
     z = torch.addmm(a.to(x.dtype), x, A.t().to(x.dtype)) if a is not None else x @ A.t().to(x.dtype)
     return z.view(B, h, w, A.shape[0])
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 @dataclass(frozen=True)
@@ -81,15 +93,11 @@ class _FusedDecoderTrain(torch.autograd.Function):
         u = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend)  # (B, H, W, D)
         del z
         u2 = u.view(-1, D)
-        var, mean = torch.var_mean(u2.float(), dim=0, correction=0)
-        count = u2.shape[0]
-        if cfg.group is not None:
-            mean, var, count = sync_batch_stats(mean, var, count, cfg.group)
+        mean, var, count = batch_stats(u2.float(), 0, cfg.group)
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")
         invstd = torch.rsqrt(var + cfg.eps)
-        scale = invstd if gamma is None else gamma.float() * invstd
-        shift = -mean * scale if beta is None else beta.float() - mean * scale
+        scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
         d = u2.mul_(scale.to(u2.dtype)).add_(shift.to(u2.dtype)).relu_()  # in place: u is not kept
         if cfg.p > 0:
             if cfg.dropout2d:
@@ -99,7 +107,7 @@ class _FusedDecoderTrain(torch.autograd.Function):
         logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
         ctx.cfg, ctx.count = cfg, count
         ctx.save_for_backward(*feats, *A, *a, gamma, wc, d, mean, invstd)
-        var_unbiased = var * (count / (count - 1))
+        var_unbiased = unbiased_var(var, count)
         ctx.mark_non_differentiable(mean, var_unbiased)
         return logits.view(B, H, W, K).permute(0, 3, 1, 2), mean, var_unbiased
 
@@ -122,15 +130,11 @@ class _FusedDecoderTrain(torch.autograd.Function):
         xhat = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D).float()
         del z
         xhat.sub_(mean).mul_(invstd)
-        sum_g = g.sum(0)
-        sum_gx = (g * xhat).sum(0)
-        dgamma = sum_gx.clone() if needs[3 * n] else None
-        dbeta = sum_g.clone() if needs[3 * n + 1] else None
-        if cfg.group is not None:
-            sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
         gscale = invstd if gamma is None else gamma.float() * invstd
         # BN backward: dL/du = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in place on g.
-        gu = g.sub_(xhat.mul_(sum_gx / ctx.count)).sub_(sum_g / ctx.count).mul_(gscale)
+        gu, dgamma, dbeta = batch_norm_backward(g, xhat, gscale, ctx.count, 0, cfg.group)
+        dgamma = dgamma if needs[3 * n] else None
+        dbeta = dbeta if needs[3 * n + 1] else None
         del xhat
         gu = gu.to(d.dtype).view(B, H, W, D)
         sizes = [s for c in feats for s in (c.shape[2], c.shape[3])]
@@ -216,13 +220,7 @@ class FusedAllMLPDecoder(AllMLPDecoder):
 
     def _bn_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-        if bn.weight is not None:
-            scale = bn.weight.float() * scale
-        shift = -bn.running_mean.float() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.float()
-        return scale, shift
+        return batch_norm_fold(_float(bn.weight), _float(bn.bias), bn.running_mean.float(), bn.running_var.float(), bn.eps)
 
     def _eval_params(self):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -266,11 +264,7 @@ class FusedAllMLPDecoder(AllMLPDecoder):
             cfg, *features, *A, *a, bn.weight, bn.bias, self.classifier.weight.view(K, self.dim), self.classifier.bias
         )
         if self.training and bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                bn.num_batches_tracked.add_(1)
-                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-                bn.running_var.mul_(1 - momentum).add_(var.to(bn.running_var.dtype), alpha=momentum)
+            update_running_stats(bn.running_mean, bn.running_var, mean, var, bn.momentum, bn.num_batches_tracked)
         return logits
 
     def extra_repr(self) -> str:

@@ -127,8 +127,9 @@ def batch_stats(x: torch.Tensor, dim: int | tuple[int, ...], group=None) -> tupl
         (mean, var, count): (C,) each, and the number of values per channel (over all ranks).
     """
     var, mean = torch.var_mean(x, dim=dim, correction=0)
-    dims = (dim,) if isinstance(dim, int) else dim
-    count = math.prod(x.shape[d] for d in dims)
+    count = 1
+    for d in (dim,) if isinstance(dim, int) else dim:
+        count *= x.shape[d]
     if group is not None:
         mean, var, count = sync_batch_stats(mean, var, count, group)
     return mean, var, count
@@ -185,7 +186,7 @@ def batch_norm_backward(
         (dL/dx (which is g), dL/dweight, dL/dbias), the last two (C,).
     """
     dims = (dim,) if isinstance(dim, int) else dim
-    shape = tuple(1 if d in dims else -1 for d in range(g.ndim))  # (C,) broadcast along the channel dimension
+    shape = [1 if d in dims else -1 for d in range(g.ndim)]  # (C,) broadcast along the channel dimension
     sum_g, sum_gx = g.sum(dim), (g * xhat).sum(dim)
     dweight, dbias = sum_gx, sum_g
     if group is not None:

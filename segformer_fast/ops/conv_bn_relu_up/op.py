@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...utils.distributed import all_reduce_sum, sync_batch_stats
+from .._math import batch_norm_backward, batch_norm_fold, batch_stats, unbiased_var, update_running_stats
 
 __all__ = ["conv_bn_relu_up", "IMPLEMENTED"]
 
@@ -37,8 +37,7 @@ IMPLEMENTED = ("torch",)
 def _synced_batch_norm(y, bn_weight, bn_bias, eps, group):
     """BatchNorm of y with the batch statistics of every rank in ``group``: (z, mean, invstd, count)."""
     acc = torch.promote_types(y.dtype, torch.float32)  # statistics in fp32 at least
-    var, mean = torch.var_mean(y.transpose(0, 1).reshape(y.shape[1], -1).to(acc), dim=1, correction=0)
-    mean, var, count = sync_batch_stats(mean, var, y.numel() // y.shape[1], group)
+    mean, var, count = batch_stats(y.transpose(0, 1).reshape(y.shape[1], -1).to(acc), 1, group)
     invstd = torch.rsqrt(var + eps)
     shape = (1, -1, 1, 1)
     z = (y - mean.to(y.dtype).view(shape)) * (invstd * bn_weight.to(acc)).to(y.dtype).view(shape) + bn_bias.view(shape)
@@ -92,11 +91,7 @@ class _ConvBNReLUFunction(torch.autograd.Function):
                 dz, y, bn_weight, None, None, mean, invstd, True, ctx.eps, [True, need[2], need[3]])
         else:  # SyncBatchNorm's backward: this rank's sums give gamma/beta; the input needs the global ones
             xhat = (y - mean.to(y.dtype).view(shape)) * invstd.to(y.dtype).view(shape)
-            sum_dz, sum_dz_xhat = dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
-            gg, gb = sum_dz_xhat.clone(), sum_dz.clone()
-            g_dz, g_dz_xhat = all_reduce_sum([sum_dz, sum_dz_xhat], ctx.group)
-            dy = (dz - (g_dz / ctx.count).view(shape) - xhat * (g_dz_xhat / ctx.count).view(shape)) \
-                * (bn_weight * invstd.to(y.dtype)).view(shape)
+            dy, gg, gb = batch_norm_backward(dz, xhat, bn_weight * invstd.to(y.dtype), ctx.count, (0, 2, 3), ctx.group)
             del xhat
         del dz
         dx, dw, _ = torch.ops.aten.convolution_backward(
@@ -105,8 +100,8 @@ class _ConvBNReLUFunction(torch.autograd.Function):
 
 
 def _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps):
-    inv = torch.rsqrt(running_var + eps) * bn_weight  # (C_out,)
-    return weight * inv.view(-1, 1, 1, 1), bn_bias - running_mean * inv
+    scale, shift = batch_norm_fold(bn_weight, bn_bias, running_mean, running_var, eps)  # (C_out,)
+    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 def conv_bn_relu_up(
@@ -155,12 +150,8 @@ def conv_bn_relu_up(
         out, mean, invstd, n = _ConvBNReLUFunction.apply(x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias,
                                                          group)
         if running_mean is not None:
-            with torch.no_grad():
-                var = (invstd.double().pow(-2) - eps) * (n / max(n - 1, 1))  # unbiased, as BatchNorm keeps
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(1)
+            var = unbiased_var(invstd.double().pow(-2) - eps, n)  # the batch variance, back from invstd
+            update_running_stats(running_mean, running_var, mean, var, momentum, num_batches_tracked)
     else:
         w, b = _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps)
         out = F.conv2d(x, w, b, padding=weight.shape[-1] // 2).relu_()
