@@ -27,11 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...dispatch import Impl, OpSpec, register
 from .._math import batch_norm_backward, batch_norm_fold, batch_stats, unbiased_var, update_running_stats
 
-__all__ = ["conv_bn_relu_up", "IMPLEMENTED"]
-
-IMPLEMENTED = ("torch",)
+__all__ = ["conv_bn_relu_up", "IMPLEMENTED", "SPEC"]
 
 
 def _synced_batch_norm(y, bn_weight, bn_bias, eps, group):
@@ -104,6 +103,13 @@ def _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps):
     return weight * scale.view(-1, 1, 1, 1), shift
 
 
+SPEC = register(OpSpec("conv_bn_relu_up", [
+    Impl("torch", _ConvBNReLUFunction.apply, _ConvBNReLUFunction.backward,
+         note="PyTorch ops: BatchNorm folded in eval; in training an autograd.Function keeping x only; no backend argument"),
+], prefer={"*": ("torch",)}))
+IMPLEMENTED = tuple(SPEC.impls)
+
+
 def conv_bn_relu_up(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -146,9 +152,9 @@ def conv_bn_relu_up(
                          "(need (B, C_in, H, W) and (C_out, C_in, k, k) with k odd)")
     if cls_weight is not None and tuple(cls_weight.shape[1:]) != (weight.shape[0], 1, 1):
         raise ValueError(f"conv_bn_relu_up: cls_weight must be (K, {weight.shape[0]}, 1, 1), got {tuple(cls_weight.shape)}")
+    impl = SPEC.resolve("auto", x)
     if training:
-        out, mean, invstd, n = _ConvBNReLUFunction.apply(x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias,
-                                                         group)
+        out, mean, invstd, n = impl.forward(x, weight, bn_weight, bn_bias, eps, cls_weight, cls_bias, group)
         if running_mean is not None:
             var = unbiased_var(invstd.double().pow(-2) - eps, n)  # the batch variance, back from invstd
             update_running_stats(running_mean, running_var, mean, var, momentum, num_batches_tracked)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
+from .._fused import fused_op
 from ...utils.debug import empty
 from .._math import gelu_grad
 from .reference import dwconv3x3_gelu_reference
@@ -118,20 +119,17 @@ def _backward_impl(grad_y, x, hw, weight, bias, approximate, backend):
     return SPEC.resolve(backend, x).backward(grad_y.contiguous(), x, hw, weight, bias, approximate)
 
 
-@torch.library.custom_op("segformer_fast::dwconv3x3_gelu", mutates_args=())
-def _dwconv3x3_gelu_op(
+def _op_forward(
     x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias: torch.Tensor, approximate: str, backend: str
 ) -> torch.Tensor:
     return _forward_impl(x, (h, w), weight, bias, approximate, backend)
 
 
-@_dwconv3x3_gelu_op.register_fake
-def _(x, h, w, weight, bias, approximate, backend):
+def _op_forward_fake(x, h, w, weight, bias, approximate, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("segformer_fast::dwconv3x3_gelu_backward", mutates_args=())
-def _dwconv3x3_gelu_backward_op(
+def _op_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     h: int,
@@ -144,8 +142,7 @@ def _dwconv3x3_gelu_backward_op(
     return _backward_impl(grad_y, x, (h, w), weight, bias, approximate, backend)
 
 
-@_dwconv3x3_gelu_backward_op.register_fake
-def _(grad_y, x, h, w, weight, bias, approximate, backend):
+def _op_backward_fake(grad_y, x, h, w, weight, bias, approximate, backend):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -169,7 +166,9 @@ def _backward(ctx, grad_y):
     return grad_x, None, None, grad_w, grad_b, None, None
 
 
-_dwconv3x3_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_dwconv3x3_gelu_op, _dwconv3x3_gelu_backward_op = fused_op(
+    "dwconv3x3_gelu", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
+)
 
 
 # The custom ops themselves, for fused autograd built on this op (mix_ffn): checked arguments only.

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ...backends import cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
+from .._fused import fused_op
 from .reduce import conv_weight_matrix, patchify, reduced_size, unpatchify_add
 
 __all__ = ["sr_attention", "IMPLEMENTED", "attention_core_fwd", "attention_core_bwd"]
@@ -284,8 +285,7 @@ SPEC = register(OpSpec("sr_attention", [
 IMPLEMENTED = tuple(SPEC.impls)
 
 
-@torch.library.custom_op("segformer_fast::sr_attention", mutates_args=())
-def _sr_attention_op(
+def _op_forward(
     x: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
     q_weight: torch.Tensor, q_bias: Optional[torch.Tensor], k_weight: torch.Tensor, k_bias: Optional[torch.Tensor],
     v_weight: torch.Tensor, v_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
@@ -299,14 +299,12 @@ def _sr_attention_op(
     return y.contiguous(), lse.contiguous()
 
 
-@_sr_attention_op.register_fake
-def _(x, height, width, num_heads, sr, *args):
+def _op_forward_fake(x, height, width, num_heads, sr, *args):
     b, n, c = x.shape
     return x.new_empty((b, n, c)), x.new_empty((b, num_heads, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("segformer_fast::sr_attention_backward", mutates_args=())
-def _sr_attention_backward_op(
+def _op_backward(
     grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
     weights: list[Optional[torch.Tensor]], eps: float, backend: str,
 ) -> list[torch.Tensor]:
@@ -316,8 +314,7 @@ def _sr_attention_backward_op(
     return [dx] + [g[k].to(w[k].dtype).contiguous() for k in _WEIGHT_NAMES if w[k] is not None]
 
 
-@_sr_attention_backward_op.register_fake
-def _(grad, x, lse, height, width, num_heads, sr, weights, eps, backend):
+def _op_backward_fake(grad, x, lse, height, width, num_heads, sr, weights, eps, backend):
     return [torch.empty_like(x)] + [torch.empty_like(t) for t in weights if t is not None]
 
 
@@ -340,7 +337,9 @@ def _backward(ctx, grad, _grad_lse):
     return (res[0], None, None, None, None, *grads, None, None)
 
 
-torch.library.register_autograd("segformer_fast::sr_attention", _backward, setup_context=_setup_context)
+_sr_attention_op, _sr_attention_backward_op = fused_op(
+    "sr_attention", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
+from .._fused import fused_op
 from .._math import bilinear_taps
 
 __all__ = ["upsample_cross_entropy", "IMPLEMENTED", "REDUCTIONS"]
@@ -169,8 +170,7 @@ def _pixel_weights(labels, weight, ignore_index, K):
     return torch.where(valid, weight.float()[torch.where(valid, labels, 0).clamp(0, K - 1)], 0.0)
 
 
-@torch.library.custom_op("segformer_fast::upsample_cross_entropy", mutates_args=())
-def _upsample_cross_entropy_op(
+def _op_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -192,14 +192,12 @@ def _upsample_cross_entropy_op(
     return loss.to(logits.dtype), lse
 
 
-@_upsample_cross_entropy_op.register_fake
-def _(logits, labels, weight, ignore_index, reduction, backend):
+def _op_forward_fake(logits, labels, weight, ignore_index, reduction, backend):
     shape = labels.shape if reduction == "none" else ()
     return logits.new_empty(shape), labels.new_empty(labels.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("segformer_fast::upsample_cross_entropy_backward", mutates_args=())
-def _upsample_cross_entropy_backward_op(
+def _op_backward(
     grad: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -218,8 +216,7 @@ def _upsample_cross_entropy_backward_op(
     return _bwd(coef, logits, labels, lse, backend).to(logits.dtype).contiguous()
 
 
-@_upsample_cross_entropy_backward_op.register_fake
-def _(grad, logits, labels, weight, lse, ignore_index, reduction, backend):
+def _op_backward_fake(grad, logits, labels, weight, lse, ignore_index, reduction, backend):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -238,8 +235,8 @@ def _backward(ctx, grad, _grad_lse):
     return grad_logits, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "segformer_fast::upsample_cross_entropy", _backward, setup_context=_setup_context
+_upsample_cross_entropy_op, _upsample_cross_entropy_backward_op = fused_op(
+    "upsample_cross_entropy", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
 )
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
+from .._fused import fused_op
 
 __all__ = ["upsample_sum", "upsample_sum_nhwc", "upsample_sum_fwd_nhwc", "upsample_sum_bwd_nhwc", "IMPLEMENTED"]
 
@@ -127,8 +128,7 @@ def _bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift, backend)
     return SPEC.resolve(backend, grad).backward(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift)
 
 
-@torch.library.custom_op("segformer_fast::upsample_sum", mutates_args=())
-def _upsample_sum_op(
+def _op_forward(
     maps: list[torch.Tensor],
     height: int,
     width: int,
@@ -140,13 +140,11 @@ def _upsample_sum_op(
     return _fwd(maps, height, width, scale, shift, relu, backend)
 
 
-@_upsample_sum_op.register_fake
-def _(maps, height, width, scale, shift, relu, backend):
+def _op_forward_fake(maps, height, width, scale, shift, relu, backend):
     return maps[0].new_empty((maps[0].shape[0], height, width, maps[0].shape[3]))
 
 
-@torch.library.custom_op("segformer_fast::upsample_sum_backward", mutates_args=())
-def _upsample_sum_backward_op(
+def _op_backward(
     grad: torch.Tensor,
     sizes: list[int],
     maps: list[torch.Tensor],
@@ -162,8 +160,7 @@ def _upsample_sum_backward_op(
     return grads + ([dscale] if need_dscale else []) + ([dshift] if need_dshift else [])
 
 
-@_upsample_sum_backward_op.register_fake
-def _(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift, backend):
+def _op_backward_fake(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift, backend):
     B, _, _, D = grad.shape
     res = [grad.new_empty((B, h, w, D)) for h, w in zip(sizes[0::2], sizes[1::2])]
     res += [grad.new_empty((D,), dtype=torch.float32) for _ in range(int(need_dscale) + int(need_dshift))]
@@ -192,7 +189,9 @@ def _backward(ctx, grad):
     return list(res[:n]), None, None, dscale, dshift, None, None
 
 
-torch.library.register_autograd("segformer_fast::upsample_sum", _backward, setup_context=_setup_context)
+_upsample_sum_op, _upsample_sum_backward_op = fused_op(
+    "upsample_sum", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
+)
 
 
 def _validate(maps, scale, shift, channels_last: bool):

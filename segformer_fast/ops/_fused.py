@@ -1,0 +1,43 @@
+"""The one way to make a fused op: a forward and a backward ``torch.library`` custom op, their fakes
+(shapes for torch.compile / export) and the autograd formula joining them, registered together.
+
+Every op with kernels of its own (sr_attention, dwconv3x3_gelu, upsample_sum, upsample_cross_entropy)
+is made by :func:`fused_op`: ``segformer_fast::<name>`` and ``segformer_fast::<name>_backward`` are
+opaque to torch.compile (no graph break, no tracing into kernels), and the backward is itself an op,
+so double backward is refused rather than silently wrong. The public function in each op's op.py
+validates its arguments (ValueError / TypeError naming the problem) and calls the forward op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["fused_op"]
+
+
+def fused_op(name: str, forward: Callable, forward_fake: Callable, backward: Callable, backward_fake: Callable,
+             setup_context: Callable, grads: Callable):
+    """Registers ``segformer_fast::<name>`` (``forward``) and ``segformer_fast::<name>_backward``
+    (``backward``), with their fake implementations and autograd (``setup_context``, ``grads``).
+
+    Args:
+        name: the op's name.
+        forward, backward: the ops' bodies, fully type-annotated (the schema is inferred from them).
+        forward_fake, backward_fake: the same signatures, returning empty tensors of the right shapes.
+        setup_context: ``(ctx, inputs, output)``, saves what ``grads`` needs.
+        grads: ``(ctx, *grad_outputs)`` -> one gradient (or None) per input of ``forward``; it calls
+            the backward op.
+    Returns:
+        (forward op, backward op), callable like functions.
+
+    Example:
+        >>> fwd_op, bwd_op = fused_op("my_op", _fwd, _fwd_fake, _bwd, _bwd_fake, _setup, _grads)
+    """
+    fwd_op = torch.library.custom_op(f"segformer_fast::{name}", forward, mutates_args=())
+    fwd_op.register_fake(forward_fake)
+    bwd_op = torch.library.custom_op(f"segformer_fast::{name}_backward", backward, mutates_args=())
+    bwd_op.register_fake(backward_fake)
+    fwd_op.register_autograd(grads, setup_context=setup_context)
+    return fwd_op, bwd_op
