@@ -154,8 +154,8 @@ _PROVIDER_CACHE: dict = {}
 
 
 def model_providers(model: str, device: torch.device, compile: bool = False) -> dict:
-    """``segformer_fast.benchmark.build_providers`` for one model, kept while consecutive cases use it."""
-    from segformer_fast.benchmark import build_providers
+    """``segformer_fast.tools.benchmark.build_providers`` for one model, kept while consecutive cases use it."""
+    from segformer_fast.tools.benchmark import build_providers
 
     key = (model, str(device), compile)
     if key not in _PROVIDER_CACHE:

@@ -5,7 +5,7 @@
 Cases: MiT-B2 at 1024x1024 batch 8, B2 and B0 at 512x512 batch 1; inference (eval, no grad) and a
 training step (train mode, forward with labels and loss, backward; no optimizer); fp32 and bf16
 (``torch.autocast``). Providers, all with the same random weights
-(``segformer_fast.benchmark.build_providers``):
+(``segformer_fast.tools.benchmark.build_providers``):
 
 - ``ours``: ``SegFormer`` with backend "auto" (what ``segformer_fast.segformer(...)`` builds);
 - ``patched_hf``: transformers' SegformerForSemanticSegmentation after ``segformer_fast.patch``;
@@ -44,7 +44,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from segformer_fast.benchmark import Provider, _hf, build_providers  # noqa: E402
+from segformer_fast.tools.benchmark import Provider, _hf, build_providers  # noqa: E402
 from segformer_fast.io.hf import to_hf  # noqa: E402
 from segformer_fast.utils.atomic import atomic_write_text  # noqa: E402
 

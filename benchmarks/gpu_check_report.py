@@ -81,7 +81,7 @@ def cmd_env(out_dir: str) -> int:
 
 
 def cmd_backends(out_dir: str, require: list[str]) -> int:
-    from segformer_fast.cli import main as cli_main
+    from segformer_fast.tools.cli import main as cli_main
 
     print("$ segformer-fast info", flush=True)
     cli_main(["info"])

@@ -5,7 +5,7 @@ Fused Triton / CUDA / C++ kernels behind torch.autograd, each with a pure-PyTorc
 
 from .backends import available_backends
 from .dispatch import explain
-from .export import export_onnx
+from .tools.export import export_onnx
 from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
 from .io import CheckpointMismatchError, LoadReport, export_state_dict, from_pretrained, load_weights, save_weights
 from .models import SegFormer, segformer, segformer_loss_reference

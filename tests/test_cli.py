@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from segformer_fast.cli import main
+from segformer_fast.tools.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -40,13 +40,13 @@ def test_benchmark_small_train_run(capsys, tmp_path):
 
 
 def test_entry_point_is_installed():
-    proc = subprocess.run([sys.executable, "-m", "segformer_fast.cli", "benchmark", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "segformer_fast.tools.cli", "benchmark", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--train" in proc.stdout and "--model" in proc.stdout
 
 
 def test_benchmark_table_columns():
-    from segformer_fast.benchmark import BenchRow, format_table
+    from segformer_fast.tools.benchmark import BenchRow, format_table
 
     rows = [BenchRow("fast", "train", [0.5], 1, 2**20), BenchRow("reference", "train", [1.0], 1, 4 * 2**20)]
     table = format_table(rows)  # no Hugging Face row (SETR): the reference is the one baseline

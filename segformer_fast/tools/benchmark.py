@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .configs import SETR_MODELS, get_config
-from .models.segformer import SegFormer
-from .utils.memory import SavedTensorRecorder
+from ..configs import SETR_MODELS, get_config
+from ..models.segformer import SegFormer
+from ..utils.memory import SavedTensorRecorder
 
 __all__ = ["BenchRow", "Provider", "build_providers", "run_benchmark", "format_table"]
 
@@ -89,9 +89,9 @@ def build_providers(
     fast.load_state_dict(reference.state_dict())
     out = {"fast": _ours("fast", fast), "reference": _ours("reference", reference)}
     if hf and have_transformers():
-        from .io.hf import to_hf
+        from ..io.hf import to_hf
 
-        from .patch import patch
+        from ..patch import patch
 
         hf_model = to_hf(reference)
         patched = patch(to_hf(reference), backend=backend)
@@ -109,8 +109,8 @@ def build_providers(
 
 def _setr_providers(name: str, num_classes: int, backend: str, device: str,
                     names: tuple[str, ...] | None) -> dict[str, Provider]:
-    from .models.setr import SETR
-    from .configs import get_setr_config
+    from ..models.setr import SETR
+    from ..configs import get_setr_config
 
     decoder, encoder = SETR_MODELS[name]
     cfg = get_setr_config(encoder, decoder=decoder, num_classes=num_classes)

@@ -14,8 +14,8 @@ __all__ = ["main"]
 def _cmd_info(args) -> int:
     import torch
 
-    from . import __version__
-    from .backends import available_backends, default_backend
+    from .. import __version__
+    from ..backends import available_backends, default_backend
 
     print(f"segformer_fast {__version__}")
     print(f"python         {platform.python_version()} ({sys.platform})")
@@ -63,7 +63,7 @@ def _cmd_benchmark(args) -> int:
             "rows": [{"provider": r.provider, "mode": r.mode, "times_s": r.times_s, "median_s": r.median_s,
                       "images_per_s": r.images_per_s, "saved_bytes": r.saved_bytes} for r in rows],
         }
-        from .utils.atomic import atomic_write_text
+        from ..utils.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(record, indent=2))
         print(f"wrote {args.json}")
@@ -71,7 +71,7 @@ def _cmd_benchmark(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .configs import SEGFORMER_VARIANTS, SETR_MODELS
+    from ..configs import SEGFORMER_VARIANTS, SETR_MODELS
 
     parser = argparse.ArgumentParser(
         prog="segformer-fast",
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_benchmark)
-    from .train.cli import register as register_train; register_train(sub)  # train, predict, evaluate
+    from ..train.cli import register as register_train; register_train(sub)  # train, predict, evaluate
     from .memory_report import register as register_memory; register_memory(sub)  # memory
     return parser
 

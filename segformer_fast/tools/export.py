@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from .utils.atomic import atomic_path
+from ..utils.atomic import atomic_path
 
 __all__ = ["export_onnx"]
 
@@ -32,9 +32,9 @@ class _LogitsOnly(nn.Module):
 
 
 def _exportable(model: nn.Module) -> nn.Module:
-    from .models.segformer import SegFormer
-    from .models.setr import SETR
-    from .patch import is_patched, unpatch
+    from ..models.segformer import SegFormer
+    from ..models.setr import SETR
+    from ..patch import is_patched, unpatch
 
     if isinstance(model, SETR):
         twin = SETR(model.config, backend="torch", aux=model.aux)
@@ -78,7 +78,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as exc:
         raise ImportError("export_onnx needs onnx and onnxscript: pip install onnx onnxscript") from exc
-    from .models.setr import SETR
+    from ..models.setr import SETR
 
     path = os.fspath(path)
     net = _exportable(model).eval()

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configs import MEMORY_MODES, SETR_MODELS
-from .utils.memory import SavedTensorRecorder
+from ..configs import MEMORY_MODES, SETR_MODELS
+from ..utils.memory import SavedTensorRecorder
 
 __all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "register"]
 
@@ -174,8 +174,8 @@ def parse_bytes(text: str) -> float:
 def _setr_models(name: str, num_classes: int, backend: str, seed: int = 0) -> dict[str, tuple]:
     """SETR: name -> (module, forward, loss). The loss runs the model with the labels (its fused loss
     needs the heads' low-resolution logits), so ``forward`` only hands the images on."""
-    from .configs import get_setr_config
-    from .models.setr import SETR
+    from ..configs import get_setr_config
+    from ..models.setr import SETR
 
     decoder, encoder = SETR_MODELS[name]
     torch.manual_seed(seed)
@@ -196,8 +196,8 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
 
     if variant in SETR_MODELS:
         return _setr_models(variant, num_classes, backend, seed)
-    from .configs import get_config
-    from .models.segformer import SegFormer, segformer_loss_reference
+    from ..configs import get_config
+    from ..models.segformer import SegFormer, segformer_loss_reference
 
     torch.manual_seed(seed)
     cfg = get_config(variant, num_classes=num_classes)
@@ -209,7 +209,7 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
         out[mode] = (model, model, model.loss)
     out["reference"] = (reference, reference, reference.loss)
     if hf and have_transformers():
-        from .io.hf import to_hf
+        from ..io.hf import to_hf
 
         hf_model = to_hf(reference, attn_implementation="eager")
         out["hf eager"] = (hf_model, lambda x: hf_model(pixel_values=x).logits, segformer_loss_reference)
@@ -299,7 +299,7 @@ def _cmd_memory(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
-    from .configs import SEGFORMER_VARIANTS
+    from ..configs import SEGFORMER_VARIANTS
 
     p = subparsers.add_parser(
         "memory",

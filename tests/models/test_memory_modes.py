@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import segformer_fast as sf
-from segformer_fast import cli
-from segformer_fast.memory_report import (
+from segformer_fast.tools import cli
+from segformer_fast.tools.memory_report import (
     COMPONENTS,
     MemoryRow,
     largest_square_size,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import segformer_fast as sf
-from segformer_fast.cli import main
+from segformer_fast.tools.cli import main
 from segformer_fast.train.imageio import palette, read_image, read_mask, write_png
 from segformer_fast.train.inference import _starts, evaluate_dataset, predict_probs
 

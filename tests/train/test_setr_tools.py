@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import segformer_fast as sf
-from segformer_fast.cli import main
+from segformer_fast.tools.cli import main
 from segformer_fast.configs import get_setr_config
 from segformer_fast.io.weights import CheckpointMismatchError
 from segformer_fast.train import SyntheticSegmentation, TrainConfig, evaluate, load_model, read_checkpoint, train

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import segformer_fast as sf
-from segformer_fast.cli import main
+from segformer_fast.tools.cli import main
 from segformer_fast.train import SyntheticSegmentation, TrainConfig, evaluate, read_checkpoint, train
 from segformer_fast.train.trainer import PolyWithWarmup, StepBatches
 
