@@ -44,7 +44,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from segformer_fast.tools.benchmark import Provider, _hf, build_providers  # noqa: E402
+from segformer_fast.tools.benchmark import Provider, build_providers, hf_provider  # noqa: E402
 from segformer_fast.io.hf import to_hf  # noqa: E402
 from segformer_fast.utils.atomic import atomic_write_text  # noqa: E402
 
@@ -101,7 +101,7 @@ def make_providers(variant: str, device: str) -> tuple[dict[str, Provider], dict
     providers = {}
     for name, impl in (("hf_eager", "eager"), ("hf_sdpa", "sdpa")):
         try:
-            providers[name] = _hf(name, to_hf(reference, impl))
+            providers[name] = hf_provider(name, to_hf(reference, impl))
         except Exception as exc:  # noqa: BLE001 - recorded
             errors[name] = _error_text(exc)
     if "patched" in base:

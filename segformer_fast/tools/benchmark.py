@@ -21,7 +21,7 @@ from ..configs import SETR_MODELS, get_config
 from ..models.segformer import SegFormer
 from ..utils.memory import SavedTensorRecorder
 
-__all__ = ["BenchRow", "Provider", "build_providers", "run_benchmark", "format_table"]
+__all__ = ["BenchRow", "Provider", "hf_provider", "build_providers", "run_benchmark", "format_table"]
 
 
 @dataclass
@@ -53,7 +53,8 @@ def _ours(name: str, model: SegFormer) -> Provider:
     return Provider(name, model, model, lambda x, y: model.loss(model(x), y))
 
 
-def _hf(name: str, model) -> Provider:
+def hf_provider(name: str, model) -> Provider:
+    """A provider for a transformers SegformerForSemanticSegmentation (patched or not): logits and its own loss."""
     return Provider(name, model, lambda x: model(pixel_values=x).logits, lambda x, y: model(pixel_values=x, labels=y).loss)
 
 
@@ -95,11 +96,11 @@ def build_providers(
 
         hf_model = to_hf(reference)
         patched = patch(to_hf(reference), backend=backend)
-        out["hf"] = _hf("hf", hf_model)
-        out["patched"] = _hf("patched", patched)
+        out["hf"] = hf_provider("hf", hf_model)
+        out["patched"] = hf_provider("patched", patched)
         if compile:
-            out["hf_compile"] = _hf("hf_compile", torch.compile(hf_model))
-            out["patched_compile"] = _hf("patched_compile", torch.compile(patched))
+            out["hf_compile"] = hf_provider("hf_compile", torch.compile(hf_model))
+            out["patched_compile"] = hf_provider("patched_compile", torch.compile(patched))
     if compile:
         out["fast_compile"] = _ours("fast_compile", torch.compile(fast))
     if names is not None:

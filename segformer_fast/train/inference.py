@@ -18,7 +18,7 @@ from ..models.segformer import MIN_IMAGE_SIDE
 from .metrics import confusion_matrix, metrics_from_confusion
 from .transforms import EvalTransform, normalize
 
-__all__ = ["predict_probs", "load_model", "predict_files", "evaluate_dataset", "evaluate"]
+__all__ = ["predict_probs", "window_starts", "load_model", "predict_files", "evaluate_dataset", "evaluate"]
 
 
 def _logits_full(model, image: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,8 @@ def _logits_full(model, image: torch.Tensor) -> torch.Tensor:
 def _logits_sliding(model, image: torch.Tensor, window: int, stride: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, K, H, W): logits of overlapping window x window tiles, averaged."""
     h, w = image.shape[-2:]
-    ys = _starts(h, window, stride)
-    xs = _starts(w, window, stride)
+    ys = window_starts(h, window, stride)
+    xs = window_starts(w, window, stride)
     total = count = None
     for y in ys:
         for x in xs:
@@ -50,8 +50,13 @@ def _logits_sliding(model, image: torch.Tensor, window: int, stride: int) -> tor
     return total / count
 
 
-def _starts(size: int, window: int, stride: int) -> list[int]:
-    """Tile starts covering [0, size): every ``stride``, the last tile flush with the end."""
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Tile starts covering [0, size): every ``stride``, the last tile flush with the end.
+
+    Example:
+        >>> window_starts(100, 40, 30)
+        [0, 30, 60]
+    """
     if size <= window:
         return [0]
     starts = list(range(0, size - window, stride)) + [size - window]

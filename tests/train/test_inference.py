@@ -9,7 +9,7 @@ from torch import nn
 import segformer_fast as sf
 from segformer_fast.tools.cli import main
 from segformer_fast.train.imageio import palette, read_image, read_mask, write_png
-from segformer_fast.train.inference import _starts, evaluate_dataset, predict_probs
+from segformer_fast.train.inference import evaluate_dataset, predict_probs, window_starts
 
 
 class PointwiseModel(nn.Module):
@@ -25,9 +25,9 @@ class PointwiseModel(nn.Module):
 
 
 def test_window_starts_cover_the_image():
-    assert _starts(100, 40, 30) == [0, 30, 60]
-    assert _starts(100, 50, 50) == [0, 50]
-    assert _starts(30, 40, 30) == [0]
+    assert window_starts(100, 40, 30) == [0, 30, 60]
+    assert window_starts(100, 50, 50) == [0, 50]
+    assert window_starts(30, 40, 30) == [0]
 
 
 @pytest.mark.parametrize("window,stride", [(32, 32), (48, 24), (40, 29)])
