@@ -40,12 +40,11 @@ def cuda_backend_unavailable_reason(needs: str = "") -> str | None:
 
 def interpreter_unavailable_reason() -> str | None:
     """Why a test that runs Triton's interpreter on CPU tensors cannot run here (None when it can)."""
-    from ..backends import available_backends
-    from ..ops._triton_launch import interpreting
+    from ..backends import available_backends, triton_interpret
 
     status = available_backends()["triton"]
     if not status.available:
         return f"triton backend unavailable: {status.reason}"
-    if not interpreting():
+    if not triton_interpret():
         return "runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)"
     return None
