@@ -7,3 +7,4 @@ from .upsample_cross_entropy import upsample_cross_entropy, upsample_cross_entro
 from .mlp_gelu import mlp_gelu  # noqa: F401
 from .conv_bn_relu_up import conv_bn_relu_up  # noqa: F401
 from .mix_ffn import mix_ffn  # noqa: F401
+from .all_mlp_decoder import all_mlp_decoder_eval, all_mlp_decoder_train  # noqa: F401

@@ -1,0 +1,199 @@
+"""SegFormer's All-MLP decode head as one op: stage GEMMs at each stage's own resolution, one
+upsample-and-sum pass, BatchNorm, ReLU, dropout and the classifier, never building the 4D-channel
+concatenation or the four upsampled maps.
+
+With the fuse conv's weight W_f (D, 4D) split into D x D blocks W_f,k (block k multiplies concat
+slot k; the concat order is c4, c3, c2, c1, so stage i sits in slot n-1-i):
+
+    fuse(concat[Up(L_i c_i)]) = sum_i Up(A_i c_i + a_i),   A_i = W_f,i W_i,  a_i = W_f,i b_i
+
+because bilinear upsampling and 1x1 convs commute and bilinear weights sum to one
+(:func:`fold_weights`). Each stage applies its folded (D, C_i) matrix at its own resolution
+(channels-last), and the upsample_sum op upsamples and sums at 1/4 resolution.
+
+eval (:func:`all_mlp_decoder_eval`): BatchNorm folded into a per-channel affine applied inside the
+same pass, with the ReLU; the classifier is one GEMM on the channels-last result.
+
+train (:func:`all_mlp_decoder_train`): BatchNorm uses the batch statistics of the fused pre-BN map u.
+One autograd.Function covers stage GEMMs -> upsample_sum -> BN -> ReLU -> dropout -> classifier and
+saves only the classifier input d = dropout(relu(bn(u))) (its zeros carry the ReLU and dropout
+masks), the per-channel mean and invstd, and the inputs (the feature maps and the small folded
+weights); u is recomputed in backward from the features. Gradients of the folded weights,
+dA_i = dz_i^T c_i and da_i = sum dz_i, flow through autograd to W_f,i and W_i, b_i.
+
+Distributed: with a process group, the batch statistics are the global batch's, as nn.SyncBatchNorm
+computes them (ops/_math.py), and backward all-reduces sum(g) and sum(g * xhat); the BN affine
+gradients stay local (DDP averages them). This op stays an autograd.Function, not a custom op: a
+process group is not a custom-op argument type on the torch versions supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...dispatch import Impl, OpSpec, register
+from .._math import batch_norm_affine, batch_norm_backward, batch_stats, unbiased_var
+from ..upsample_sum.op import upsample_sum_nhwc
+
+__all__ = ["fold_weights", "all_mlp_decoder_eval", "all_mlp_decoder_train", "SPEC"]
+
+
+def _stage(c: torch.Tensor, A: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, h, w) features -> (B, h, w, D) = A c + a per pixel, channels-last."""
+    B, C, h, w = c.shape
+    x = c.permute(0, 2, 3, 1).reshape(B * h * w, C)
+    z = torch.addmm(a.to(x.dtype), x, A.t().to(x.dtype)) if a is not None else x @ A.t().to(x.dtype)
+    return z.view(B, h, w, A.shape[0])
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+@dataclass(frozen=True)
+class _TrainCfg:
+    n: int
+    size: tuple[int, int]
+    eps: float
+    p: float
+    dropout2d: bool
+    backend: str
+    group: object  # process group for SyncBatchNorm semantics, or None
+
+
+class _DecoderTrainFunction(torch.autograd.Function):
+    """features, folded weights, BN affine, classifier -> (logits (B, K, H, W), batch mean, unbiased var)."""
+
+    @staticmethod
+    def forward(ctx, cfg: _TrainCfg, *tensors):
+        n = cfg.n
+        feats, A, a = tensors[:n], tensors[n : 2 * n], tensors[2 * n : 3 * n]
+        gamma, beta, wc, bc = tensors[3 * n : 3 * n + 4]
+        H, W = cfg.size
+        B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
+        z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
+        u = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend)  # (B, H, W, D)
+        del z
+        u2 = u.view(-1, D)
+        mean, var, count = batch_stats(u2.float(), 0, cfg.group)
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")
+        invstd = torch.rsqrt(var + cfg.eps)
+        scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
+        d = u2.mul_(scale.to(u2.dtype)).add_(shift.to(u2.dtype)).relu_()  # in place: u is not kept
+        if cfg.p > 0:
+            if cfg.dropout2d:
+                F.dropout2d(d.view(B, H, W, D).permute(0, 3, 1, 2), cfg.p, training=True, inplace=True)
+            else:
+                F.dropout(d, cfg.p, training=True, inplace=True)
+        logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
+        ctx.cfg, ctx.count = cfg, count
+        ctx.save_for_backward(*feats, *A, *a, gamma, wc, d, mean, invstd)
+        var_unbiased = unbiased_var(var, count)
+        ctx.mark_non_differentiable(mean, var_unbiased)
+        return logits.view(B, H, W, K).permute(0, 3, 1, 2), mean, var_unbiased
+
+    @staticmethod
+    def backward(ctx, grad_logits, _grad_mean, _grad_var):
+        cfg, n = ctx.cfg, ctx.cfg.n
+        saved = ctx.saved_tensors
+        feats, A, a = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
+        gamma, wc, d, mean, invstd = saved[3 * n :]
+        needs = ctx.needs_input_grad[1:]  # one per tensor input
+        H, W = cfg.size
+        B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
+        gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(d.dtype)  # (B*H*W, K)
+        dwc = gl.t() @ d if needs[3 * n + 2] else None
+        dbc = gl.sum(0) if needs[3 * n + 3] else None
+        # dropout and ReLU: d > 0 exactly where the ReLU passed and dropout kept.
+        scale_drop = 1.0 / (1.0 - cfg.p) if 0 < cfg.p < 1 else 1.0
+        g = (gl @ wc.to(d.dtype)).mul_(scale_drop).masked_fill_(d <= 0, 0.0).float()  # (B*H*W, D)
+        z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
+        xhat = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D).float()
+        del z
+        xhat.sub_(mean).mul_(invstd)
+        gscale = invstd if gamma is None else gamma.float() * invstd
+        # BN backward: dL/du = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in place on g.
+        gu, dgamma, dbeta = batch_norm_backward(g, xhat, gscale, ctx.count, 0, cfg.group)
+        dgamma = dgamma if needs[3 * n] else None
+        dbeta = dbeta if needs[3 * n + 1] else None
+        del xhat
+        gu = gu.to(d.dtype).view(B, H, W, D)
+        sizes = [s for c in feats for s in (c.shape[2], c.shape[3])]
+        gz = torch.ops.segformer_fast.upsample_sum_backward(gu, sizes, [], None, None, False, False, False, cfg.backend)
+        del gu
+        grad_feats, grad_A, grad_a = [], [], []
+        for i, (c, Ai) in enumerate(zip(feats, A)):
+            C = c.shape[1]
+            gz2 = gz[i].reshape(-1, D)  # (B*h*w, D)
+            if needs[i]:
+                gc = (gz2 @ Ai.to(gz2.dtype)).view(B, c.shape[2], c.shape[3], C).permute(0, 3, 1, 2)
+                grad_feats.append(gc.to(c.dtype))
+            else:
+                grad_feats.append(None)
+            x = c.permute(0, 2, 3, 1).reshape(-1, C)
+            grad_A.append((gz2.t() @ x.to(gz2.dtype)).to(Ai.dtype) if needs[n + i] else None)
+            grad_a.append(gz2.sum(0).to(Ai.dtype) if needs[2 * n + i] else None)
+        return (None, *grad_feats, *grad_A, *grad_a, dgamma, dbeta, dwc, dbc)
+
+
+SPEC = register(OpSpec("all_mlp_decoder", [
+    Impl("torch", _DecoderTrainFunction.apply, _DecoderTrainFunction.backward,
+         note="PyTorch GEMMs around the upsample_sum op (its own backend); training in an autograd.Function "
+              "keeping the classifier input only"),
+], prefer={"*": ("torch",)}))
+
+
+def fold_weights(fuse_weight: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """A_i = W_f,i W_i (D, C_i) and a_i = W_f,i b_i (D,), differentiable.
+
+    Args:
+        fuse_weight: the fuse conv's (D, n*D[, 1, 1]) weight; slot k of the concat is stage n-1-k.
+        weights, biases: the stages' Linear(C_i, D) weights (D, C_i) and biases (D,) or None, finest first.
+    """
+    n = len(weights)
+    D = weights[0].shape[0]
+    wf = fuse_weight.reshape(D, n * D)
+    A, a = [], []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        k = n - 1 - i  # concat order c4, c3, c2, c1
+        wfi = wf[:, k * D : (k + 1) * D]
+        A.append(wfi @ w)
+        a.append(wfi @ b if b is not None else None)
+    return A, a
+
+
+def all_mlp_decoder_eval(features: Sequence[torch.Tensor], A: Sequence[torch.Tensor], a: Sequence[torch.Tensor | None],
+                         scale: torch.Tensor, shift: torch.Tensor, cls_weight: torch.Tensor,
+                         cls_bias: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
+    """Eval decoder: features (B, C_i, H_i, W_i), finest first; folded weights A_i, a_i; the BatchNorm
+    affine (D,) scale/shift; classifier (K, D), (K,). Returns (B, K, H_1, W_1), channels-last memory."""
+    SPEC.resolve("auto", features[0])
+    H, W = int(features[0].shape[-2]), int(features[0].shape[-1])
+    z = [_stage(c, Ai, ai) for c, Ai, ai in zip(features, A, a)]
+    y = upsample_sum_nhwc(z, (H, W), scale, shift, relu=True, backend=backend)  # (B, H, W, D)
+    return F.linear(y, cls_weight, cls_bias).permute(0, 3, 1, 2)  # (B, K, H, W)
+
+
+def all_mlp_decoder_train(features: Sequence[torch.Tensor], A: Sequence[torch.Tensor],
+                          a: Sequence[torch.Tensor | None], bn_weight: torch.Tensor | None,
+                          bn_bias: torch.Tensor | None, cls_weight: torch.Tensor, cls_bias: torch.Tensor | None, *,
+                          eps: float, p: float = 0.0, dropout2d: bool = False, backend: str = "auto",
+                          group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training decoder with batch statistics: returns (logits (B, K, H_1, W_1), the batch mean (D,),
+    the unbiased batch variance (D,)); the caller updates its running statistics from the last two.
+
+    Args:
+        features, A, a: as :func:`all_mlp_decoder_eval`. bn_weight, bn_bias: the BatchNorm affine (D,).
+        cls_weight, cls_bias: the classifier (K, D), (K,). eps: BatchNorm's. p, dropout2d: the dropout
+        before the classifier. backend: upsample_sum's. group: a process group for SyncBatchNorm
+        semantics, or None.
+    """
+    cfg = _TrainCfg(n=len(features), size=(int(features[0].shape[-2]), int(features[0].shape[-1])), eps=eps,
+                    p=float(p), dropout2d=dropout2d, backend=backend, group=group)
+    return SPEC.resolve("auto", features[0]).forward(cfg, *features, *A, *a, bn_weight, bn_bias, cls_weight, cls_bias)
