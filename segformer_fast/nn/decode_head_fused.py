@@ -19,7 +19,7 @@ from torch import nn
 
 from ..backends import validate_backend
 from ..ops.all_mlp_decoder import all_mlp_decoder_eval, all_mlp_decoder_train, fold_weights
-from ..ops._math import batch_norm_fold, update_running_stats
+from ..ops.math_utils import batch_norm_fold, update_running_stats
 from ..utils.distributed import default_group
 from .decode_head import AllMLPDecoder
 from ._autocast import fp32_under_autocast

@@ -28,11 +28,11 @@ def cuda_backend_unavailable_reason(needs: str = "") -> str | None:
         from .cuda_standin import unavailable_reason
 
         return unavailable_reason()
-    from ..backends import _import_extension
+    from ..backends import available_backends, cuda_extension
 
-    ext, err = _import_extension("_C_cuda")
+    ext = cuda_extension()
     if ext is None:
-        return f"segformer_fast._C_cuda is not built ({err})"
+        return available_backends()["cuda"].reason
     if needs and not hasattr(ext, needs):
         return f"segformer_fast._C_cuda was built without {needs}; rebuild it"
     return None

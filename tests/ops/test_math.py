@@ -1,10 +1,10 @@
-"""segformer_fast.ops._math (the PyTorch paths' shared math) against PyTorch's own modules and autograd."""
+"""segformer_fast.ops.math_utils (the PyTorch paths' shared math) against PyTorch's own modules and autograd."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.ops._math import (
+from segformer_fast.ops.math_utils import (
     batch_norm_backward,
     batch_norm_fold,
     batch_stats,

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segformer_fast.ops._triton_launch import force_gpu_launch_config
+from segformer_fast.ops.triton_launch import force_gpu_launch_config
 from segformer_fast.ops.dwconv3x3_gelu import dwconv3x3_gelu_reference
 from segformer_fast.ops.upsample_cross_entropy import upsample_cross_entropy_reference
 from segformer_fast.ops.upsample_sum import upsample_sum_reference

@@ -1,9 +1,9 @@
-"""segformer_fast.ops._triton_launch: launch configuration by tensor device, and bf16 refused by the interpreter."""
+"""segformer_fast.ops.triton_launch: launch configuration by tensor device, and bf16 refused by the interpreter."""
 
 import pytest
 import torch
 
-from segformer_fast.ops._triton_launch import force_gpu_launch_config, gpu_launch_config
+from segformer_fast.ops.triton_launch import force_gpu_launch_config, gpu_launch_config
 from segformer_fast.testing import interpreter_unavailable_reason
 
 _REASON = interpreter_unavailable_reason()

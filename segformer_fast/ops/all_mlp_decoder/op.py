@@ -22,7 +22,7 @@ weights); u is recomputed in backward from the features. Gradients of the folded
 dA_i = dz_i^T c_i and da_i = sum dz_i, flow through autograd to W_f,i and W_i, b_i.
 
 Distributed: with a process group, the batch statistics are the global batch's, as nn.SyncBatchNorm
-computes them (ops/_math.py), and backward all-reduces sum(g) and sum(g * xhat); the BN affine
+computes them (ops/math_utils.py), and backward all-reduces sum(g) and sum(g * xhat); the BN affine
 gradients stay local (DDP averages them). This op stays an autograd.Function, not a custom op: a
 process group is not a custom-op argument type on the torch versions supported.
 """
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
-from .._math import batch_norm_affine, batch_norm_backward, batch_stats, unbiased_var
+from ..math_utils import batch_norm_affine, batch_norm_backward, batch_stats, unbiased_var
 from ..upsample_sum.op import upsample_sum_nhwc
 
 __all__ = ["fold_weights", "all_mlp_decoder_eval", "all_mlp_decoder_train", "SPEC"]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
-from .._math import batch_norm_backward, batch_norm_fold, batch_stats, unbiased_var, update_running_stats
+from ..math_utils import batch_norm_backward, batch_norm_fold, batch_stats, unbiased_var, update_running_stats
 
 __all__ = ["conv_bn_relu_up", "IMPLEMENTED", "SPEC"]
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
-from .._fused import fused_op
+from ..fused import fused_op
 from ...utils.debug import empty
-from .._math import gelu_grad
+from ..math_utils import gelu_grad
 from .reference import dwconv3x3_gelu_reference
 
 __all__ = ["dwconv3x3_gelu", "dwconv3x3_gelu_forward_op", "dwconv3x3_gelu_backward_op", "IMPLEMENTED"]

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from .._triton_launch import check_interpreter_dtypes
-from .._triton_math import gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad
+from ..triton_launch import check_interpreter_dtypes
+from ..triton_math import gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad
 
 __all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES"]
 

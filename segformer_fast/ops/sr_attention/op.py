@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ...backends import cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
-from .._fused import fused_op
+from ..fused import fused_op
 from .reduce import conv_weight_matrix, patchify, reduced_size, unpatchify_add
 
 __all__ = ["sr_attention", "IMPLEMENTED", "attention_core_fwd", "attention_core_bwd"]

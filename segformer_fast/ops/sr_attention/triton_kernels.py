@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from .._triton_launch import check_interpreter_dtypes
+from ..triton_launch import check_interpreter_dtypes
 
 __all__ = ["TRITON_HEAD_DIMS", "launch_config", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
 

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
-from .._fused import fused_op
-from .._math import bilinear_taps
+from ..fused import fused_op
+from ..math_utils import bilinear_taps
 
 __all__ = ["upsample_cross_entropy", "IMPLEMENTED", "REDUCTIONS"]
 
@@ -48,7 +48,7 @@ _CHUNK_ELEMENTS = 1 << 22  # the torch implementation's (B, K, rows, W) chunk: 1
 def _row_matrix(h: int, H: int, r0: int, r1: int, device) -> tuple[int, int, torch.Tensor]:
     """Bilinear row weights of output rows [r0, r1): (lo, hi, R) with R (r1 - r0, hi - lo) over input rows [lo, hi).
 
-    PyTorch's rule (:func:`segformer_fast.ops._math.bilinear_taps`): taps floor(src) and the next
+    PyTorch's rule (:func:`segformer_fast.ops.math_utils.bilinear_taps`): taps floor(src) and the next
     row (clamped), weights 1 - frac and frac.
     """
     i0, i1, l1 = bilinear_taps(h, H, r0, r1, device)

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from .._math import bilinear_window
-from .._triton_launch import check_interpreter_dtypes, gpu_launch_config
-from .._triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
+from ..math_utils import bilinear_window
+from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
+from ..triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
 
 __all__ = ["launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
-from .._fused import fused_op
+from ..fused import fused_op
 
 __all__ = ["upsample_sum", "upsample_sum_nhwc", "upsample_sum_fwd_nhwc", "upsample_sum_bwd_nhwc", "IMPLEMENTED"]
 

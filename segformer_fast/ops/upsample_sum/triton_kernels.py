@@ -2,7 +2,7 @@
 
 Forward, one pass over the (B, H, W, D) output: for each output pixel the 4-tap bilinear gather
 of each low-resolution map (PyTorch's align_corners=False source index, clamped at 0; see
-ops/_triton_math.py), summed in fp32, then the optional per-channel affine and ReLU.
+ops/triton_math.py), summed in fp32, then the optional per-channel affine and ReLU.
 
 Backward: a prep pass applies the ReLU mask and the scale to the incoming gradient and writes
 per-block partial sums for the scale/shift gradients (recomputing the pre-affine sum by the same
@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from .._math import bilinear_window
-from .._triton_launch import check_interpreter_dtypes, gpu_launch_config
-from .._triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
+from ..math_utils import bilinear_window
+from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
+from ..triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
 
 __all__ = ["launch_config", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
 

@@ -5,7 +5,7 @@ upsample_cross_entropy kernels: with scale = n_in / n_out in fp32, output index 
 src = max(scale (o + 0.5) - 0.5, 0), the taps i0 = floor(src) and i1 = min(i0 + 1, n_in - 1), with
 weights 1 - l1 and l1 = src - i0 (clamped to [0, 1]). A 2-D sample is the product of a row tap and
 a column tap. The adjoint (the gradient of the input) is a gather: input index i sums over the
-output indices from :func:`bilinear_first_reader` on, ``segformer_fast.ops._math.bilinear_window``
+output indices from :func:`bilinear_first_reader` on, ``segformer_fast.ops.math_utils.bilinear_window``
 of them, each with its exact weight from :func:`bilinear_weight`.
 
 GELU (used by the dwconv3x3_gelu kernels), erf and tanh forms:
@@ -13,7 +13,7 @@ GELU (used by the dwconv3x3_gelu kernels), erf and tanh forms:
     GELU(z) = 0.5 z (1 + tanh(u)),  u = sqrt(2 / pi) (z + 0.044715 z^3),
     GELU'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) du/dz,  t = tanh(u),  du/dz = sqrt(2 / pi) (1 + 0.134145 z^2)
 
-The same math in C++/CUDA is csrc/common/{bilinear,gelu}.h, in PyTorch segformer_fast/ops/_math.py.
+The same math in C++/CUDA is csrc/common/{bilinear,gelu}.h, in PyTorch segformer_fast/ops/math_utils.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
   :func:`batch_norm_backward` (the input gradient from the batch statistics, sums all-reduced
   over the group as SyncBatchNorm's backward).
 
-The same math in C++/CUDA is csrc/common/{bilinear,gelu}.h, in Triton segformer_fast/ops/_triton_math.py.
+The same math in C++/CUDA is csrc/common/{bilinear,gelu}.h, in Triton segformer_fast/ops/triton_math.py.
 """
 
 from __future__ import annotations
