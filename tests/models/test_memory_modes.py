@@ -89,6 +89,22 @@ def test_checkpoint_mode_works_for_the_reference_backend():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_memory_mode_parse_and_layer_mode():
+    from segformer_fast.configs import LAYER_MEMORY_MODES, MEMORY_MODES, MemoryMode
+
+    assert MEMORY_MODES == ("save", "recompute", "checkpoint") and LAYER_MEMORY_MODES == ("save", "recompute")
+    assert MemoryMode.parse("checkpoint") is MemoryMode.CHECKPOINT == "checkpoint"
+    assert MemoryMode.parse(MemoryMode.SAVE, allowed=LAYER_MEMORY_MODES) is MemoryMode.SAVE
+    assert [MemoryMode(m).layer for m in MEMORY_MODES] == ["save", "recompute", "recompute"]
+    with pytest.raises(ValueError, match=r"memory must be one of \('save', 'recompute', 'checkpoint'\), got 'lean'"):
+        sf.segformer("b0", memory="lean", **TINY)
+    with pytest.raises(ValueError, match=r"memory must be one of \('save', 'recompute'\), got 'checkpoint'"):
+        MemoryMode.parse("checkpoint", allowed=LAYER_MEMORY_MODES)
+    model = sf.segformer("b0", backend="auto", memory=MemoryMode.CHECKPOINT, **TINY)
+    assert model.memory == "checkpoint" and "memory='checkpoint'" in repr(model)
+    assert model.encoder.stages[0].checkpoint and model.encoder.stages[0].blocks[0].mlp.memory == "recompute"
+
+
 def test_model_loss_is_fused_except_for_the_reference_backend():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 9, 7, requires_grad=True)
