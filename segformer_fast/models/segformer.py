@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backends import default_backend, validate_backend
-from ..configs import MEMORY_MODES, LayerNormEps, MemoryMode, SegFormerConfig, get_config  # noqa: F401  (MEMORY_MODES: old home)
+from ..configs import MEMORY_MODES  # noqa: F401  (re-exported: its old home)
+from ..configs import LayerNormEps, MemoryMode, SegFormerConfig, get_config
 from ..nn import AllMLPDecoder, Block, OverlapPatchEmbed
 from ..nn.decode_head_fused import FusedAllMLPDecoder
 from ..ops.upsample_cross_entropy import upsample_cross_entropy

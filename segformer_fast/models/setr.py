@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import default_backend, validate_backend
-from ..configs import MEMORY_MODES, MemoryMode, SETRConfig, get_setr_config  # noqa: F401  (MEMORY_MODES: old home)
+from ..configs import MEMORY_MODES  # noqa: F401  (re-exported: its old home)
+from ..configs import MemoryMode, SETRConfig, get_setr_config
 from ..nn.setr_heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUpHead
 from ..nn.setr_heads_fused import FusedMLANeck, FusedSETRMLAHead, FusedSETRUpHead
 from ..nn.vit_block import ViTBlock
@@ -267,8 +268,8 @@ def setr(decoder: str = "pup", num_classes: int = 150, img_size: int = 512, back
         aux: build the auxiliary heads (their logits come back in training).
         variant: the encoder, "vit-l16" (default: 1024 dim, 24 blocks, 16 heads) or "vit-b16".
         memory: what training keeps for backward: "save" (default), "recompute" or "checkpoint"
-            (see ``segformer_fast.configs.MemoryMode``); the fused layers only, the reference backend keeps what eager does
-            (with "checkpoint" it still checkpoints the encoder blocks).
+            (see ``segformer_fast.configs.MemoryMode``); the fused layers only, the reference backend
+            keeps what eager does (with "checkpoint" it still checkpoints the encoder blocks).
         **overrides: any SETRConfig field, e.g. ``embed_dim=768, depth=12, num_heads=12``.
     Returns:
         A :class:`SETR` (train mode, as nn.Modules start).

@@ -54,7 +54,7 @@ def _ours(name: str, model: SegFormer) -> Provider:
 
 
 def hf_provider(name: str, model) -> Provider:
-    """A provider for a transformers SegformerForSemanticSegmentation (patched or not): logits and its own loss."""
+    """A provider for a transformers SegformerForSemanticSegmentation (patched or not): logits, its own loss."""
     return Provider(name, model, lambda x: model(pixel_values=x).logits, lambda x, y: model(pixel_values=x, labels=y).loss)
 
 
