@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from .backends import BACKENDS, available_backends, default_backend, runs_on, triton_interpret, validate_backend
+from .backends import BACKENDS, ENV_VAR, available_backends, default_backend, runs_on, validate_backend
+from .testing.cuda_standin import ENV_VAR as STANDIN_ENV
 
 __all__ = ["Impl", "OpSpec", "Decision", "Explanation", "register", "get_spec", "specs", "explain", "resolve_ops",
            "clear_caches"]
@@ -138,10 +140,12 @@ class OpSpec:
         """The implementation that runs ``backend`` ("auto" or a name) for input ``x``; raises when an
         explicitly named backend cannot run (unless it declares a fallback). ``use_env=False``: "auto"
         ignores SEGFORMER_FAST_BACKEND (for a sub-choice inside an implementation already chosen)."""
-        env = default_backend() if backend == "auto" and use_env else "auto"
-        key = (backend, env, x.device.type, x.dtype, tuple(sorted(facts.items())), triton_interpret(), _standin())
+        environ = os.environ  # the cache key: everything a resolution depends on, read cheaply (a few us per call)
+        key = (backend, use_env and backend == "auto" and environ.get(ENV_VAR), x.device.type, x.dtype,
+               tuple(facts.items()), environ.get("TRITON_INTERPRET"), environ.get(STANDIN_ENV))
         res = self._cache.get(key)
         if res is None:
+            env = default_backend() if backend == "auto" and use_env else "auto"
             res = self._resolve(backend, env, x, facts)
             self._cache[key] = res
         if _RECORDERS:
@@ -208,12 +212,6 @@ def _order_note(spec: OpSpec, asked: str, dev: str, backend: str) -> str:
         return f"backend={asked!r} was asked for"
     order = spec.prefer.get(dev, spec.prefer.get("*", ("torch",)))
     return f"a preferred backend runs first on {dev} {order}"
-
-
-def _standin() -> bool:
-    from .testing.cuda_standin import active
-
-    return active()
 
 
 # ---------------------------------------------------------------------------------------------
