@@ -1,8 +1,10 @@
 """The one way to make a fused op: a forward and a backward ``torch.library`` custom op, their fakes
 (shapes for torch.compile / export) and the autograd formula joining them, registered together.
 
-Every op with kernels of its own (sr_attention, dwconv3x3_gelu, upsample_sum, upsample_cross_entropy)
-is made by :func:`fused_op`: ``segformer_fast::<name>`` and ``segformer_fast::<name>_backward`` are
+The fused ops are made by :func:`fused_op` (sr_attention, dwconv3x3_gelu, upsample_sum,
+upsample_cross_entropy, mix_ffn, mlp_gelu); conv_bn_relu_up and all_mlp_decoder stay
+torch.autograd.Functions because they take a process group (SyncBatchNorm semantics), which is no
+custom-op argument type. ``segformer_fast::<name>`` and ``segformer_fast::<name>_backward`` are
 opaque to torch.compile (no graph break, no tracing into kernels), and the backward is itself an op,
 so double backward is refused rather than silently wrong. The public function in each op's op.py
 validates its arguments (ValueError / TypeError naming the problem) and calls the forward op.

@@ -36,3 +36,13 @@ def test_bad_input_is_named():
         mix_ffn(x, (7, 8), w1, None, wc, torch.zeros(36), w2, None)
     with pytest.raises(ValueError, match=r"must be \(B, N, 8\)"):
         mix_ffn(x[..., :4], (7, 9), w1, None, wc, torch.zeros(36), w2, None)
+
+
+@pytest.mark.parametrize("save_hidden", [True, False])
+def test_opcheck(save_hidden):
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    w1, b1 = torch.randn(16, 8, requires_grad=True), torch.randn(16, requires_grad=True)
+    wc, bc = torch.randn(16, 1, 3, 3, requires_grad=True), torch.randn(16, requires_grad=True)
+    w2, b2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
+    torch.library.opcheck(torch.ops.segformer_fast.mix_ffn.default,
+                          (x, w1, b1, wc, bc, w2, b2, 3, 4, "none", "torch", save_hidden))

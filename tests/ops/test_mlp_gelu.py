@@ -38,3 +38,15 @@ def test_keeps_less_than_eager():
     assert kept["ref"] == 9 * c * token
     assert kept["save"] == 5 * c * token
     assert kept["recompute"] == c * token
+
+
+@pytest.mark.parametrize("save_hidden", [True, False])
+def test_opcheck_and_no_silent_double_backward(save_hidden):
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w1, b1 = torch.randn(16, 8, requires_grad=True), torch.randn(16, requires_grad=True)
+    w2 = torch.randn(8, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.segformer_fast.mlp_gelu.default, (x, w1, b1, w2, None, save_hidden))
+    (gx,) = torch.autograd.grad(mlp_gelu(x, w1, b1, w2, None, save_hidden=save_hidden).square().sum(), x,
+                                create_graph=True)
+    with pytest.raises(RuntimeError):  # the backward is an op without a derivative: an error, not a wrong number
+        gx.sum().backward()

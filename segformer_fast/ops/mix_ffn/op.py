@@ -16,53 +16,82 @@ The conv + GELU runs on the dwconv3x3_gelu op (its backend: "torch", "triton", "
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
+from ..fused import fused_op
 from ..dwconv3x3_gelu.op import dwconv3x3_gelu_backward_op, dwconv3x3_gelu_forward_op
 
 __all__ = ["mix_ffn", "SPEC"]
 
 
-class _MixFFNFunction(torch.autograd.Function):
-    """fc1 -> dwconv3x3_gelu -> fc2 keeping x (and h = fc1(x) when save_hidden) for backward."""
+def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch.Tensor, bc: torch.Tensor,
+                w2: torch.Tensor, b2: Optional[torch.Tensor], height: int, width: int, approximate: str, backend: str,
+                save_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
+    h = F.linear(x, w1, b1)  # (B, N, 4C)
+    y = dwconv3x3_gelu_forward_op(h, height, width, wc, bc, approximate, backend)  # (B, N, 4C)
+    return F.linear(y, w2, b2), (h if save_hidden else h.new_empty(0))  # (B, N, C)
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, wc, bc, w2, b2, hw, approximate, backend, save_hidden):
-        h = F.linear(x, w1, b1)  # (B, N, 4C)
-        y = dwconv3x3_gelu_forward_op(h, hw[0], hw[1], wc, bc, approximate, backend)  # (B, N, 4C)
-        out = F.linear(y, w2, b2)  # (B, N, C)
-        ctx.save_for_backward(x, h if save_hidden else None, w1, b1, wc, bc, w2)
-        ctx.hw, ctx.approximate, ctx.backend = hw, approximate, backend
-        return out
 
-    @staticmethod
-    def backward(ctx, gout):
-        x, h, w1, b1, wc, bc, w2 = ctx.saved_tensors
-        hh, ww = ctx.hw
-        if h is None:
-            h = F.linear(x, w1, b1)  # recomputed fc1 output
-        dt = h.dtype
-        gout = gout.to(dt).contiguous()
-        y = dwconv3x3_gelu_forward_op(h, hh, ww, wc, bc, ctx.approximate, ctx.backend)  # recomputed GELU output
-        hidden = h.shape[-1]
-        need = ctx.needs_input_grad
-        gw2 = (gout.reshape(-1, gout.shape[-1]).t() @ y.reshape(-1, hidden)).to(w2.dtype) if need[5] else None
-        gb2 = gout.sum(dim=(0, 1)).to(w2.dtype) if need[6] else None
-        del y
-        gy = gout @ w2.to(dt)  # (B, N, 4C)
-        gh, gwc, gbc = dwconv3x3_gelu_backward_op(gy, h, hh, ww, wc, bc, ctx.approximate, ctx.backend)
-        del gy
-        gx = (gh @ w1.to(dt)).to(x.dtype) if need[0] else None
-        gw1 = (gh.reshape(-1, hidden).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w1.dtype) if need[1] else None
-        gb1 = gh.sum(dim=(0, 1)).to(w1.dtype) if need[2] else None
-        return gx, gw1, gb1, gwc if need[3] else None, gbc if need[4] else None, gw2, gb2, None, None, None, None
+def _op_forward_fake(x, w1, b1, wc, bc, w2, b2, height, width, approximate, backend, save_hidden):
+    h = x.new_empty((*x.shape[:-1], w1.shape[0])) if save_hidden else x.new_empty(0)
+    return x.new_empty((*x.shape[:-1], w2.shape[0])), h
 
+
+def _op_backward(gout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                 wc: torch.Tensor, bc: torch.Tensor, w2: torch.Tensor, has_b2: bool, height: int, width: int,
+                 approximate: str, backend: str) -> list[torch.Tensor]:
+    """[gx, gw1, gb1 (empty without b1), gwc, gbc, gw2, gb2 (empty without b2)]; an empty h is recomputed."""
+    if h.numel() == 0:
+        h = F.linear(x, w1, b1)  # recomputed fc1 output
+    dt = h.dtype
+    gout = gout.to(dt).contiguous()
+    y = dwconv3x3_gelu_forward_op(h, height, width, wc, bc, approximate, backend)  # recomputed GELU output
+    hidden = h.shape[-1]
+    gw2 = (gout.reshape(-1, gout.shape[-1]).t() @ y.reshape(-1, hidden)).to(w2.dtype)
+    gb2 = gout.sum(dim=(0, 1)).to(w2.dtype) if has_b2 else gout.new_empty(0)
+    del y
+    gy = gout @ w2.to(dt)  # (B, N, 4C)
+    gh, gwc, gbc = dwconv3x3_gelu_backward_op(gy, h, height, width, wc, bc, approximate, backend)
+    del gy
+    gx = (gh @ w1.to(dt)).to(x.dtype)
+    gw1 = (gh.reshape(-1, hidden).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w1.dtype)
+    gb1 = gh.sum(dim=(0, 1)).to(w1.dtype) if b1 is not None else gout.new_empty(0)
+    return [gx, gw1, gb1, gwc, gbc, gw2, gb2]
+
+
+def _op_backward_fake(gout, x, h, w1, b1, wc, bc, w2, has_b2, height, width, approximate, backend):
+    return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1) if b1 is not None else x.new_empty(0),
+            torch.empty_like(wc), torch.empty_like(bc), torch.empty_like(w2),
+            x.new_empty((w2.shape[0],) if has_b2 else (0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, wc, bc, w2, b2, height, width, approximate, backend, _ = inputs
+    ctx.save_for_backward(x, output[1], w1, b1, wc, bc, w2)  # output[1]: fc1's output, or empty (recompute)
+    ctx.args = (b2 is not None, height, width, approximate, backend)
+    ctx.has_b1 = b1 is not None
+
+
+def _backward(ctx, gout, _gh):
+    x, h, w1, b1, wc, bc, w2 = ctx.saved_tensors
+    has_b2 = ctx.args[0]
+    gx, gw1, gb1, gwc, gbc, gw2, gb2 = _mix_ffn_backward_op(gout, x, h, w1, b1, wc, bc, w2, *ctx.args)
+    return (gx, gw1, gb1 if ctx.has_b1 else None, gwc, gbc, gw2, gb2 if has_b2 else None,
+            None, None, None, None, None)
+
+
+_mix_ffn_op, _mix_ffn_backward_op = fused_op(
+    "mix_ffn", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
+)
 
 SPEC = register(OpSpec("mix_ffn", [
-    Impl("torch", _MixFFNFunction.apply, _MixFFNFunction.backward,
-         note="PyTorch matmuls around the dwconv3x3_gelu op (its own backend), in an autograd.Function keeping x "
+    Impl("torch", _mix_ffn_op, _mix_ffn_backward_op,
+         note="PyTorch matmuls around the dwconv3x3_gelu op (its own backend), in a custom op keeping x "
               "(and fc1's output)"),
 ], prefer={"*": ("torch",)}))
 
@@ -91,5 +120,5 @@ def mix_ffn(x: torch.Tensor, hw: tuple[int, int], w1: torch.Tensor, b1: torch.Te
     hh, ww = int(hw[0]), int(hw[1])
     if hh * ww != x.shape[1]:
         raise ValueError(f"mix_ffn: hw={tuple(hw)} does not match x of shape {tuple(x.shape)}: need H * W == N")
-    return SPEC.resolve("auto", x).forward(x.contiguous(), w1, b1, wc, bc, w2, b2, (hh, ww), approximate, backend,
-                                           bool(save_hidden))
+    return SPEC.resolve("auto", x).forward(x.contiguous(), w1, b1, wc, bc, w2, b2, hh, ww, approximate, backend,
+                                           bool(save_hidden))[0]

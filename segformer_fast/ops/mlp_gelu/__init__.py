@@ -1,6 +1,6 @@
 """Transformer MLP, Linear -> GELU -> Linear, keeping less for backward.
 
-reference.py: the eager oracle; op.py: the autograd function that keeps the input (and, in "save"
+reference.py: the eager oracle; op.py: the custom op (ops/fused.py) that keeps the input (and, in "save"
 mode, the pre-activation) and recomputes the rest in backward, and the public :func:`mlp_gelu`.
 """
 

@@ -12,45 +12,71 @@ Backward, with dy the output gradient:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
+from ..fused import fused_op
 
 __all__ = ["mlp_gelu", "SPEC"]
 
 
-class _MLPGeluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, save_hidden):
-        h = F.linear(x, w1, b1)  # (..., Hd)
-        y = F.linear(F.gelu(h), w2, b2)  # (..., C_out)
-        ctx.save_for_backward(x, h if save_hidden else None, w1, b1, w2)
-        ctx.has_b2 = b2 is not None
-        return y
+def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                b2: Optional[torch.Tensor], save_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
+    h = F.linear(x, w1, b1)  # (..., Hd)
+    y = F.linear(F.gelu(h), w2, b2)  # (..., C_out)
+    return y, (h if save_hidden else h.new_empty(0))
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, w1, b1, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if h is None:
-            h = F.linear(x, w1, b1)  # recomputed fc1 output
-        hd, c_in = w1.shape
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        gw2 = dy2.t() @ F.gelu(h).reshape(-1, hd) if need[3] else None
-        gb2 = dy2.sum(0) if need[4] and ctx.has_b2 else None
-        dh = torch.ops.aten.gelu_backward(dy @ w2, h)  # (..., Hd)
-        del h
-        dh2 = dh.reshape(-1, hd)
-        gw1 = dh2.t() @ x.reshape(-1, c_in) if need[1] else None
-        gb1 = dh2.sum(0) if need[2] and b1 is not None else None
-        dx = dh @ w1 if need[0] else None
-        return dx, gw1, gb1, gw2, gb2, None
 
+def _op_forward_fake(x, w1, b1, w2, b2, save_hidden):
+    y = x.new_empty((*x.shape[:-1], w2.shape[0]))
+    return y, (x.new_empty((*x.shape[:-1], w1.shape[0])) if save_hidden else x.new_empty(0))
+
+
+def _op_backward(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                 w2: torch.Tensor, has_b2: bool) -> list[torch.Tensor]:
+    """[dx, dw1, db1 (empty without b1), dw2, db2 (empty without b2)]; an empty h is recomputed from x."""
+    if h.numel() == 0:
+        h = F.linear(x, w1, b1)  # recomputed fc1 output
+    hd, c_in = w1.shape
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    gw2 = dy2.t() @ F.gelu(h).reshape(-1, hd)
+    gb2 = dy2.sum(0) if has_b2 else dy.new_empty(0)
+    dh = torch.ops.aten.gelu_backward(dy @ w2, h)  # (..., Hd)
+    del h
+    dh2 = dh.reshape(-1, hd)
+    gw1 = dh2.t() @ x.reshape(-1, c_in)
+    gb1 = dh2.sum(0) if b1 is not None else dy.new_empty(0)
+    return [dh @ w1, gw1, gb1, gw2, gb2]
+
+
+def _op_backward_fake(dy, x, h, w1, b1, w2, has_b2):
+    return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1) if b1 is not None else dy.new_empty(0),
+            torch.empty_like(w2), dy.new_empty((w2.shape[0],) if has_b2 else (0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, _ = inputs
+    ctx.save_for_backward(x, output[1], w1, b1, w2)  # output[1]: fc1's output, or empty (recompute)
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+
+
+def _backward(ctx, dy, _dh):
+    x, h, w1, b1, w2 = ctx.saved_tensors
+    dx, gw1, gb1, gw2, gb2 = _mlp_gelu_backward_op(dy.contiguous(), x, h, w1, b1, w2, ctx.has_b2)
+    return dx, gw1, gb1 if ctx.has_b1 else None, gw2, gb2 if ctx.has_b2 else None, None
+
+
+_mlp_gelu_op, _mlp_gelu_backward_op = fused_op(
+    "mlp_gelu", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
+)
 
 SPEC = register(OpSpec("mlp_gelu", [
-    Impl("torch", _MLPGeluFunction.apply, _MLPGeluFunction.backward,
-         note="PyTorch matmuls in an autograd.Function that keeps x (and fc1's output); no backend argument"),
+    Impl("torch", _mlp_gelu_op, _mlp_gelu_backward_op,
+         note="PyTorch matmuls in a custom op that keeps x (and fc1's output); no backend argument"),
 ], prefer={"*": ("torch",)}))
 
 
@@ -72,5 +98,5 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
         raise ValueError(f"mlp_gelu: x {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not chain")
     impl = SPEC.resolve("auto", x)
     if not torch.is_grad_enabled() or not (x.requires_grad or w1.requires_grad or w2.requires_grad):
-        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)  # nothing to keep: no autograd.Function
-    return impl.forward(x, w1, b1, w2, b2, bool(save_hidden))
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)  # nothing to keep: no custom op needed
+    return impl.forward(x, w1, b1, w2, b2, bool(save_hidden))[0]
