@@ -32,10 +32,17 @@ import torch
 from .backends import BACKENDS, ENV_VAR, available_backends, default_backend, runs_on, validate_backend
 from .testing.cuda_standin import ENV_VAR as STANDIN_ENV
 
-__all__ = ["Impl", "OpSpec", "Decision", "Explanation", "register", "get_spec", "specs", "explain", "resolve_ops",
-           "clear_caches"]
+__all__ = ["Impl", "OpSpec", "Decision", "Explanation", "NoImplementationError", "KERNEL_PREFERENCE", "register",
+           "get_spec", "specs", "explain", "resolve_ops", "clear_caches"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# auto's measured order for an op with kernels in every backend: the compiled CUDA kernels, then
+# Triton, on a GPU; the C++ kernels on the CPU (Triton's interpreter is never auto's choice).
+KERNEL_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+class NoImplementationError(NotImplementedError):
+    """An op asked for a backend it has no implementation in (a user error, not an unfinished op)."""
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,18 @@ class OpSpec:
         name: the op's name ("upsample_sum", ...).
         impls: its implementations, one per backend.
         prefer: device type -> backends in auto's order of preference (measured fastest first);
-            device types not listed use ``prefer["*"]``, else ("torch",).
+            device types not listed use ``prefer["*"]``, else ("torch",) (the default: a torch-only op).
     """
 
-    def __init__(self, name: str, impls: Sequence[Impl], prefer: dict[str, tuple[str, ...]]):
+    def __init__(self, name: str, impls: Sequence[Impl], prefer: Optional[dict[str, tuple[str, ...]]] = None):
         self.name = name
         self.impls = {i.backend: i for i in impls}
-        self.prefer = prefer
+        self.prefer = prefer or {}
         self._cache: dict[tuple, _Resolution] = {}
+
+    def order(self, device_type: str) -> tuple[str, ...]:
+        """Auto's order of preference for tensors of ``device_type``."""
+        return self.prefer.get(device_type, self.prefer.get("*", ("torch",)))
 
     def __repr__(self) -> str:
         return f"OpSpec({self.name!r}, backends={tuple(self.impls)})"
@@ -157,24 +168,26 @@ class OpSpec:
         name = validate_backend(backend, check_available=False)
         verdicts = {b: self.why_not(i, x, facts) for b, i in self.impls.items()}
 
+        order = self.order(x.device.type)
+        not_chosen = (f"backend={name!r} was asked for" if name != "auto"
+                      else f"a preferred backend runs first on {x.device.type} {order}")
+
         def done(chosen: str, how: str) -> _Resolution:
             decisions = []
             for b in self.impls:
                 if b == chosen:
                     decisions.append(Decision(self.name, b, True, how))
                 else:
-                    decisions.append(Decision(self.name, b, False, verdicts[b] or "not chosen: " + _order_note(
-                        self, name, x.device.type, b)))
+                    decisions.append(Decision(self.name, b, False, verdicts[b] or "not chosen: " + not_chosen))
             for b in BACKENDS:
                 if b not in self.impls:
                     decisions.append(Decision(self.name, b, False, f"{self.name} has no {b} implementation"))
             return _Resolution(self.impls[chosen], tuple(decisions))
 
         if name != "auto":
-            return self._explicit(name, x, facts, verdicts, done)
+            return self._explicit(name, x, verdicts, done)
         if env != "auto" and env in self.impls and verdicts[env] is None:
             return done(env, f"SEGFORMER_FAST_BACKEND={env}")
-        order = self.prefer.get(x.device.type, self.prefer.get("*", ("torch",)))
         for b in order:
             if b in self.impls and verdicts[b] is None:
                 lead = (f"SEGFORMER_FAST_BACKEND={env} cannot run it ({verdicts.get(env) or 'no such implementation'}); "
@@ -183,15 +196,15 @@ class OpSpec:
         raise RuntimeError(f"{self.name}: no implementation can run for a {x.dtype} tensor on {x.device}: "
                            + "; ".join(f"{b}: {r}" for b, r in verdicts.items() if r))
 
-    def _explicit(self, name, x, facts, verdicts, done):
+    def _explicit(self, name, x, verdicts, done):
         impl = self.impls.get(name)
         if impl is None:
-            raise NotImplementedError(f"{self.name} has no {name!r} implementation; it has {tuple(self.impls)}")
+            raise NoImplementationError(f"{self.name} has no {name!r} implementation; it has {tuple(self.impls)}")
         if verdicts[name] is None:
             return done(name, f"asked for (backend={name!r})")
-        gate = self._gate(impl, x)
-        if gate is None and impl.fallback is not None and verdicts.get(impl.fallback) is None:
-            return done(impl.fallback, f"declared fallback of {name}: {self._condition(impl, x, facts)}")
+        if self._gate(impl, x) is None and impl.fallback is not None and verdicts.get(impl.fallback) is None:
+            # the gate passed, so the verdict is the failed condition's reason
+            return done(impl.fallback, f"declared fallback of {name}: {verdicts[name]}")
         status = available_backends()[name]
         if not status.available:
             raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
@@ -202,16 +215,9 @@ class OpSpec:
         with record() as log:
             try:
                 self.resolve(backend, x, **facts)
-            except (RuntimeError, ValueError, NotImplementedError) as exc:
+            except (RuntimeError, ValueError, NoImplementationError) as exc:
                 return Explanation([(self.name, backend, (Decision(self.name, backend, False, str(exc)),))])
         return Explanation(log)
-
-
-def _order_note(spec: OpSpec, asked: str, dev: str, backend: str) -> str:
-    if asked != "auto":
-        return f"backend={asked!r} was asked for"
-    order = spec.prefer.get(dev, spec.prefer.get("*", ("torch",)))
-    return f"a preferred backend runs first on {dev} {order}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,26 +17,7 @@ def _seed():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _cuda_backend_without_gpu(request, monkeypatch):
-    """A test parametrised with backend="cuda" runs, where there is no CUDA device, on the CPU
-    stand-in of the CUDA extension (segformer_fast.testing.cuda_standin): the CUDA glue is then
-    tested on every CI run. Its tensors go on ``segformer_fast.testing.backend_device("cuda")``."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is None or callspec.params.get("backend") != "cuda" or torch.cuda.is_available():
-        yield
-        return
-    from segformer_fast.testing import cuda_standin
-
-    reason = cuda_standin.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv(cuda_standin.ENV_VAR, "1")
-    yield
-
-
-@pytest.fixture
-def cuda_standin(monkeypatch):
+def _select_standin(monkeypatch):
     """Selects the CPU stand-in of the CUDA extension for one test (skips where it cannot run)."""
     from segformer_fast.testing import cuda_standin as standin
 
@@ -45,6 +26,23 @@ def cuda_standin(monkeypatch):
         pytest.skip(reason)
     monkeypatch.setenv(standin.ENV_VAR, "1")
     return standin
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_without_gpu(request, monkeypatch):
+    """A test parametrised with backend="cuda" runs, where there is no CUDA device, on the CPU
+    stand-in of the CUDA extension (segformer_fast.testing.cuda_standin): the CUDA glue is then
+    tested on every CI run. Its tensors go on ``segformer_fast.testing.backend_device("cuda")``."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cuda" and not torch.cuda.is_available():
+        _select_standin(monkeypatch)
+    yield
+
+
+@pytest.fixture
+def cuda_standin(monkeypatch):
+    """Selects the CPU stand-in of the CUDA extension for one test (skips where it cannot run)."""
+    return _select_standin(monkeypatch)
 
 
 @pytest.fixture

@@ -15,12 +15,14 @@ interpreter (:func:`check_interpreter_dtypes`); fp16 and fp32 run there, bf16 ru
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["gpu_launch_config", "force_gpu_launch_config", "interpreting", "check_interpreter_dtypes"]
+from ..backends import triton_interpret
+
+__all__ = ["gpu_launch_config", "force_gpu_launch_config", "interpreter_refuses",
+           "check_interpreter_dtypes"]
 
 _forced = 0  # depth of nested force_gpu_launch_config() blocks
 
@@ -46,9 +48,9 @@ def force_gpu_launch_config() -> Iterator[None]:
         _forced -= 1
 
 
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET is set: Triton kernels given CPU tensors run in the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def interpreter_refuses(t: torch.Tensor) -> bool:
+    """True for a bfloat16 CPU tensor under the interpreter, whose bf16 ``tl.dot`` is wrong."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and triton_interpret()
 
 
 def check_interpreter_dtypes(op: str, *tensors: torch.Tensor | None) -> None:
@@ -58,10 +60,8 @@ def check_interpreter_dtypes(op: str, *tensors: torch.Tensor | None) -> None:
         op: the op's name, for the message.
         tensors: the launcher's tensor arguments (None entries are skipped).
     """
-    if not interpreting():
-        return
     for t in tensors:
-        if t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        if t is not None and interpreter_refuses(t):
             raise TypeError(
                 f"{op} (triton): the Triton interpreter's bfloat16 arithmetic is wrong (bf16 tl.dot); "
                 f"got a bfloat16 tensor of shape {tuple(t.shape)} on the CPU. Use float16 or float32 with the "

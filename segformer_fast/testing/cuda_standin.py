@@ -56,7 +56,7 @@ def _check(cond: bool, op: str, *msg) -> None:
         raise RuntimeError(f"{op} (cuda stand-in): " + "".join(str(m) for m in msg))
 
 
-def _dtype_code(t: torch.Tensor, op: str) -> None:
+def _check_dtype(t: torch.Tensor, op: str) -> None:
     _check(t.dtype in _DTYPES, op, "dtype must be float32, float16 or bfloat16, got ", t.dtype)
 
 
@@ -95,7 +95,7 @@ def upsample_sum_fwd(maps: Sequence[torch.Tensor], H: int, W: int, scale: Option
     for m in maps:
         _us_map(m, m0, "each map")
         _check(m.shape[0] == m0.shape[0] and m.shape[3] == m0.shape[3], _US, "maps disagree on B or D: ", tuple(m.shape))
-    _dtype_code(m0, _US)
+    _check_dtype(m0, _US)
     _us_vec(scale, m0, m0.shape[3], "scale")
     _us_vec(shift, m0, m0.shape[3], "shift")
     out = _cpu().upsample_sum_fwd([m.float() for m in maps], H, W, scale, shift, relu)
@@ -106,7 +106,7 @@ def upsample_sum_bwd(grad: torch.Tensor, sizes: Sequence[int], maps: Sequence[to
                      out: Optional[torch.Tensor], scale: Optional[torch.Tensor], relu: bool,
                      need_dshift: bool) -> list[torch.Tensor]:
     _us_map(grad, grad, "grad")
-    _dtype_code(grad, _US)
+    _check_dtype(grad, _US)
     _check(0 < len(sizes) <= 8 and len(sizes) % 2 == 0, _US, "sizes must be [h0, w0, ...] for 1 to 4 maps")
     n = len(sizes) // 2
     _check(not maps or len(maps) == n, _US, "maps and sizes disagree")
@@ -138,7 +138,7 @@ def _dw_check(t: torch.Tensor, name: str, like: torch.Tensor, shape: tuple) -> N
 def _dw_x(x: torch.Tensor, H: int, W: int) -> tuple[int, int]:
     _check(x.dim() == 3 and x.shape[1] == H * W, _DW, "x must be (B, H*W, C) with H*W = ", H * W, ", got ",
            tuple(x.shape))
-    _dtype_code(x, _DW)
+    _check_dtype(x, _DW)
     return x.shape[0], x.shape[2]
 
 
@@ -188,7 +188,7 @@ def _ce_check(x: torch.Tensor, labels: torch.Tensor) -> None:
     _check(labels.dtype == torch.int64 and labels.dim() == 3 and labels.is_contiguous()
            and labels.shape[0] == x.shape[0], _CE, "labels must be a contiguous int64 (B, H, W) tensor, got ",
            labels.dtype, " ", tuple(labels.shape))
-    _dtype_code(x, _CE)
+    _check_dtype(x, _CE)
 
 
 def _ce_pixels(t: torch.Tensor, labels: torch.Tensor, what: str) -> None:
@@ -238,7 +238,7 @@ def sr_attention_patchify(x: torch.Tensor, H: int, W: int, sr: int) -> torch.Ten
     _sr_check(x, x, 3, "x")
     _check(sr >= 1 and H >= sr and W >= sr and x.shape[1] == H * W, _SR, "x ", tuple(x.shape), " does not fit H=", H,
            " W=", W, " sr=", sr)
-    _dtype_code(x, _SR)
+    _check_dtype(x, _SR)
     b, c, m = _sr_grid(x, H, W, sr)
     return _patch_view(x, H, W, sr).reshape(b, m, sr * sr * c).clone()
 
@@ -246,7 +246,7 @@ def sr_attention_patchify(x: torch.Tensor, H: int, W: int, sr: int) -> torch.Ten
 def sr_attention_unpatchify_add(dx: torch.Tensor, dpatches: torch.Tensor, H: int, W: int, sr: int) -> None:
     _sr_check(dx, dx, 3, "dx")
     _sr_check(dpatches, dx, 3, "dpatches")
-    _dtype_code(dx, _SR)
+    _check_dtype(dx, _SR)
     b, c, m = _sr_grid(dx, H, W, sr)
     _check(sr >= 1 and dx.shape[1] == H * W and tuple(dpatches.shape) == (b, m, sr * sr * c), _SR, "dx ",
            tuple(dx.shape), " and dpatches ", tuple(dpatches.shape), " do not fit H=", H, " W=", W, " sr=", sr)
@@ -269,7 +269,7 @@ def _sr_affine(weight: torch.Tensor, r: torch.Tensor, c: int, what: str) -> None
 def sr_attention_bias_ln_fwd(r: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor, beta: torch.Tensor,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _sr_check(r, r, 3, "r")
-    _dtype_code(r, _SR)
+    _check_dtype(r, _SR)
     c = r.shape[2]
     _sr_affine(weight, r, c, "norm weight")
     _sr_affine(beta, r, c, "norm bias")
@@ -287,7 +287,7 @@ def sr_attention_bias_ln_bwd(dy: torch.Tensor, r: torch.Tensor, bias: Optional[t
     _sr_check(r, r, 3, "r")
     _sr_check(dy, r, 3, "dy")
     _check(dy.shape == r.shape, _SR, "dy ", tuple(dy.shape), " and r ", tuple(r.shape), " differ")
-    _dtype_code(r, _SR)
+    _check_dtype(r, _SR)
     c, rows = r.shape[2], r.shape[0] * r.shape[1]
     _sr_affine(weight, r, c, "norm weight")
     for t in (mean, rstd):

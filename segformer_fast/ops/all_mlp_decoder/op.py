@@ -145,7 +145,7 @@ SPEC = register(OpSpec("all_mlp_decoder", [
     Impl("torch", _DecoderTrainFunction.apply, _DecoderTrainFunction.backward,
          note="PyTorch GEMMs around the upsample_sum op (its own backend); training in an autograd.Function "
               "keeping the classifier input only"),
-], prefer={"*": ("torch",)}))
+]))
 
 
 def fold_weights(fuse_weight: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]

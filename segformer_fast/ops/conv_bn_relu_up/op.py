@@ -106,7 +106,7 @@ def _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps):
 SPEC = register(OpSpec("conv_bn_relu_up", [
     Impl("torch", _ConvBNReLUFunction.apply, _ConvBNReLUFunction.backward,
          note="PyTorch ops: BatchNorm folded in eval; in training an autograd.Function keeping x only; no backend argument"),
-], prefer={"*": ("torch",)}))
+]))
 IMPLEMENTED = tuple(SPEC.impls)
 
 

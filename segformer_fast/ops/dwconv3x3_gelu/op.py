@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
-from ...dispatch import Impl, OpSpec, register
+from ...dispatch import KERNEL_PREFERENCE, Impl, OpSpec, register
 from ..fused import fused_op
 from ...utils.debug import empty
 from ..math_utils import gelu_grad
 from .reference import dwconv3x3_gelu_reference
 
-__all__ = ["dwconv3x3_gelu", "dwconv3x3_gelu_forward_op", "dwconv3x3_gelu_backward_op", "IMPLEMENTED"]
+__all__ = ["dwconv3x3_gelu", "IMPLEMENTED"]
 
 _ACT_CODES = {"none": 1, "tanh": 2}  # the compiled kernels' GELU codes (0 is identity)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,7 +107,7 @@ SPEC = register(OpSpec("dwconv3x3_gelu", [
     Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
     Impl("cpp", _cpp_fwd, _cpp_bwd, needs=_NEEDS, note="C++/OpenMP, fp32 (other dtypes upcast)"),
     Impl("cuda", _cuda_fwd, _cuda_bwd, needs=_NEEDS, note="CUDA kernels"),
-], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}))
+], prefer=KERNEL_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
 
@@ -169,11 +169,6 @@ def _backward(ctx, grad_y):
 _dwconv3x3_gelu_op, _dwconv3x3_gelu_backward_op = fused_op(
     "dwconv3x3_gelu", _op_forward, _op_forward_fake, _op_backward, _op_backward_fake, _setup_context, _backward
 )
-
-
-# The custom ops themselves, for fused autograd built on this op (mix_ffn): checked arguments only.
-dwconv3x3_gelu_forward_op = _dwconv3x3_gelu_op
-dwconv3x3_gelu_backward_op = _dwconv3x3_gelu_backward_op
 
 
 def _check_inputs(x, hw, weight, bias, approximate) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
 from ..fused import fused_op
-from ..dwconv3x3_gelu.op import dwconv3x3_gelu_backward_op, dwconv3x3_gelu_forward_op
+from .. import dwconv3x3_gelu  # noqa: F401  (registers the segformer_fast::dwconv3x3_gelu ops used below)
 
 __all__ = ["mix_ffn", "SPEC"]
 
@@ -33,7 +33,7 @@ def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
                 save_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
     h = F.linear(x, w1, b1)  # (B, N, 4C)
-    y = dwconv3x3_gelu_forward_op(h, height, width, wc, bc, approximate, backend)  # (B, N, 4C)
+    y = torch.ops.segformer_fast.dwconv3x3_gelu(h, height, width, wc, bc, approximate, backend)  # (B, N, 4C)
     return F.linear(y, w2, b2), (h if save_hidden else h.new_empty(0))  # (B, N, C)
 
 
@@ -50,13 +50,14 @@ def _op_backward(gout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch
         h = F.linear(x, w1, b1)  # recomputed fc1 output
     dt = h.dtype
     gout = gout.to(dt).contiguous()
-    y = dwconv3x3_gelu_forward_op(h, height, width, wc, bc, approximate, backend)  # recomputed GELU output
+    y = torch.ops.segformer_fast.dwconv3x3_gelu(h, height, width, wc, bc, approximate, backend)  # recomputed
     hidden = h.shape[-1]
     gw2 = (gout.reshape(-1, gout.shape[-1]).t() @ y.reshape(-1, hidden)).to(w2.dtype)
     gb2 = gout.sum(dim=(0, 1)).to(w2.dtype) if has_b2 else gout.new_empty(0)
     del y
     gy = gout @ w2.to(dt)  # (B, N, 4C)
-    gh, gwc, gbc = dwconv3x3_gelu_backward_op(gy, h, height, width, wc, bc, approximate, backend)
+    gh, gwc, gbc = torch.ops.segformer_fast.dwconv3x3_gelu_backward(gy, h, height, width, wc, bc, approximate,
+                                                                    backend)
     del gy
     gx = (gh @ w1.to(dt)).to(x.dtype)
     gw1 = (gh.reshape(-1, hidden).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w1.dtype)
@@ -93,7 +94,7 @@ SPEC = register(OpSpec("mix_ffn", [
     Impl("torch", _mix_ffn_op, _mix_ffn_backward_op,
          note="PyTorch matmuls around the dwconv3x3_gelu op (its own backend), in a custom op keeping x "
               "(and fc1's output)"),
-], prefer={"*": ("torch",)}))
+]))
 
 
 def mix_ffn(x: torch.Tensor, hw: tuple[int, int], w1: torch.Tensor, b1: torch.Tensor | None, wc: torch.Tensor,

@@ -77,7 +77,7 @@ _mlp_gelu_op, _mlp_gelu_backward_op = fused_op(
 SPEC = register(OpSpec("mlp_gelu", [
     Impl("torch", _mlp_gelu_op, _mlp_gelu_backward_op,
          note="PyTorch matmuls in a custom op that keeps x (and fc1's output); no backend argument"),
-], prefer={"*": ("torch",)}))
+]))
 
 
 def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

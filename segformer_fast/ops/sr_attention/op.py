@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ...backends import cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
+from ..triton_launch import interpreter_refuses
 from ..fused import fused_op
 from .reduce import conv_weight_matrix, patchify, reduced_size, unpatchify_add
 
@@ -128,7 +129,7 @@ def _triton_core_condition(q: torch.Tensor, facts: dict) -> Optional[str]:
         return f"head dim {facts['head_dim']} is not one of the Triton kernels' {TRITON_HEAD_DIMS}"
     if q.dtype == torch.float64:
         return "the Triton kernels take float32, float16 and bfloat16"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if interpreter_refuses(q):
         return "bfloat16 in Triton's interpreter is wrong (bf16 tl.dot)"
     return None
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
-from ...dispatch import Impl, OpSpec, register
+from ...dispatch import KERNEL_PREFERENCE, Impl, OpSpec, register
 from ..fused import fused_op
 from ..math_utils import bilinear_taps
 
@@ -139,7 +139,7 @@ SPEC = register(OpSpec("upsample_cross_entropy", [
     Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
     Impl("cpp", _cpp_fwd, _cpp_bwd, needs=_NEEDS, note="C++/OpenMP, fp32 (other dtypes upcast)"),
     Impl("cuda", _cuda_fwd, _cuda_bwd, needs=_NEEDS, note="CUDA kernels"),
-], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}))
+], prefer=KERNEL_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
 

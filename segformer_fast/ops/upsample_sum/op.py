@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends import cpu_extension, cuda_extension, validate_backend
-from ...dispatch import Impl, OpSpec, register
+from ...dispatch import KERNEL_PREFERENCE, Impl, OpSpec, register
 from ..fused import fused_op
 
 __all__ = ["upsample_sum", "upsample_sum_nhwc", "upsample_sum_fwd_nhwc", "upsample_sum_bwd_nhwc", "IMPLEMENTED"]
@@ -116,7 +116,7 @@ SPEC = register(OpSpec("upsample_sum", [
     Impl("cpp", _cpp_fwd, _cpp_bwd, needs=("upsample_sum_fwd", "upsample_sum_bwd"),
          note="C++/OpenMP, fp32 (other dtypes upcast)"),
     Impl("cuda", _cuda_fwd, _cuda_bwd, needs=("upsample_sum_fwd", "upsample_sum_bwd"), note="CUDA kernels"),
-], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}))
+], prefer=KERNEL_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
 
