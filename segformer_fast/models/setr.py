@@ -242,8 +242,8 @@ def _fused_loss(outputs: tuple[torch.Tensor, ...], labels: torch.Tensor, ignore_
     """setr_loss from low-resolution logits: each upsampled to the labels' size inside the CE op."""
     from ..ops.upsample_cross_entropy import upsample_cross_entropy
 
-    # fp32 logits (a small copy at head resolution under autocast): the loss is summed in fp32
-    return _main_plus_aux([upsample_cross_entropy(o.float(), labels, ignore_index, backend=backend) for o in outputs],
+    # the op reads fp16/bf16 logits as they are and sums the loss in fp32
+    return _main_plus_aux([upsample_cross_entropy(o, labels, ignore_index, backend=backend) for o in outputs],
                           aux_weight)
 
 

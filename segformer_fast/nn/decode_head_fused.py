@@ -22,7 +22,7 @@ from ..ops.all_mlp_decoder import all_mlp_decoder_eval, all_mlp_decoder_train, f
 from ..ops.math_utils import batch_norm_fold, update_running_stats
 from ..utils.distributed import default_group
 from .decode_head import AllMLPDecoder
-from ._autocast import fp32_under_autocast
+from ._autocast import cast, run_autocast
 
 __all__ = ["FusedAllMLPDecoder"]
 
@@ -100,22 +100,26 @@ class FusedAllMLPDecoder(AllMLPDecoder):
     def _group(self):
         return default_group(self.sync_bn, self.process_group)
 
-    @fp32_under_autocast
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """features: four (B, C_i, H_i, W_i) maps, finest first; returns (B, classes, H_1, W_1).
 
-        The logits come out in channels-last memory format (same shape and values as the reference).
+        The logits come out in channels-last memory format (same shape and values as the reference),
+        in the autocast dtype under autocast. The folded weights are formed in fp32 and cast per stage
+        GEMM; BatchNorm statistics and affine stay fp32.
         """
         self.check_features(features)
+        return run_autocast(self._fused_forward, features)
+
+    def _fused_forward(self, features: Sequence[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
         bn, K = self.bn, self.num_classes
+        wc, bc = cast(self.classifier.weight.view(K, self.dim), dtype), cast(self.classifier.bias, dtype)
         use_batch_stats = self.training or bn.running_mean is None
         if not use_batch_stats:
             A, a, scale, shift = self._eval_params()
-            return all_mlp_decoder_eval(features, A, a, scale, shift, self.classifier.weight.view(K, self.dim),
-                                        self.classifier.bias, self.backend)
+            return all_mlp_decoder_eval(features, A, a, scale, shift, wc, bc, self.backend)
         A, a = self._folded()
         logits, mean, var = all_mlp_decoder_train(
-            features, A, a, bn.weight, bn.bias, self.classifier.weight.view(K, self.dim), self.classifier.bias,
+            features, A, a, bn.weight, bn.bias, wc, bc,
             eps=bn.eps, p=float(self.dropout.p) if self.training else 0.0,
             dropout2d=isinstance(self.dropout, nn.Dropout2d), backend=self.backend,
             group=self._group() if self.training else None,

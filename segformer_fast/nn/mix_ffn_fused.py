@@ -11,13 +11,14 @@ reference's 13C) and the backward itself: see :mod:`segformer_fast.ops.mix_ffn.o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backends import validate_backend
 from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.dwconv3x3_gelu import dwconv3x3_gelu
 from ..ops.mix_ffn import mix_ffn
-from ._autocast import fp32_under_autocast
+from ._autocast import cast, run_autocast
 
 __all__ = ["FusedMixFFN"]
 
@@ -80,15 +81,17 @@ class FusedMixFFN(nn.Module):
     def extra_repr(self) -> str:
         return f"memory={self.memory!r}, backend={self.backend!r}, approximate={self.approximate!r}"
 
-    @fp32_under_autocast
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """x: (B, N, C) with N = H*W; returns (B, N, C)."""
+        """x: (B, N, C) with N = H*W; returns (B, N, C) (in the autocast dtype under autocast)."""
         if x.dim() != 3 or x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"x must be (B, N, {self.fc1.in_features}), got shape {tuple(x.shape)}")
-        wc, bc = self.dwconv.weight, self.dwconv.bias
+        return run_autocast(self._fused_forward, x, hw)
+
+    def _fused_forward(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype | None) -> torch.Tensor:
+        w1, b1, wc, bc, w2, b2 = (cast(p, dtype) for p in (self.fc1.weight, self.fc1.bias, self.dwconv.weight,
+                                                            self.dwconv.bias, self.fc2.weight, self.fc2.bias))
         if self.training and self.drop.p > 0:
-            h = self.fc1(x)
+            h = F.linear(x, w1, b1)
             y = self.drop(dwconv3x3_gelu(h, hw, wc, bc, self.approximate, self.backend))
-            return self.drop(self.fc2(y))
-        return mix_ffn(x, hw, self.fc1.weight, self.fc1.bias, wc, bc, self.fc2.weight, self.fc2.bias, self.approximate,
-                       self.backend, save_hidden=self.memory == "save")
+            return self.drop(F.linear(y, w2, b2))
+        return mix_ffn(x, hw, w1, b1, wc, bc, w2, b2, self.approximate, self.backend, save_hidden=self.memory == "save")

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.mlp_gelu import mlp_gelu
-from ._autocast import fp32_under_autocast
+from ._autocast import cast, run_autocast
 
 __all__ = ["Mlp", "FusedMlp"]
 
@@ -44,12 +44,14 @@ class FusedMlp(Mlp):
         MemoryMode.parse(memory, allowed=LAYER_MEMORY_MODES)
         self.memory = memory
 
-    @fp32_under_autocast
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C)."""
+        """(B, N, C) -> (B, N, C) (in the autocast dtype under autocast)."""
         if self.training and self.drop.p > 0:
             return super().forward(x)
-        return mlp_gelu(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+        return run_autocast(self._fused_forward, x)
+
+    def _fused_forward(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        return mlp_gelu(x, *(cast(p, dtype) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)),
                         save_hidden=self.memory == "save")
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ops.conv_bn_relu_up import conv_bn_relu_up
 from ..utils.distributed import default_group
-from ._autocast import fp32_under_autocast
+from ._autocast import cast, run_autocast
 from .setr_heads import ConvBNReLU, MLANeck, SETRMLAHead, SETRUpHead, layer_norm_nchw
 
 __all__ = ["FusedConvBNReLU", "FusedSETRUpHead", "FusedMLANeck", "FusedSETRMLAHead"]
@@ -37,16 +37,20 @@ class FusedConvBNReLU(ConvBNReLU):
         self.sync_bn = True
         self.process_group = None
 
-    @fp32_under_autocast
     def forward(self, x: torch.Tensor, cls_weight: torch.Tensor | None = None, cls_bias: torch.Tensor | None = None,
                 upsample: bool = True) -> torch.Tensor:
         bn = self.bn
         if bn.momentum is None or not bn.track_running_stats:  # cumulative averages: not folded here
             return super().forward(x)
+        return run_autocast(self._fused_forward, x, cls_weight, cls_bias, upsample)
+
+    def _fused_forward(self, x, cls_weight, cls_bias, upsample, dtype):
+        # the convs' weights in the autocast dtype; BatchNorm's affine and statistics stay fp32
+        bn = self.bn
         return conv_bn_relu_up(
-            x, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, training=self.training,
-            momentum=bn.momentum, eps=bn.eps, scale=self.scale if upsample else 1,
-            cls_weight=cls_weight, cls_bias=cls_bias, num_batches_tracked=bn.num_batches_tracked,
+            x, cast(self.conv.weight, dtype), bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            training=self.training, momentum=bn.momentum, eps=bn.eps, scale=self.scale if upsample else 1,
+            cls_weight=cast(cls_weight, dtype), cls_bias=cast(cls_bias, dtype), num_batches_tracked=bn.num_batches_tracked,
             group=default_group(self.sync_bn, self.process_group) if self.training else None,
         )
 

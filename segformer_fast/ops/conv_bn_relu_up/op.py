@@ -39,7 +39,8 @@ def _synced_batch_norm(y, bn_weight, bn_bias, eps, group):
     mean, var, count = batch_stats(y.transpose(0, 1).reshape(y.shape[1], -1).to(acc), 1, group)
     invstd = torch.rsqrt(var + eps)
     shape = (1, -1, 1, 1)
-    z = (y - mean.to(y.dtype).view(shape)) * (invstd * bn_weight.to(acc)).to(y.dtype).view(shape) + bn_bias.view(shape)
+    z = (y - mean.to(y.dtype).view(shape)) * (invstd * bn_weight.to(acc)).to(y.dtype).view(shape) \
+        + bn_bias.to(y.dtype).view(shape)
     return z, mean, invstd, count
 
 
@@ -73,7 +74,8 @@ class _ConvBNReLUFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         y = F.conv2d(x, weight, None, padding=ctx.pad)  # recomputed
         shape = (1, -1, 1, 1)
-        z = (y - mean.view(shape)) * (invstd * bn_weight).view(shape) + bn_bias.view(shape)
+        # in y's dtype (fp16/bf16 under autocast, while the BN affine and statistics stay fp32)
+        z = ((y - mean.view(shape)) * (invstd * bn_weight).view(shape) + bn_bias.view(shape)).to(y.dtype)
         gcw = gcb = None
         if cls_weight is not None:
             if need[5]:
@@ -89,8 +91,11 @@ class _ConvBNReLUFunction(torch.autograd.Function):
             dy, gg, gb = torch.ops.aten.native_batch_norm_backward(
                 dz, y, bn_weight, None, None, mean, invstd, True, ctx.eps, [True, need[2], need[3]])
         else:  # SyncBatchNorm's backward: this rank's sums give gamma/beta; the input needs the global ones
-            xhat = (y - mean.to(y.dtype).view(shape)) * invstd.to(y.dtype).view(shape)
-            dy, gg, gb = batch_norm_backward(dz, xhat, bn_weight * invstd.to(y.dtype), ctx.count, (0, 2, 3), ctx.group)
+            acc = torch.promote_types(y.dtype, torch.float32)  # the reductions in fp32 at least
+            xhat = (y.to(acc) - mean.view(shape)) * invstd.view(shape)
+            dy, gg, gb = batch_norm_backward(dz.to(acc), xhat, (bn_weight * invstd).to(acc), ctx.count, (0, 2, 3),
+                                             ctx.group)
+            dy, gg, gb = dy.to(y.dtype), gg.to(bn_weight.dtype), gb.to(bn_weight.dtype)
             del xhat
         del dz
         dx, dw, _ = torch.ops.aten.convolution_backward(
@@ -99,8 +104,10 @@ class _ConvBNReLUFunction(torch.autograd.Function):
 
 
 def _folded(weight, bn_weight, bn_bias, running_mean, running_var, eps):
+    # folded in fp32 at least, then in the conv's dtype (fp16/bf16 weights under autocast, fp32 BN)
     scale, shift = batch_norm_fold(bn_weight, bn_bias, running_mean, running_var, eps)  # (C_out,)
-    return weight * scale.view(-1, 1, 1, 1), shift
+    acc = torch.promote_types(torch.promote_types(weight.dtype, scale.dtype), torch.float32)
+    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
 
 
 SPEC = register(OpSpec("conv_bn_relu_up", [

@@ -189,12 +189,12 @@ def _op_forward(
         loss = losses.sum()
     else:
         loss = losses.sum() / wp.sum()  # 0 / 0 = nan when every pixel is ignored, as PyTorch
-    return loss.to(logits.dtype), lse
+    return loss, lse  # fp32; the public function returns it in the logits' dtype outside autocast
 
 
 def _op_forward_fake(logits, labels, weight, ignore_index, reduction, backend):
     shape = labels.shape if reduction == "none" else ()
-    return logits.new_empty(shape), labels.new_empty(labels.shape, dtype=torch.float32)
+    return logits.new_empty(shape, dtype=torch.float32), labels.new_empty(labels.shape, dtype=torch.float32)
 
 
 def _op_backward(
@@ -295,7 +295,8 @@ def upsample_cross_entropy(
         reduction: "mean" (nan when every pixel is ignored), "sum" or "none" ((B, H, W) losses).
         backend: "auto", "torch", "triton", "cpp" or "cuda" (see segformer_fast.available_backends()).
     Returns:
-        A scalar (or (B, H, W) for "none") in the logits' dtype; computed in fp32.
+        A scalar (or (B, H, W) for "none"), computed in fp32: in the logits' dtype, as F.cross_entropy
+        returns it, or fp32 under autocast, as autocast runs F.cross_entropy.
 
     Example:
         >>> logits = torch.randn(2, 19, 16, 16, requires_grad=True)
@@ -309,4 +310,6 @@ def upsample_cross_entropy(
     loss, _ = torch.ops.segformer_fast.upsample_cross_entropy(
         x, labels.long().contiguous(), w, ignore_index, reduction, backend
     )
-    return loss
+    if torch.is_autocast_enabled(logits.device.type):
+        return loss
+    return loss.to(logits.dtype)
