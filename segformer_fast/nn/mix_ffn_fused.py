@@ -88,10 +88,11 @@ class FusedMixFFN(nn.Module):
         return run_autocast(self._fused_forward, x, hw)
 
     def _fused_forward(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype | None) -> torch.Tensor:
-        w1, b1, wc, bc, w2, b2 = (cast(p, dtype) for p in (self.fc1.weight, self.fc1.bias, self.dwconv.weight,
-                                                            self.dwconv.bias, self.fc2.weight, self.fc2.bias))
+        params = (self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias)
         if self.training and self.drop.p > 0:
+            w1, b1, wc, bc, w2, b2 = (cast(p, dtype) for p in params)
             h = F.linear(x, w1, b1)
             y = self.drop(dwconv3x3_gelu(h, hw, wc, bc, self.approximate, self.backend))
             return self.drop(F.linear(y, w2, b2))
-        return mix_ffn(x, hw, w1, b1, wc, bc, w2, b2, self.approximate, self.backend, save_hidden=self.memory == "save")
+        # the op casts fp32 weights to x's dtype itself: autograd keeps the parameters, not 16-bit copies
+        return mix_ffn(x, hw, *params, self.approximate, self.backend, save_hidden=self.memory == "save")

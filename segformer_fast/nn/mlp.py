@@ -8,7 +8,7 @@ from torch import nn
 
 from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.mlp_gelu import mlp_gelu
-from ._autocast import cast, run_autocast
+from ._autocast import run_autocast
 
 __all__ = ["Mlp", "FusedMlp"]
 
@@ -51,7 +51,8 @@ class FusedMlp(Mlp):
         return run_autocast(self._fused_forward, x)
 
     def _fused_forward(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        return mlp_gelu(x, *(cast(p, dtype) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)),
+        # the op casts fp32 weights to x's dtype itself: autograd keeps the parameters, not 16-bit copies
+        return mlp_gelu(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                         save_hidden=self.memory == "save")
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fused_op"]
+__all__ = ["fused_op", "in_dtype_of"]
 
 
 def fused_op(name: str, forward: Callable, forward_fake: Callable, backward: Callable, backward_fake: Callable,
@@ -43,3 +43,13 @@ def fused_op(name: str, forward: Callable, forward_fake: Callable, backward: Cal
     bwd_op.register_fake(backward_fake)
     fwd_op.register_autograd(grads, setup_context=setup_context)
     return fwd_op, bwd_op
+
+
+def in_dtype_of(x: torch.Tensor, *tensors):
+    """``tensors`` (None stays None) in x's dtype, as a tuple.
+
+    The ops built on PyTorch GEMMs take their weights in x's dtype or, under mixed precision, in fp32
+    with fp16/bf16 activations: they cast here, inside the op, so that autograd keeps the fp32
+    parameter (which exists anyway) and not a 16-bit copy per call, and the backward casts again.
+    """
+    return tuple(t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors)

@@ -43,8 +43,10 @@ def _run(module, inputs, args, dy, autocast_dtype, device, fp32_saved=None):
     fp32 tensor the forward saves for backward is appended to ``fp32_saved``."""
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
 
-    def keep(t):
-        if fp32_saved is not None and t.dtype == torch.float32:
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def keep(t):  # the fp32 parameters themselves cost nothing extra
+        if fp32_saved is not None and t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in params:
             fp32_saved.append(t.numel())
         return t
 

@@ -181,8 +181,9 @@ def test_check_features_errors_match_reference():
 
 def test_saved_tensors_in_training():
     # What training keeps: the feature maps (inputs, needed for dA_i), the folded weights
-    # (D, C_i) and (D,), the BN mean/invstd (D,), and ONE (B, H, W, D) tensor, the classifier
-    # input d (its zeros are the ReLU and dropout masks). Never 4D channels, never u or z_i.
+    # (D, C_i) and (D,), the BN mean/invstd (D,). Nothing at the fine resolution with D or 4D
+    # channels: u, z_i and the classifier input d are recomputed in backward (d with the forward's
+    # dropout draws).
     channels, dim, B, hw = (8, 16, 40, 64), 64, 2, (16, 16)
     ref, fused = make_pair("torch", "cpu", dropout=0.1, channels=channels, dim=dim)
     ref.train()
@@ -191,12 +192,14 @@ def test_saved_tensors_in_training():
     params = list(fused.parameters()) + list(fused.buffers())
     with SavedTensorRecorder(params) as rec:
         fused(feats).sum()
-    quarter_d = [s for s in rec.shapes if math.prod(s) == B * hw[0] * hw[1] * dim]
-    assert quarter_d == [(B * hw[0] * hw[1], dim)], rec.shapes
+    fine = [s for s in rec.shapes if math.prod(s) >= B * hw[0] * hw[1] * dim]
+    assert not fine, rec.shapes
     assert not any(4 * dim in s for s in rec.shapes), rec.shapes
+    feature_bytes = sum(f.numel() * f.element_size() for f in feats)
+    assert rec.bytes <= feature_bytes + 4 * sum(math.prod(s) for s in rec.shapes if len(s) <= 2), rec.shapes
     with SavedTensorRecorder(list(ref.parameters()) + list(ref.buffers())) as rec_ref:
         ref(feats).sum()
-    assert rec.bytes <= 0.25 * rec_ref.bytes, (rec.bytes, rec_ref.bytes)
+    assert rec.bytes <= 0.1 * rec_ref.bytes, (rec.bytes, rec_ref.bytes)
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ same pass, with the ReLU; the classifier is one GEMM on the channels-last result
 
 train (:func:`all_mlp_decoder_train`): BatchNorm uses the batch statistics of the fused pre-BN map u.
 One autograd.Function covers stage GEMMs -> upsample_sum -> BN -> ReLU -> dropout -> classifier and
-saves only the classifier input d = dropout(relu(bn(u))) (its zeros carry the ReLU and dropout
-masks), the per-channel mean and invstd, and the inputs (the feature maps and the small folded
-weights); u is recomputed in backward from the features. Gradients of the folded weights,
+saves only its inputs (the feature maps and the small folded weights) and the per-channel mean and
+invstd: backward recomputes u from the features (BatchNorm's backward needs it) and, from u, the
+classifier input d = dropout(relu(bn(u))) with the same arithmetic and, for dropout, the forward's
+generator state restored, so d and its masks are the forward's own. Gradients of the folded weights,
 dA_i = dz_i^T c_i and da_i = sum dz_i, flow through autograd to W_f,i and W_i, b_i.
 
 Distributed: with a process group, the batch statistics are the global batch's, as nn.SyncBatchNorm
@@ -65,6 +66,27 @@ class _TrainCfg:
     group: object  # process group for SyncBatchNorm semantics, or None
 
 
+def _rng_state(device: torch.device):
+    """The generator state dropout will draw from on ``device`` (CPU or CUDA)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _relu_dropout(u2: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, cfg: _TrainCfg, shape) -> torch.Tensor:
+    """d = dropout(relu(scale * u + shift)), in place on u2 (B*H*W, D), in u2's dtype.
+
+    Run once in forward and again in backward on the recomputed u, with the generator state of the
+    forward restored: the same arithmetic and the same draws give the same d and the same mask.
+    """
+    B, H, W, D = shape
+    d = u2.mul_(scale.to(u2.dtype)).add_(shift.to(u2.dtype)).relu_()
+    if cfg.p > 0:
+        if cfg.dropout2d:
+            F.dropout2d(d.view(B, H, W, D).permute(0, 3, 1, 2), cfg.p, training=True, inplace=True)
+        else:
+            F.dropout(d, cfg.p, training=True, inplace=True)
+    return d
+
+
 class _DecoderTrainFunction(torch.autograd.Function):
     """features, folded weights, BN affine, classifier -> (logits (B, K, H, W), batch mean, unbiased var)."""
 
@@ -84,15 +106,12 @@ class _DecoderTrainFunction(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")
         invstd = torch.rsqrt(var + cfg.eps)
         scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
-        d = u2.mul_(scale.to(u2.dtype)).add_(shift.to(u2.dtype)).relu_()  # in place: u is not kept
-        if cfg.p > 0:
-            if cfg.dropout2d:
-                F.dropout2d(d.view(B, H, W, D).permute(0, 3, 1, 2), cfg.p, training=True, inplace=True)
-            else:
-                F.dropout(d, cfg.p, training=True, inplace=True)
+        ctx.rng = _rng_state(u2.device) if cfg.p > 0 else None
+        d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))  # in place: u is not kept
         logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
         ctx.cfg, ctx.count = cfg, count
-        ctx.save_for_backward(*feats, *A, *a, gamma, wc, d, mean, invstd)
+        # d is not kept either: backward recomputes u for BatchNorm's backward anyway, and d from it
+        ctx.save_for_backward(*feats, *A, *a, gamma, beta, wc, mean, invstd)
         var_unbiased = unbiased_var(var, count)
         ctx.mark_non_differentiable(mean, var_unbiased)
         return logits.view(B, H, W, K).permute(0, 3, 1, 2), mean, var_unbiased
@@ -102,27 +121,36 @@ class _DecoderTrainFunction(torch.autograd.Function):
         cfg, n = ctx.cfg, ctx.cfg.n
         saved = ctx.saved_tensors
         feats, A, a = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
-        gamma, wc, d, mean, invstd = saved[3 * n :]
+        gamma, beta, wc, mean, invstd = saved[3 * n :]
         needs = ctx.needs_input_grad[1:]  # one per tensor input
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
+        z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
+        u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
+        del z
+        xhat = u2.to(torch.float32, copy=True).sub_(mean).mul_(invstd)  # (B*H*W, D) fp32; u2 is reused below
+        scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
+        if ctx.rng is None:
+            d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))
+        else:
+            on_cuda = u2.device.type == "cuda"
+            with torch.random.fork_rng(devices=[u2.device] if on_cuda else []):  # the caller's RNG is left as it was
+                torch.cuda.set_rng_state(ctx.rng, u2.device) if on_cuda else torch.set_rng_state(ctx.rng)
+                d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))  # the forward's d, mask included
         gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(d.dtype)  # (B*H*W, K)
         dwc = gl.t() @ d if needs[3 * n + 2] else None
         dbc = gl.sum(0) if needs[3 * n + 3] else None
         # dropout and ReLU: d > 0 exactly where the ReLU passed and dropout kept.
         scale_drop = 1.0 / (1.0 - cfg.p) if 0 < cfg.p < 1 else 1.0
         g = (gl @ wc.to(d.dtype)).mul_(scale_drop).masked_fill_(d <= 0, 0.0).float()  # (B*H*W, D)
-        z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
-        xhat = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D).float()
-        del z
-        xhat.sub_(mean).mul_(invstd)
+        del d, u2
         gscale = invstd if gamma is None else gamma.float() * invstd
         # BN backward: dL/du = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in place on g.
         gu, dgamma, dbeta = batch_norm_backward(g, xhat, gscale, ctx.count, 0, cfg.group)
         dgamma = dgamma if needs[3 * n] else None
         dbeta = dbeta if needs[3 * n + 1] else None
         del xhat
-        gu = gu.to(d.dtype).view(B, H, W, D)
+        gu = gu.to(feats[0].dtype).view(B, H, W, D)
         sizes = [s for c in feats for s in (c.shape[2], c.shape[3])]
         gz = torch.ops.segformer_fast.upsample_sum_backward(gu, sizes, [], None, None, False, False, False, cfg.backend)
         del gu

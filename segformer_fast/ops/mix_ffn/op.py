@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
-from ..fused import fused_op
+from ..fused import fused_op, in_dtype_of
 from .. import dwconv3x3_gelu  # noqa: F401  (registers the segformer_fast::dwconv3x3_gelu ops used below)
 
 __all__ = ["mix_ffn", "SPEC"]
@@ -32,6 +32,7 @@ def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
                 w2: torch.Tensor, b2: Optional[torch.Tensor], height: int, width: int, approximate: str, backend: str,
                 save_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
+    w1, b1, wc, bc, w2, b2 = in_dtype_of(x, w1, b1, wc, bc, w2, b2)
     h = F.linear(x, w1, b1)  # (B, N, 4C)
     y = torch.ops.segformer_fast.dwconv3x3_gelu(h, height, width, wc, bc, approximate, backend)  # (B, N, 4C)
     return F.linear(y, w2, b2), (h if save_hidden else h.new_empty(0))  # (B, N, C)
@@ -45,7 +46,10 @@ def _op_forward_fake(x, w1, b1, wc, bc, w2, b2, height, width, approximate, back
 def _op_backward(gout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  wc: torch.Tensor, bc: torch.Tensor, w2: torch.Tensor, has_b2: bool, height: int, width: int,
                  approximate: str, backend: str) -> list[torch.Tensor]:
-    """[gx, gw1, gb1 (empty without b1), gwc, gbc, gw2, gb2 (empty without b2)]; an empty h is recomputed."""
+    """[gx, gw1, gb1 (empty without b1), gwc, gbc, gw2, gb2 (empty without b2)], each in its input's dtype;
+    an empty h is recomputed."""
+    dtypes = [t.dtype for t in (w1, b1 if b1 is not None else w1, wc, bc, w2)]
+    w1, b1, wc, bc, w2 = in_dtype_of(x, w1, b1, wc, bc, w2)
     if h.numel() == 0:
         h = F.linear(x, w1, b1)  # recomputed fc1 output
     dt = h.dtype
@@ -62,7 +66,8 @@ def _op_backward(gout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch
     gx = (gh @ w1.to(dt)).to(x.dtype)
     gw1 = (gh.reshape(-1, hidden).t() @ x.to(dt).reshape(-1, x.shape[-1])).to(w1.dtype)
     gb1 = gh.sum(dim=(0, 1)).to(w1.dtype) if b1 is not None else gout.new_empty(0)
-    return [gx, gw1, gb1, gwc, gbc, gw2, gb2]
+    gw1, gb1, gwc, gbc, gw2 = (g.to(gdt) for g, gdt in zip((gw1, gb1, gwc, gbc, gw2), dtypes))
+    return [gx, gw1, gb1, gwc, gbc, gw2, gb2.to(dtypes[-1])]
 
 
 def _op_backward_fake(gout, x, h, w1, b1, wc, bc, w2, has_b2, height, width, approximate, backend):
@@ -105,6 +110,7 @@ def mix_ffn(x: torch.Tensor, hw: tuple[int, int], w1: torch.Tensor, b1: torch.Te
     Args:
         x: (B, N, C), N = H * W row-major. hw: (H, W).
         w1, b1: fc1 (4C, C), (4C,). wc, bc: the depthwise conv (4C, 1, 3, 3), (4C,). w2, b2: fc2 (C_out, 4C), (C_out,).
+            In x's dtype, or fp32 with fp16/bf16 x (mixed precision: cast inside, fp32 gradients).
         approximate: GELU's "none" (erf) or "tanh".
         backend: the dwconv3x3_gelu op's backend ("auto", "torch", "triton", "cpp", "cuda").
         save_hidden: keep fc1's output (5C per token); False keeps x only (C) and recomputes fc1.

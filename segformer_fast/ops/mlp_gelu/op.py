@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
-from ..fused import fused_op
+from ..fused import fused_op, in_dtype_of
 
 __all__ = ["mlp_gelu", "SPEC"]
 
@@ -26,6 +26,7 @@ __all__ = ["mlp_gelu", "SPEC"]
 def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 b2: Optional[torch.Tensor], save_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
+    w1, b1, w2, b2 = in_dtype_of(x, w1, b1, w2, b2)
     h = F.linear(x, w1, b1)  # (..., Hd)
     y = F.linear(F.gelu(h), w2, b2)  # (..., C_out)
     return y, (h if save_hidden else h.new_empty(0))
@@ -38,7 +39,11 @@ def _op_forward_fake(x, w1, b1, w2, b2, save_hidden):
 
 def _op_backward(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  w2: torch.Tensor, has_b2: bool) -> list[torch.Tensor]:
-    """[dx, dw1, db1 (empty without b1), dw2, db2 (empty without b2)]; an empty h is recomputed from x."""
+    """[dx, dw1, db1 (empty without b1), dw2, db2 (empty without b2)], each in its input's dtype; an empty
+    h is recomputed from x."""
+    w1dt, w2dt = w1.dtype, w2.dtype  # the gradients' dtypes (b2, not passed, is taken as w2's)
+    b1dt = b1.dtype if b1 is not None else w1dt
+    w1, b1, w2 = in_dtype_of(x, w1, b1, w2)
     if h.numel() == 0:
         h = F.linear(x, w1, b1)  # recomputed fc1 output
     hd, c_in = w1.shape
@@ -50,7 +55,7 @@ def _op_backward(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.T
     dh2 = dh.reshape(-1, hd)
     gw1 = dh2.t() @ x.reshape(-1, c_in)
     gb1 = dh2.sum(0) if b1 is not None else dy.new_empty(0)
-    return [dh @ w1, gw1, gb1, gw2, gb2]
+    return [dh @ w1, gw1.to(w1dt), gb1.to(b1dt), gw2.to(w2dt), gb2.to(w2dt)]
 
 
 def _op_backward_fake(dy, x, h, w1, b1, w2, has_b2):
@@ -85,7 +90,8 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     """fc2(GELU(fc1(x))) with reduced activation memory in training.
 
     Args:
-        x: (..., C) tokens. w1: (Hd, C), b1: (Hd,) or None; w2: (C_out, Hd), b2: (C_out,) or None.
+        x: (..., C) tokens. w1: (Hd, C), b1: (Hd,) or None; w2: (C_out, Hd), b2: (C_out,) or None;
+            in x's dtype, or fp32 with fp16/bf16 x (mixed precision: cast inside, fp32 gradients).
         save_hidden: keep fc1's output for backward (5C per token at Hd = 4C); False keeps x only
             (C per token) and recomputes fc1 in backward.
     Returns:
@@ -98,5 +104,6 @@ def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
         raise ValueError(f"mlp_gelu: x {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} do not chain")
     impl = SPEC.resolve("auto", x)
     if not torch.is_grad_enabled() or not (x.requires_grad or w1.requires_grad or w2.requires_grad):
+        w1, b1, w2, b2 = in_dtype_of(x, w1, b1, w2, b2)
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)  # nothing to keep: no custom op needed
     return impl.forward(x, w1, b1, w2, b2, bool(save_hidden))[0]
