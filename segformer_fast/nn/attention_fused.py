@@ -12,7 +12,7 @@ from ..backends import validate_backend
 from ..ops.sr_attention import sr_attention
 from ..ops.sr_attention.op import sr_attention_inference
 from .attention import SpatialReductionAttention
-from ._autocast import cast, run_autocast
+from ._autocast import run_autocast
 
 __all__ = ["FusedSpatialReductionAttention"]
 
@@ -60,7 +60,7 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
 
     def _fused_forward(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype | None) -> torch.Tensor:
         backend = self.backend  # "auto" reads SEGFORMER_FAST_BACKEND in the resolver, as every op does
-        w, eps = self._op_weights(dtype)
+        w, eps = self._op_weights()  # fp32 under autocast: the op casts them itself, keeping no 16-bit copies
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # inference: the weights are this module's own (checked at construction), so only x is
             # checked and no autograd / dispatcher layer is entered
@@ -69,12 +69,9 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
             y = sr_attention(x, tuple(hw), self.num_heads, sr=self.sr_ratio, eps=eps, backend=backend, **w)
         return self.proj_drop(y) if self.training and self.proj_drop.p > 0 else y
 
-    def _op_weights(self, dtype: torch.dtype | None = None) -> tuple[dict, float]:
-        """The op's weight arguments (cast to ``dtype`` under autocast) and LayerNorm eps, read per call
-        (submodules may be swapped).
+    def _op_weights(self) -> tuple[dict, float]:
+        """The op's weight arguments and LayerNorm eps, read per call (submodules may be swapped).
 
-        Under autocast the LayerNorm's affine is cast with the GEMM weights: the op's LayerNorm takes
-        one dtype, and computes its statistics and normalisation in fp32 whatever that dtype is.
         Reads the submodule and parameter dicts directly: nn.Module attribute lookups cost about a
         microsecond each, which adds up to a few percent of a small stage's attention.
         """
@@ -83,7 +80,7 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
         for name in ("q", "k", "v", "proj") + (("sr", "sr_norm") if self.sr_ratio > 1 else ()):
             params = mods[name]._parameters
             prefix = "norm" if name == "sr_norm" else name  # the op's argument names
-            w[prefix + "_weight"], w[prefix + "_bias"] = cast(params["weight"], dtype), cast(params.get("bias"), dtype)
+            w[prefix + "_weight"], w[prefix + "_bias"] = params["weight"], params.get("bias")
         if self.sr_ratio == 1:
             w.update(sr_weight=None, sr_bias=None, norm_weight=None, norm_bias=None)
             return w, 1e-5

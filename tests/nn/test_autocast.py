@@ -38,16 +38,20 @@ def _perturb(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return module
 
 
-def _run(module, inputs, args, dy, autocast_dtype, device, fp32_saved=None):
+def _run(module, inputs, args, dy, autocast_dtype, device, fp32_saved=None, weight_copies=None):
     """(output, {name: grad}) of one forward + backward with upstream gradient dy; the numel of each
-    fp32 tensor the forward saves for backward is appended to ``fp32_saved``."""
+    fp32 tensor the forward saves for backward is appended to ``fp32_saved``, the shape of each saved
+    16-bit tensor shaped like a parameter to ``weight_copies``."""
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
 
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    param_shapes = {tuple(p.shape) for p in module.parameters() if p.dim() > 1}
 
     def keep(t):  # the fp32 parameters themselves cost nothing extra
         if fp32_saved is not None and t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in params:
             fp32_saved.append(t.numel())
+        if weight_copies is not None and t.dtype in DTYPES and tuple(t.shape) in param_shapes:
+            weight_copies.append(tuple(t.shape))
         return t
 
     with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
@@ -59,8 +63,9 @@ def _run(module, inputs, args, dy, autocast_dtype, device, fp32_saved=None):
     return out, grads
 
 
-def _check(ref_module, fused_module, inputs, args, dtype, device, fp32_limit):
-    """Compare fused-under-autocast against reference-under-autocast, both against fp64."""
+def _check(ref_module, fused_module, inputs, args, dtype, device, fp32_limit, keeps_weight_copies=True):
+    """Compare fused-under-autocast against reference-under-autocast, both against fp64. Unless
+    ``keeps_weight_copies``, autograd must keep no 16-bit copy of a weight matrix (the op casts inside)."""
     ref64 = copy.deepcopy(ref_module).double()
     inputs64 = [t.double() for t in inputs]
     with torch.no_grad():
@@ -69,7 +74,8 @@ def _check(ref_module, fused_module, inputs, args, dtype, device, fp32_limit):
     out64, g64 = _run(ref64, inputs64, args, dy.double(), None, device)
     out_t, g_t = _run(copy.deepcopy(ref_module), inputs, args, dy, dtype, device)
     fp32_saved = []  # numel of every fp32 tensor autograd keeps for the fused layer
-    out, g = _run(fused_module, inputs, args, dy, dtype, device, fp32_saved)
+    weight_copies = []
+    out, g = _run(fused_module, inputs, args, dy, dtype, device, fp32_saved, weight_copies)
     assert out.dtype == out_t.dtype, f"fused layer returns {out.dtype}, the reference {out_t.dtype} under autocast"
     assert set(g) == set(g_t), f"gradients of {sorted(set(g_t) ^ set(g))} differ"
     for name in g:
@@ -80,6 +86,7 @@ def _check(ref_module, fused_module, inputs, args, dtype, device, fp32_limit):
         assert_lowp_close(g[name], g_t[name], g64[name], atol=rel * float(g64[name].abs().max()), name=f"grad {name}")
     big = [n for n in fp32_saved if n > fp32_limit]
     assert not big, f"fp32 tensors of {big} elements saved for backward under autocast (limit {fp32_limit})"
+    assert keeps_weight_copies or not weight_copies, f"16-bit weight copies kept for backward: {weight_copies}"
 
 
 def _device(backend, dtype):
@@ -96,7 +103,8 @@ def test_attention(backend, sr, dtype):
     ref = _perturb(SpatialReductionAttention(64, 2, sr_ratio=sr)).to(device)
     fused = FusedSpatialReductionAttention.from_reference(copy.deepcopy(ref), backend=backend)
     x = torch.randn(3, 7 * 9, 64, device=device)
-    _check(ref, fused, [x], ((7, 9),), dtype, device, fp32_limit=3 * 2 * 63)  # lse (B, h, N) only
+    _check(ref, fused, [x], ((7, 9),), dtype, device, fp32_limit=3 * 2 * 63,  # lse (B, h, N) only
+           keeps_weight_copies=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -107,7 +115,7 @@ def test_mix_ffn(backend, memory, dtype):
     ref = _perturb(MixFFN(24, 40)).to(device)
     fused = FusedMixFFN.from_reference(copy.deepcopy(ref), memory=memory, backend=backend)
     x = torch.randn(2, 13 * 11, 24, device=device)
-    _check(ref, fused, [x], ((13, 11),), dtype, device, fp32_limit=0)
+    _check(ref, fused, [x], ((13, 11),), dtype, device, fp32_limit=0, keeps_weight_copies=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,7 +124,7 @@ def test_mlp(memory, dtype):
     ref = _perturb(Mlp(24, 40))
     fused = FusedMlp(24, 40, memory=memory)
     fused.load_state_dict(ref.state_dict())
-    _check(ref, fused, [torch.randn(3, 17, 24)], (), dtype, "cpu", fp32_limit=0)
+    _check(ref, fused, [torch.randn(3, 17, 24)], (), dtype, "cpu", fp32_limit=0, keeps_weight_copies=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

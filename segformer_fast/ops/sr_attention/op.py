@@ -16,6 +16,7 @@ recomputes q, the reduction, k and v (matmuls, cheap next to attention), then O 
 (P = exp(S - lse), one pass with no online max), then
     dO = dy Wp,  dWp = dy^T O,  Delta = rowsum(dO * O) per head,
     dP = dO V^T, dS = P * (dP - Delta),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d),  dV = P^T dO,
+    dbk = 0 (the key bias shifts each query's scores by a constant, which softmax ignores),
 and chains through the projections, the LayerNorm and the patch matmul (whose adjoint scatters
 the patch gradients back to the tokens; cropped tokens get no gradient from the reduction).
 This keeps the saved activations at about C + h values per token against 3C or more for eager
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from ...backends import cuda_extension, validate_backend
 from ...dispatch import Impl, OpSpec, register
 from ..triton_launch import interpreter_refuses
-from ..fused import fused_op
+from ..fused import fused_op, in_dtype_of
 from .reduce import conv_weight_matrix, patchify, reduced_size, unpatchify_add
 
 __all__ = ["sr_attention", "IMPLEMENTED", "attention_core_fwd", "attention_core_bwd"]
@@ -259,9 +260,10 @@ def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, kind, core):
     g["q_weight"], g["q_bias"] = dq2.t() @ x.reshape(-1, c), dq2.sum(0)
     dx = torch.matmul(dq, w["q_weight"]).contiguous()  # (B, N, C)
     kvx2 = kvx.reshape(-1, c)
-    for proj, d in (("k", dk), ("v", dv)):  # separate outputs: the op's results must not alias
-        d2 = d.reshape(-1, c)
-        g[f"{proj}_weight"], g[f"{proj}_bias"] = d2.t() @ kvx2, d2.sum(0)
+    g["k_weight"], g["v_weight"] = dk.reshape(-1, c).t() @ kvx2, dv.reshape(-1, c).t() @ kvx2
+    # The key bias adds q_n . b_k to every score of query n's row, which softmax ignores: its gradient is
+    # exactly 0. Summing dk instead would return dk's rounding, several ulps in fp16/bf16.
+    g["k_bias"], g["v_bias"] = torch.zeros_like(dk[0, 0]), dv.reshape(-1, c).sum(0)
     dkvx = torch.matmul(dk, w["k_weight"]).add_(torch.matmul(dv, w["v_weight"]))  # (B, M, C)
     g["sr_weight"], g["sr_bias"], g["norm_weight"], g["norm_bias"] = _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, kind)
     return dx, g
@@ -286,6 +288,12 @@ SPEC = register(OpSpec("sr_attention", [
 IMPLEMENTED = tuple(SPEC.impls)
 
 
+def _weights_like(x: torch.Tensor, weights) -> dict:
+    """{name: weight in x's dtype}: fp32 weights with fp16/bf16 x (mixed precision) are cast here, inside
+    the op, so that autograd keeps the fp32 parameters rather than 16-bit copies."""
+    return dict(zip(_WEIGHT_NAMES, in_dtype_of(x, *weights)))
+
+
 def _op_forward(
     x: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
     q_weight: torch.Tensor, q_bias: Optional[torch.Tensor], k_weight: torch.Tensor, k_bias: Optional[torch.Tensor],
@@ -294,8 +302,8 @@ def _op_forward(
     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
     eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    w = dict(zip(_WEIGHT_NAMES, (q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
-                                 sr_weight, sr_bias, norm_weight, norm_bias)))
+    w = _weights_like(x, (q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
+                          sr_weight, sr_bias, norm_weight, norm_bias))
     y, lse = SPEC.resolve(backend, x).forward(x, (height, width), num_heads, sr, w, eps)
     return y.contiguous(), lse.contiguous()
 
@@ -309,10 +317,11 @@ def _op_backward(
     grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
     weights: list[Optional[torch.Tensor]], eps: float, backend: str,
 ) -> list[torch.Tensor]:
-    """Returns [dx] + the gradient of every weight in ``weights`` that is not None, in order."""
-    w = dict(zip(_WEIGHT_NAMES, weights))
+    """Returns [dx] + the gradient of every weight in ``weights`` that is not None, in order (in its dtype)."""
+    dtypes = {k: t.dtype for k, t in zip(_WEIGHT_NAMES, weights) if t is not None}
+    w = _weights_like(x, weights)
     dx, g = SPEC.resolve(backend, x).backward(grad, x, lse, (height, width), num_heads, sr, w, eps)
-    return [dx] + [g[k].to(w[k].dtype).contiguous() for k in _WEIGHT_NAMES if w[k] is not None]
+    return [dx] + [g[k].to(dtypes[k]).contiguous() for k in _WEIGHT_NAMES if w[k] is not None]
 
 
 def _op_backward_fake(grad, x, lse, height, width, num_heads, sr, weights, eps, backend):
@@ -372,6 +381,11 @@ def _validate_tokens(x, hw, num_heads, sr):
         raise ValueError(f"sr_attention: a {hw[0]}x{hw[1]} map is smaller than one {sr}x{sr} reduction patch")
 
 
+def _dtype_fits(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """A weight in x's dtype, or an fp32 one with fp16/bf16 x (mixed precision: cast inside the op)."""
+    return weight.dtype == x.dtype or (weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
+
+
 def _validate(x, hw, num_heads, sr, w, eps):
     _validate_tokens(x, hw, num_heads, sr)
     c = x.shape[2]
@@ -392,8 +406,9 @@ def _validate(x, hw, num_heads, sr, w, eps):
             raise TypeError(f"sr_attention: {name} must be a tensor or None, got {type(t).__name__}")
         if tuple(t.shape) != shapes[name]:
             raise ValueError(f"sr_attention: {name} must have shape {shapes[name]}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"sr_attention: {name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}")
+        if not _dtype_fits(t, x) or t.device != x.device:
+            raise TypeError(f"sr_attention: {name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device} "
+                            "(weights must be in x's dtype, or fp32 with fp16/bf16 x)")
 
 
 def sr_attention_inference(x: torch.Tensor, hw: tuple[int, int], num_heads: int, sr: int, weights: dict,
@@ -405,13 +420,14 @@ def sr_attention_inference(x: torch.Tensor, hw: tuple[int, int], num_heads: int,
     """
     _validate_tokens(x, hw, num_heads, sr)
     q = weights["q_weight"]
-    if x.dtype != q.dtype or x.device != q.device:
+    if not _dtype_fits(q, x) or x.device != q.device:
         raise TypeError(f"sr_attention: x is {x.dtype} on {x.device}; the weights are {q.dtype} on {q.device}")
     return _forward_only(x, hw, num_heads, sr, weights, eps, backend)
 
 
 def _forward_only(x, hw, num_heads, sr, w, eps, backend) -> torch.Tensor:
     """y without the op dispatcher or autograd (inference), on checked arguments."""
+    w = _weights_like(x, [w[k] for k in _WEIGHT_NAMES])
     return SPEC.resolve(backend, x).forward(x.contiguous(), tuple(hw), num_heads, sr, w, float(eps))[0]
 
 
@@ -448,7 +464,8 @@ def sr_attention(
             and eps: the LayerNorm after the reduction. Needed when sr > 1, ignored when sr == 1.
         backend: "auto", "torch", "triton" or "cuda" (see the module docstring).
     Returns:
-        (B, N, C): proj(attention(x)), before any dropout. Same dtype as x; weights must match it.
+        (B, N, C): proj(attention(x)), before any dropout. Same dtype as x; the weights are in x's dtype,
+        or fp32 with fp16/bf16 x (mixed precision: cast inside the op, fp32 gradients).
 
     Example:
         >>> m = SpatialReductionAttention(64, 2, sr_ratio=4)
