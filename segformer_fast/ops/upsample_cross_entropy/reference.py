@@ -4,7 +4,7 @@
 
 This materialises the full-resolution (B, K, H, W) logits (and autograd keeps them); the fused op
 (:func:`segformer_fast.ops.upsample_cross_entropy`) computes the same numbers without them.
-Computed in fp32 and cast back to the logits' dtype.
+Computed in fp32 (fp64 for fp64 logits) and cast back to the logits' dtype.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def upsample_cross_entropy_reference(
         >>> upsample_cross_entropy_reference(logits, labels).shape
         torch.Size([])
     """
-    up = F.interpolate(logits.float(), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
-    w = None if weight is None else weight.float()
+    dt = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 when tests want an fp64 oracle
+    up = F.interpolate(logits.to(dt), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+    w = None if weight is None else weight.to(dt)
     loss = F.cross_entropy(up, labels.long(), weight=w, ignore_index=ignore_index, reduction=reduction)
     return loss.to(logits.dtype)

@@ -4,8 +4,8 @@
 
 Up_i is bilinear interpolation of map i (B, D, h_i, w_i) to ``size`` = (H, W) with
 align_corners=False (PyTorch's F.interpolate, its source-index clamping included); scale and
-shift are optional per-channel (D,) vectors and act is ReLU or the identity. Computed in fp32 and
-cast back to the maps' dtype.
+shift are optional per-channel (D,) vectors and act is ReLU or the identity. Computed in fp32 (fp64
+for fp64 maps) and cast back to the maps' dtype.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ def upsample_sum_reference(
         torch.Size([1, 8, 7, 9])
     """
     size = (int(size[0]), int(size[1]))
-    out = sum(F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps)
+    dt = torch.promote_types(maps[0].dtype, torch.float32)  # fp32, or fp64 when tests want an fp64 oracle
+    out = sum(F.interpolate(m.to(dt), size=size, mode="bilinear", align_corners=False) for m in maps)
     if scale is not None:
-        out = out * scale.float().view(1, -1, 1, 1)
+        out = out * scale.to(dt).view(1, -1, 1, 1)
     if shift is not None:
-        out = out + shift.float().view(1, -1, 1, 1)
+        out = out + shift.to(dt).view(1, -1, 1, 1)
     if relu:
         out = F.relu(out)
     return out.to(maps[0].dtype)
