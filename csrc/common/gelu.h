@@ -11,6 +11,8 @@
 //               du/dz = sqrt(2 / pi) (1 + 0.134145 z^2)        (0.134145 = 3 * 0.044715)
 // Constants: 0.7071067811865476 = 1 / sqrt 2, 0.7978845608028654 = sqrt(2 / pi),
 // 0.3989422804014327 = 1 / sqrt(2 pi).
+// fp16 safety: V is float for every storage dtype (16-bit values are converted before the call):
+// 0.044715 z^3 would pass fp16's 65504 at |z| ~ 114, and GELU'(z)'s products sooner.
 #pragma once
 
 #include <cmath>

@@ -6,6 +6,8 @@
 //   writes every dx element at most once: no atomics.
 // - bias + LayerNorm forward: one warp per row (a reduced token), two passes over C (mean, then
 //   the centred variance, which is stabler than E[x^2] - mean^2), warp-shuffle reductions.
+//   fp16 safety: values are read to fp32 before squaring and summed in fp32, so a row with |r| ~ 300
+//   (r^2 past fp16's 65504) cannot overflow; only the normalised output is rounded to 16 bits.
 // - backward: one warp per row computes dr = rstd * (g - mean(g) - xhat * mean(g * xhat)),
 //   g = dy * weight; a second kernel forms the column sums (dweight, dbeta, dbias) with one thread
 //   per column and a fixed-order reduction over rows: deterministic.

@@ -101,6 +101,7 @@ class _DecoderTrainFunction(torch.autograd.Function):
         u = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend)  # (B, H, W, D)
         del z
         u2 = u.view(-1, D)
+        # fp32 statistics from the 16-bit u: its squares overflow fp16 once |u| passes 256
         mean, var, count = batch_stats(u2.float(), 0, cfg.group)
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")

@@ -31,6 +31,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _act(z, ACT: tl.constexpr):
+    # z is the fp32 conv accumulator: GELU (erf, or tanh of a cubic, which in 16 bits would overflow for
+    # |z| past ~110) is evaluated in fp32, and only its result, |GELU(z)| <= |z|, is rounded to 16 bits
     if ACT == 1:
         out = gelu_erf(z)
     elif ACT == 2:

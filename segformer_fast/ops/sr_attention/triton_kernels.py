@@ -64,6 +64,8 @@ def _sr_attention_fwd_kernel(
         cols = offs_m.to(tl.int64)
         k = tl.load(k_base + cols[:, None] * stride_km + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        # fp16 safety: the scores live in the fp32 accumulator only (never stored in 16 bits), so |q.k| past
+        # 65504 cannot overflow; what meets 16 bits is P = exp2(s - max or lse) in [0, 1] and the P @ V sums
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if USE_LSE:

@@ -51,6 +51,8 @@ def _gather_sum(
     b, oh, ow, offs_d, mask, D,
     NUM_MAPS: tl.constexpr,
 ):
+    # fp32 sum of the four maps' taps; the one 16-bit rounding is the output's, whose range is that of
+    # the unfused decoder's fuse-conv output in the same dtype (the same sum, computed another way)
     acc = _gather(z0_ptr, h0, w0, sh0, sw0, b, oh, ow, offs_d, mask, D)
     if NUM_MAPS > 1:
         acc += _gather(z1_ptr, h1, w1, sh1, sw1, b, oh, ow, offs_d, mask, D)
