@@ -4,8 +4,11 @@ torch.autocast does not reach inside custom ops, so each fused layer applies aut
 the way the unpatched layer would meet them:
 
 - its input and its GEMM weights (Linear / Conv weights and biases) are cast to the autocast dtype,
-  as autocast casts them for the linears and convs the fused op replaces; the casts are autograd
-  ops, so the fp32 parameters receive their gradients;
+  as autocast casts them for the linears and convs the fused op replaces. The ops that accept fp32
+  weights with fp16/bf16 activations (sr_attention, mix_ffn, mlp_gelu) cast them inside, so autograd
+  keeps the fp32 parameters, not a 16-bit copy per call, and return fp32 weight gradients; for the
+  others (the decoder's classifier, the SETR head convs) the layer casts, an autograd op, so the
+  fp32 parameters receive their gradients through it;
 - inside, autocast is off and the op runs in that dtype: every kernel accumulates in fp32 and keeps
   softmax, the log-sum-exp, LayerNorm and BatchNorm statistics and the loss in fp32 (see each op);
   what it saves for backward is in the autocast dtype (plus fp32 per-row / per-channel statistics);
