@@ -4,7 +4,8 @@ Providers are named alike everywhere: ``fast`` (our fused path), ``reference`` (
 oracle), ``hf`` (Hugging Face transformers), ``hf_compile`` (the same under torch.compile; only with
 --bench-compile, since compiling on a CPU takes minutes); model benchmarks add ``patched``
 (Hugging Face after segformer_fast.patch), ``fast_compile`` and ``patched_compile``. Shapes come from the model registry.
-1024-pixel cases carry the ``large`` mark (deselect with ``-m "not large"``).
+1024-pixel cases carry the ``large`` mark (deselect with ``-m "not large"``). End-to-end SegFormer
+cases run in fp32 and under bf16 autocast (``amp``), every provider under the same autocast.
 
 Each benchmark records ``extra_info`` (provider, case, saved bytes); at the end of the session the
 medians of every case are grouped, ratios against ``hf`` and ``reference`` taken within this one
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from segformer_fast.configs import SEGFORMER_VARIANTS
+from segformer_fast.utils.amp import autocast
 from segformer_fast.utils.atomic import atomic_write_text
 from segformer_fast.utils.memory import SavedTensorRecorder
 
@@ -165,28 +167,33 @@ def model_providers(model: str, device: torch.device, compile: bool = False) -> 
 
 
 def run_model_case(benchmark, device: torch.device, p, *, provider: str, case: str, size: int, mode: str,
-                   rounds: int = 3, num_classes: int = 150) -> None:
+                   rounds: int = 3, num_classes: int = 150, amp: str | None = None) -> None:
     """Benchmark one end-to-end provider: inference (no grad) or a training step (forward, loss,
-    backward), recording the saved-activation bytes of forward + loss for the training step."""
+    backward), recording the saved-activation bytes of forward + loss for the training step.
+    With ``amp`` ("bf16", "fp16") forward and loss run under that autocast; a training step under
+    fp16 scales its loss with a GradScaler (``segformer_fast.tools.benchmark.provider_step``)."""
+    from segformer_fast.tools.benchmark import provider_step
+
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, size, size, generator=gen).to(device)
+    benchmark.extra_info.update(amp=amp)
     if mode == "inference":
         p.module.eval()
 
         def fn():
-            with torch.no_grad():
-                return p.infer(x)
+            provider_step(p, x, None, amp)
 
         run(benchmark, fn, device, provider=provider, case=case, rounds=rounds)
         return
     p.module.train()
     labels = torch.randint(0, num_classes, (1, size, size), generator=gen).to(device)
     params = list(p.module.parameters()) + list(p.module.buffers())
-    saved = saved_bytes(lambda: p.loss(x, labels), params)
+    with autocast(device.type, amp):
+        saved = saved_bytes(lambda: p.loss(x, labels), params)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def fn():
-        p.module.zero_grad(set_to_none=True)
-        p.loss(x, labels).backward()
+        provider_step(p, x, labels, amp, scaler)
 
     run(benchmark, fn, device, provider=provider, case=case, saved=saved, rounds=rounds)
 

@@ -278,6 +278,9 @@ SETR_VARIANTS: dict[str, SETRConfig] = {
 SETR_MODELS: dict[str, tuple[str, str]] = {f"setr-{d}{suffix}": (d, enc) for d in SETR_DECODERS
                                            for suffix, enc in (("", "vit-l16"), ("-b16", "vit-b16"))}
 
+# Every --model name the tools take: SegFormer variants, then SETR models.
+MODEL_CHOICES: tuple[str, ...] = tuple(sorted(SEGFORMER_VARIANTS) + sorted(SETR_MODELS))
+
 
 def get_setr_config(variant: str | SETRConfig = "vit-l16", **overrides) -> SETRConfig:
     """The registered SETR encoder config (``"vit-l16"``, ``"vit-b16"``), with overrides applied."""

@@ -2,7 +2,10 @@ import json
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from segformer_fast.tools.cli import main
 
@@ -57,3 +60,83 @@ def test_benchmark_table_columns():
     rows.append(BenchRow("hf", "train", [2.0], 1, 8 * 2**20))
     header, _, fast, *_ = format_table(rows).splitlines()
     assert "vs hf" in header and "vs reference" in header and fast.split()[4:6] == ["4.00x", "2.00x"]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_benchmark_under_autocast(capsys, tmp_path, amp):
+    out_json = tmp_path / "bench.json"
+    rc = main(["benchmark", "--size", "64", "--repeat", "1", "--warmup", "0", "--train", "--num-classes", "4",
+               "--no-progress", "--amp", amp, "--json", str(out_json)])
+    assert rc == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"autocast {amp}" in header and ("GradScaler" in header) == (amp == "fp16")
+    record = json.loads(out_json.read_text())
+    assert record["amp"] == amp and {r["amp"] for r in record["rows"]} == {amp}
+    assert all(r["saved_bytes"] > 0 for r in record["rows"])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_memory_under_autocast(capsys, amp):
+    from segformer_fast.tools.benchmark import have_transformers
+
+    hf = amp == "bf16" and have_transformers()
+    args = ["memory", "--model", "b0", "--size", "64", "--num-classes", "4", "--amp", amp]
+    assert main(args + ([] if hf else ["--no-hf"])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"autocast {amp}" in lines[0]
+    assert any(line.startswith(f"SegFormer-B0 64x64, batch 1, autocast {amp}:") for line in lines)
+    head = next(line for line in lines if line.startswith("component"))
+    assert head.split()[1:] == ["save", "recompute", "checkpoint", "reference"] + (["hf", "eager"] if hf else [])
+    total = [float(v) for v in next(line for line in lines if line.startswith("total")).split()[1:]]
+    assert all(t > 0 for t in total)
+
+
+class _Probe(torch.nn.Module):
+    """A linear classifier that notes its last input and the autocast state its forward ran under."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.config = SimpleNamespace(num_classes=4)
+        self.seen, self.last = [], None
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 4, H, W)
+        self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        self.last = x
+        return self.lin(x.movedim(1, -1)).movedim(-1, 1)
+
+    def loss(self, x, labels):
+        self.labels = labels
+        return torch.nn.functional.cross_entropy(self(x).float(), labels)
+
+
+@pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
+def test_run_benchmark_autocasts_every_provider(amp):
+    from segformer_fast.tools.benchmark import Provider, run_benchmark
+
+    dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    torch.manual_seed(0)
+    probes = {"fast": _Probe(), "hf": _Probe()}
+    probes["hf"].load_state_dict(probes["fast"].state_dict())
+    providers = {n: Provider(n, m, m, m.loss) for n, m in probes.items()}
+    rows = run_benchmark(providers, size=(5, 7), train=True, warmup=0, repeat=1, progress=False, amp=amp)
+    assert [r.amp for r in rows] == [amp, amp]
+    for m in probes.values():  # the timed step and the saved-bytes forward
+        assert m.seen == [dtype, dtype]
+    # the timed step's gradients against a plain backward of the same loss: fp16 scales the loss first
+    # (GradScaler's initial scale, 2^16), as a user's training step does
+    hf, ref = probes["hf"], probes["fast"]
+    ref.zero_grad()
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = ref.loss(hf.last, hf.labels)
+    loss.backward()
+    ratio = hf.lin.weight.grad.abs().sum() / ref.lin.weight.grad.abs().sum()
+    assert ratio.item() == pytest.approx(2.0**16 if amp == "fp16" else 1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("command", ["benchmark", "memory"])
+def test_amp_rejects_unknown_dtype(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--amp", "fp8"])
+    assert info.value.code == 2
+    assert "argument --amp: invalid choice: 'fp8' (choose from 'none', 'bf16', 'fp16')" in capsys.readouterr().err

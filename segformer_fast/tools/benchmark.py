@@ -5,7 +5,8 @@ Used by ``segformer-fast benchmark`` and by ``benchmarks/`` (pytest-benchmark). 
 (transformers' SegformerForSemanticSegmentation with the same weights), ``patched`` (that HF model
 after ``segformer_fast.patch``), and with compile=True ``fast_compile``, ``hf_compile`` and
 ``patched_compile``. Timings interleave the providers round by round, so a ratio
-compares runs made under the same machine load.
+compares runs made under the same machine load. With ``amp`` ("bf16", "fp16") every provider runs
+under the same ``torch.autocast``; a training step under fp16 scales its loss with a GradScaler.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 
 from ..configs import SETR_MODELS, get_config
 from ..models.segformer import SegFormer
+from ..utils.amp import amp_dtype, autocast
 from ..utils.memory import SavedTensorRecorder
 
-__all__ = ["BenchRow", "Provider", "hf_provider", "build_providers", "run_benchmark", "format_table"]
+__all__ = ["BenchRow", "Provider", "hf_provider", "build_providers", "provider_step", "run_benchmark",
+           "format_table"]
 
 
 @dataclass
@@ -39,6 +42,7 @@ class BenchRow:
     times_s: list[float]
     batch: int
     saved_bytes: int | None = None
+    amp: str | None = None  # None: fp32, else the autocast dtype ("bf16", "fp16")
 
     @property
     def median_s(self) -> float:
@@ -122,13 +126,24 @@ def _setr_providers(name: str, num_classes: int, backend: str, device: str,
     return out if names is None else {k: v for k, v in out.items() if k in names}
 
 
-def _step(p: Provider, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+def provider_step(p: Provider, x: torch.Tensor, labels: torch.Tensor | None, amp: str | None = None,
+                  scaler: torch.amp.GradScaler | None = None) -> None:
+    """One inference (no grad) or, with ``labels``, one training step (zeroed gradients, forward + loss,
+    backward; no optimizer step), forward and loss under ``amp``'s autocast ("bf16", "fp16", None: fp32).
+
+    Args:
+        x: images (B, 3, H, W); labels: (B, H, W) or None for inference.
+        scaler: a ``torch.amp.GradScaler`` for fp16 training: the loss is scaled before backward, as a
+            user's step does (never unscaled or updated here, since no optimizer steps).
+    """
     if labels is None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x.device.type, amp):
             p.infer(x)
-    else:
-        p.module.zero_grad(set_to_none=True)
-        p.loss(x, labels).backward()
+        return
+    p.module.zero_grad(set_to_none=True)
+    with autocast(x.device.type, amp):
+        loss = p.loss(x, labels)
+    (loss if scaler is None else scaler.scale(loss)).backward()
 
 
 def _sync(device: torch.device) -> None:
@@ -145,12 +160,21 @@ def run_benchmark(
     repeat: int = 3,
     progress: bool = True,
     seed: int = 0,
+    amp: str | None = None,
 ) -> list[BenchRow]:
     """Time every provider on the same input, interleaved round by round.
 
+    Args:
+        amp: None (or "none") for fp32, "bf16" or "fp16": every provider's forward (and loss) runs under
+            ``torch.autocast`` with that dtype; fp16 training steps scale the loss with a GradScaler
+            (one per provider; no optimizer step, so it is never unscaled or updated).
     Returns one BenchRow per provider; in train mode each also carries the saved-activation bytes
-    (what autograd keeps for backward over forward + loss, parameters excluded).
+    (what autograd keeps for backward over forward + loss under the same autocast, parameters excluded).
+
+    Example:
+        >>> rows = run_benchmark(build_providers("b0"), size=256, train=True, amp="bf16")
     """
+    amp = None if amp_dtype(amp) is None else amp
     h, w = (size, size) if isinstance(size, int) else size
     device = next(next(iter(providers.values())).module.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -160,6 +184,7 @@ def run_benchmark(
         labels = torch.randint(0, _num_classes(providers), (batch, h, w), generator=gen).to(device)
     for p in providers.values():
         p.module.train(train)
+    scalers = {name: torch.amp.GradScaler(device.type) if train and amp == "fp16" else None for name in providers}
 
     times: dict[str, list[float]] = {name: [] for name in providers}
     rounds = warmup + repeat
@@ -172,7 +197,7 @@ def run_benchmark(
         for name, p in providers.items():
             _sync(device)
             t0 = time.perf_counter()
-            _step(p, x, labels)
+            provider_step(p, x, labels, amp, scalers[name])
             _sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
@@ -186,10 +211,11 @@ def run_benchmark(
         saved = None
         if train:
             with SavedTensorRecorder(list(p.module.parameters()) + list(p.module.buffers())) as rec:
-                loss = p.loss(x, labels)
+                with autocast(device.type, amp):
+                    loss = p.loss(x, labels)
             del loss
             saved = rec.bytes
-        rows.append(BenchRow(name, "train" if train else "inference", times[name], batch, saved))
+        rows.append(BenchRow(name, "train" if train else "inference", times[name], batch, saved, amp))
     return rows
 
 

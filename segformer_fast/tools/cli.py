@@ -35,6 +35,7 @@ def _cmd_info(args) -> int:
 def _cmd_benchmark(args) -> int:
     import torch
 
+    from ..utils.amp import amp_name
     from .benchmark import build_providers, format_table, have_transformers, run_benchmark
 
     if args.threads:
@@ -44,14 +45,17 @@ def _cmd_benchmark(args) -> int:
     providers = build_providers(
         args.model, num_classes=args.num_classes, backend=args.backend, compile=args.compile, device=device
     )
+    amp = None if args.amp == "none" else args.amp
     mode = "train step (forward + loss + backward)" if args.train else "inference (forward, no grad)"
+    if args.train and amp == "fp16":
+        mode = "train step (forward + loss + GradScaler-scaled backward)"
     label = args.model.upper() if args.model.startswith("setr-") else f"SegFormer-{args.model.upper()}"
-    print(f"{label} {hw[0]}x{hw[1]} batch {args.batch}, {mode}, on {device}; "
+    print(f"{label} {hw[0]}x{hw[1]} batch {args.batch}, {mode}, {amp_name(amp)}, on {device}; "
           f"median of {args.repeat} after {args.warmup} warm-up")
     if not have_transformers():
         print("(transformers not installed: no Hugging Face comparison; pip install transformers)")
     rows = run_benchmark(providers, size=hw, batch=args.batch, train=args.train, warmup=args.warmup,
-                         repeat=args.repeat, progress=not args.no_progress)
+                         repeat=args.repeat, progress=not args.no_progress, amp=amp)
     print(format_table(rows))
     fast = providers["fast"].module
     ops = ", ".join(f"{k}={v}" for k, v in fast.op_backends().items())
@@ -59,9 +63,10 @@ def _cmd_benchmark(args) -> int:
     if args.json:
         record = {
             "model": args.model, "size": list(hw), "batch": args.batch, "train": args.train, "device": device,
-            "torch": torch.__version__,
-            "rows": [{"provider": r.provider, "mode": r.mode, "times_s": r.times_s, "median_s": r.median_s,
-                      "images_per_s": r.images_per_s, "saved_bytes": r.saved_bytes} for r in rows],
+            "amp": amp, "torch": torch.__version__,
+            "rows": [{"provider": r.provider, "mode": r.mode, "amp": r.amp, "times_s": r.times_s,
+                      "median_s": r.median_s, "images_per_s": r.images_per_s, "saved_bytes": r.saved_bytes}
+                     for r in rows],
         }
         from ..utils.atomic import atomic_write_text
 
@@ -71,7 +76,8 @@ def _cmd_benchmark(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..configs import SEGFORMER_VARIANTS, SETR_MODELS
+    from ..configs import MODEL_CHOICES
+    from ..utils.amp import AMP_CHOICES
 
     parser = argparse.ArgumentParser(
         prog="segformer-fast",
@@ -89,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
         "is installed, the Hugging Face model, in one interleaved run with the same weights. --train times a "
         "training step and reports saved-activation memory.",
     )
-    p.add_argument("--model", default="b0", choices=sorted(SEGFORMER_VARIANTS) + sorted(SETR_MODELS),
+    p.add_argument("--model", default="b0", choices=MODEL_CHOICES,
                    help="SegFormer variant (default b0), or a SETR: setr-{naive,pup,mla} (ViT-L/16), ...-b16 (ViT-B/16)")
     p.add_argument("--size", type=int, default=512, help="image height (and width unless --width), default 512")
     p.add_argument("--width", type=int, default=None, help="image width (default: --size)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--train", action="store_true", help="time forward+loss+backward and report saved activations")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd fast and HF models")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="run every model under torch.autocast with this dtype (default none: fp32); "
+                   "fp16 training steps scale the loss with a GradScaler")
     p.add_argument("--backend", default="auto", help="backend of the fast model (auto, torch, triton, cuda, cpp)")
     p.add_argument("--num-classes", type=int, default=150, help="classes (default 150, ADE20K)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")

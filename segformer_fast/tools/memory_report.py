@@ -8,7 +8,8 @@ with eager attention and the same weights. A saved-tensor hook records every ten
 forward was running when it was first saved: patch embed, attention, Mix-FFN, decoder, loss, or
 "other" (block and stage LayerNorms, residual sums, and the inputs checkpointed regions keep).
 Hugging Face's loss is computed the way its forward computes it (bilinear upsampling then
-cross-entropy), outside its forward so that it can be attributed.
+cross-entropy), outside its forward so that it can be attributed. With ``--amp bf16|fp16`` every
+model's forward and loss run under the same ``torch.autocast``.
 
 The largest square training size within ``--budget`` is an estimate from measured bytes: saved
 bytes are measured at two sizes (``--size`` and half of it), fitted as a * P + q * P^2 for P pixels
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..configs import MEMORY_MODES, SETR_MODELS
+from ..configs import MEMORY_MODES, MODEL_CHOICES, SETR_MODELS
+from ..utils.amp import AMP_CHOICES, amp_dtype, amp_name, autocast
 from ..utils.memory import SavedTensorRecorder
 
 __all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "register"]
@@ -87,6 +89,7 @@ def measure_saved_bytes(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     labels: torch.Tensor,
+    amp: str | None = None,
 ) -> dict[str, int]:
     """Bytes autograd keeps for backward over one training forward + loss, per component.
 
@@ -94,6 +97,8 @@ def measure_saved_bytes(
         model: the module (set to train mode here); its parameters and buffers are not counted.
         forward: images (B, 3, H, W) -> logits (B, K, h, w).
         loss: (logits, labels (B, H, W)) -> scalar.
+        amp: None (fp32), "bf16" or "fp16": forward and loss under ``torch.autocast`` with that dtype
+            (its low-precision copies of the weights are saved tensors, so they count).
     Returns:
         {component: bytes} over COMPONENTS.
     """
@@ -110,7 +115,7 @@ def measure_saved_bytes(
             handles.append(m.register_forward_pre_hook(lambda *_, c=comp: rec.stack.append(c)))
             handles.append(m.register_forward_hook(leave))
     try:
-        with rec:
+        with rec, autocast(images.device.type, amp):
             logits = forward(images)
             rec.stack.append("loss")
             out = loss(logits, labels)
@@ -133,6 +138,7 @@ class MemoryRow:
     sizes: tuple[int, int]  # (requested side, second side used for the fit)
     batch: int
     extra: dict = field(default_factory=dict)
+    amp: str | None = None  # None: fp32, else the autocast dtype ("bf16", "fp16")
 
     @property
     def total(self) -> int:
@@ -217,8 +223,14 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
 
 
 def measure_all(variant: str, size: int, batch: int, num_classes: int, backend: str, hf: bool,
-                progress: Callable[[str], None] = lambda _: None) -> list[MemoryRow]:
-    """Measure every model at ``size`` and at half of it (for the size fit)."""
+                progress: Callable[[str], None] = lambda _: None, amp: str | None = None) -> list[MemoryRow]:
+    """Measure every model at ``size`` and at half of it (for the size fit), each under ``amp``'s autocast
+    (None or "none": fp32; "bf16", "fp16").
+
+    Example:
+        >>> rows = measure_all("b0", 128, 1, 150, "auto", hf=True, amp="bf16")
+    """
+    amp = None if amp_dtype(amp) is None else amp
     small = max(_MIN_FIT_SIDE, size // 2)
     gen = torch.Generator().manual_seed(0)
     inputs = {}
@@ -227,11 +239,12 @@ def measure_all(variant: str, size: int, batch: int, num_classes: int, backend: 
     rows = []
     for name, (module, forward, loss) in _models(variant, num_classes, backend, hf).items():
         progress(name)
-        comps = measure_saved_bytes(module, forward, loss, *inputs[size])
-        total_small = sum(measure_saved_bytes(module, forward, loss, *inputs[small]).values()) if small != size else None
+        comps = measure_saved_bytes(module, forward, loss, *inputs[size], amp=amp)
+        total_small = sum(comps.values())
+        if small != size:
+            total_small = sum(measure_saved_bytes(module, forward, loss, *inputs[small], amp=amp).values())
         params = sum(p.numel() for p in module.parameters())
-        rows.append(MemoryRow(name, comps, total_small if total_small is not None else sum(comps.values()), params,
-                              (size, small), batch))
+        rows.append(MemoryRow(name, comps, total_small, params, (size, small), batch, amp=amp))
     return rows
 
 
@@ -241,8 +254,8 @@ def format_report(rows: list[MemoryRow], variant: str, budget: float | None, bud
     base = by.get("hf eager") or by["reference"]
     size, small = rows[0].sizes
     batch = rows[0].batch
-    lines = [f"{_title(variant)} {size}x{size}, batch {batch}: bytes autograd keeps for backward over one "
-             f"training forward + loss (MiB; parameters excluded)"]
+    lines = [f"{_title(variant)} {size}x{size}, batch {batch}, {amp_name(rows[0].amp)}: bytes autograd keeps for "
+             f"backward over one training forward + loss (MiB; parameters excluded)"]
     head = f"{'component':<14}" + "".join(f"{r.name:>12}" for r in rows)
     lines += [head, "-" * len(head)]
     for comp in COMPONENTS:
@@ -290,17 +303,16 @@ def _cmd_memory(args) -> int:
     if args.size < _MIN_FIT_SIDE:
         raise SystemExit(f"segformer-fast memory: --size must be at least {_MIN_FIT_SIDE}, got {args.size}")
     print(f"measuring {_title(args.model)} at {args.size}x{args.size} and {max(_MIN_FIT_SIDE, args.size // 2)} "
-          f"(batch {args.batch}, {args.num_classes} classes, backend {args.backend!r}) on the CPU ...", flush=True)
+          f"(batch {args.batch}, {args.num_classes} classes, backend {args.backend!r}, {amp_name(args.amp)}) "
+          "on the CPU ...", flush=True)
     rows = measure_all(args.model, args.size, args.batch, args.num_classes, args.backend, hf=not args.no_hf,
-                       progress=lambda name: print(f"  {name}", flush=True))
+                       progress=lambda name: print(f"  {name}", flush=True), amp=args.amp)
     print(format_report(rows, args.model, budget, args.budget))
     return 0
 
 
 def register(subparsers) -> None:
     """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
-    from ..configs import SEGFORMER_VARIANTS
-
     p = subparsers.add_parser(
         "memory",
         help="saved-activation bytes per component and memory mode, and the largest training size for a budget",
@@ -308,7 +320,7 @@ def register(subparsers) -> None:
         "attention, Mix-FFN, decoder, loss), for each memory mode next to the reference and Hugging Face, "
         "and estimate the largest square training size that fits --budget from those measurements.",
     )
-    p.add_argument("--model", default="b2", choices=sorted(SEGFORMER_VARIANTS) + sorted(SETR_MODELS),
+    p.add_argument("--model", default="b2", choices=MODEL_CHOICES,
                    help="SegFormer variant (default b2) or a SETR (setr-pup, setr-mla-b16, ...; no Hugging Face twin)")
     p.add_argument("--size", type=int, default=1024, help="square image side (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -316,5 +328,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=150, help="classes (default 150, ADE20K)")
     p.add_argument("--backend", default="auto", help="backend of our model (auto, torch, triton, cuda, cpp)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="run every model's forward and loss under torch.autocast with this dtype (default none: fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_memory)
