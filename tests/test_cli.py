@@ -86,7 +86,7 @@ def test_memory_under_autocast(capsys, amp):
     assert f"autocast {amp}" in lines[0]
     assert any(line.startswith(f"SegFormer-B0 64x64, batch 1, autocast {amp}:") for line in lines)
     head = next(line for line in lines if line.startswith("component"))
-    assert head.split()[1:] == ["save", "recompute", "checkpoint", "reference"] + (["hf", "eager"] if hf else [])
+    assert head.split()[1:] == ["save", "recompute", "checkpoint", "reference"] + (["hf", "sdpa", "hf", "eager"] if hf else [])
     total = [float(v) for v in next(line for line in lines if line.startswith("total")).split()[1:]]
     assert all(t > 0 for t in total)
 

@@ -3,8 +3,9 @@
 Runs real training forwards (forward + loss, train mode, random weights and labels) of our model in
 each memory mode ("save", "recompute", "checkpoint"), of the pure-PyTorch reference (backend
 "torch") and, when transformers is installed, of Hugging Face's SegformerForSemanticSegmentation
-with eager attention and the same weights. A saved-tensor hook records every tensor autograd keeps
-(storages counted once, parameters and buffers excluded) and charges it to the component whose
+with its default SDPA attention (the baseline of the ratios) and with eager attention, all with the
+same weights. A saved-tensor hook records every tensor autograd keeps (storages counted once,
+parameters and buffers excluded) and charges it to the component whose
 forward was running when it was first saved: patch embed, attention, Mix-FFN, decoder, loss, or
 "other" (block and stage LayerNorms, residual sums, and the inputs checkpointed regions keep).
 Hugging Face's loss is computed the way its forward computes it (bilinear upsampling then
@@ -217,8 +218,9 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
     if hf and have_transformers():
         from ..io.hf import to_hf
 
-        hf_model = to_hf(reference, attn_implementation="eager")
-        out["hf eager"] = (hf_model, lambda x: hf_model(pixel_values=x).logits, segformer_loss_reference)
+        for impl in ("sdpa", "eager"):  # sdpa: Hugging Face's default, and the baseline of the ratios
+            hf_model = to_hf(reference, attn_implementation=impl)
+            out[f"hf {impl}"] = (hf_model, lambda x, m=hf_model: m(pixel_values=x).logits, segformer_loss_reference)
     return out
 
 
@@ -251,7 +253,7 @@ def measure_all(variant: str, size: int, batch: int, num_classes: int, backend: 
 def format_report(rows: list[MemoryRow], variant: str, budget: float | None, budget_text: str) -> str:
     mib = 2**20
     by = {r.name: r for r in rows}
-    base = by.get("hf eager") or by["reference"]
+    base = by.get("hf sdpa") or by.get("hf eager") or by["reference"]
     size, small = rows[0].sizes
     batch = rows[0].batch
     lines = [f"{_title(variant)} {size}x{size}, batch {batch}, {amp_name(rows[0].amp)}: bytes autograd keeps for "
