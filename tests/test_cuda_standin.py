@@ -14,7 +14,7 @@ import torch
 import segformer_fast as sf
 from segformer_fast import backends
 from segformer_fast.dispatch import get_spec
-from segformer_fast.testing import backend_device, cuda_standin
+from segformer_fast.testing import backend_device, cuda_standin, perturb_parameters
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -100,15 +100,6 @@ def test_standin_sr_helpers_match_the_torch_path(cuda_standin):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _perturb(model):
-    # Published weights have non-zero biases everywhere; the init's zero biases would hide a wrong bias path.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
-    return model
-
-
 def _count_calls(monkeypatch) -> dict[str, int]:
     """Counts the calls of every stand-in function (where the cuda backend runs on the stand-in)."""
     calls = {}
@@ -145,7 +136,7 @@ def test_segformer_on_the_cuda_path_matches_the_reference(backend, memory, monke
     calls = _count_calls(monkeypatch)
     kw = dict(num_classes=5, depths=(1, 2, 1, 1), drop_path_rate=0.0, decoder_dropout=0.0)
     torch.manual_seed(0)
-    ref = _perturb(sf.segformer("b0", backend="torch", **kw)).to(device)
+    ref = perturb_parameters(sf.segformer("b0", backend="torch", **kw)).to(device)
     fast = sf.segformer("b0", backend=backend, memory=memory, **kw).to(device)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 65, 97, device=device)  # odd sizes: every stage crops in the reduction
@@ -174,7 +165,7 @@ def test_segformer_half_precision_on_the_cuda_path(backend, dtype):
     device = backend_device(backend)
     kw = dict(num_classes=5, depths=(1, 1, 1, 1), drop_path_rate=0.0, decoder_dropout=0.0)
     torch.manual_seed(0)
-    ref = _perturb(sf.segformer("b0", backend="torch", **kw)).to(device)
+    ref = perturb_parameters(sf.segformer("b0", backend="torch", **kw)).to(device)
     fast = sf.segformer("b0", backend=backend, **kw).to(device)
     fast.load_state_dict(ref.state_dict())
     fast.to(dtype).train()
@@ -198,7 +189,7 @@ def test_setr_on_the_cuda_path_matches_the_reference(backend, decoder):
     kw = dict(num_classes=5, embed_dim=64, depth=4, num_heads=2, img_size=64, head_channels=16,
               mla_head_channels=8)
     torch.manual_seed(0)
-    ref = _perturb(sf.setr(decoder, backend="torch", **kw)).to(device)
+    ref = perturb_parameters(sf.setr(decoder, backend="torch", **kw)).to(device)
     fast = sf.setr(decoder, backend=backend, **kw).to(device)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 40, 56, device=device)  # padded to 48 x 64 inside
@@ -221,7 +212,7 @@ def test_patched_hf_on_the_cuda_path_matches_unpatched(backend):
     cfg = transformers.SegformerConfig(num_labels=5, depths=[1, 2, 1, 1], drop_path_rate=0.0,
                                        classifier_dropout_prob=0.0)
     torch.manual_seed(0)
-    ref = _perturb(transformers.SegformerForSemanticSegmentation(cfg)).to(device).train()
+    ref = perturb_parameters(transformers.SegformerForSemanticSegmentation(cfg)).to(device).train()
     fast = transformers.SegformerForSemanticSegmentation(cfg).to(device).train()
     fast.load_state_dict(ref.state_dict())
     sf.patch(fast, backend=backend, memory="recompute")

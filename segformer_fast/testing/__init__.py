@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["backend_device"]
+__all__ = ["backend_device", "perturb_parameters"]
 
 
 def backend_device(backend: str) -> str:
@@ -48,3 +48,16 @@ def interpreter_unavailable_reason() -> str | None:
     if not triton_interpret():
         return "runs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)"
     return None
+
+
+def perturb_parameters(module: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """Adds N(0, scale^2) noise to every parameter, in place; returns ``module``.
+
+    Published weights have non-zero biases and affines everywhere; the init's zeros and ones would
+    hide a wrong bias or affine path in a comparison.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
+    return module

@@ -10,18 +10,10 @@ import torch
 import segformer_fast as sf
 from segformer_fast.configs import get_config
 from segformer_fast.models.segformer import SegFormer, segformer_loss_reference
-from segformer_fast.testing import backend_device, interpreter_unavailable_reason
+from segformer_fast.testing import backend_device, interpreter_unavailable_reason, perturb_parameters
 from segformer_fast.testing.precision import assert_lowp_close
 
 _ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def _perturb(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
-    return model
 
 
 def _step(model, loss_fn, x, labels, dtype):
@@ -51,7 +43,7 @@ def test_segformer_training_step(backend, memory, dtype):
     device = backend_device(backend)
     cfg = get_config("b0", num_classes=7, depths=(1, 1, 1, 1), decoder_dropout=0.0, drop_path_rate=0.0)
     torch.manual_seed(0)
-    ref = _perturb(SegFormer(cfg, backend="torch")).to(device).train()
+    ref = perturb_parameters(SegFormer(cfg, backend="torch")).to(device).train()
     fast = SegFormer(cfg, backend=backend, memory=memory).to(device).train()
     fast.load_state_dict(ref.state_dict())
     ref64 = SegFormer(cfg, backend="torch").to(device).train()
@@ -75,7 +67,7 @@ def test_setr_training_step_bf16(decoder):
     dtype = torch.bfloat16
     kw = dict(num_classes=5, embed_dim=64, depth=4, num_heads=2, img_size=64, head_channels=16, mla_head_channels=8)
     torch.manual_seed(0)
-    ref = _perturb(sf.setr(decoder, backend="torch", **kw)).train()
+    ref = perturb_parameters(sf.setr(decoder, backend="torch", **kw)).train()
     fast = sf.setr(decoder, backend="cpp", **kw).train()
     fast.load_state_dict(ref.state_dict())
     ref64 = sf.setr(decoder, backend="torch", **kw).train()

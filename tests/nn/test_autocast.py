@@ -21,21 +21,12 @@ from segformer_fast.nn.mix_ffn_fused import FusedMixFFN
 from segformer_fast.nn.mlp import FusedMlp, Mlp
 from segformer_fast.nn.setr_heads import ConvBNReLU
 from segformer_fast.nn.setr_heads_fused import FusedConvBNReLU
-from segformer_fast.testing import backend_device, interpreter_unavailable_reason
+from segformer_fast.testing import backend_device, interpreter_unavailable_reason, perturb_parameters
 from segformer_fast.testing.precision import assert_lowp_close
 
 DTYPES = (torch.bfloat16, torch.float16)
 # unit roundoff: atol is one rounding of the largest reference value, for entries PyTorch gets exactly
 _ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def _perturb(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Non-zero biases and affines: zero-initialised ones hide bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return module
 
 
 def _run(module, inputs, args, dy, autocast_dtype, device, fp32_saved=None, weight_copies=None):
@@ -100,7 +91,7 @@ def _device(backend, dtype):
 @pytest.mark.parametrize("sr", [1, 2])
 def test_attention(backend, sr, dtype):
     device = _device(backend, dtype)
-    ref = _perturb(SpatialReductionAttention(64, 2, sr_ratio=sr)).to(device)
+    ref = perturb_parameters(SpatialReductionAttention(64, 2, sr_ratio=sr)).to(device)
     fused = FusedSpatialReductionAttention.from_reference(copy.deepcopy(ref), backend=backend)
     x = torch.randn(3, 7 * 9, 64, device=device)
     _check(ref, fused, [x], ((7, 9),), dtype, device, fp32_limit=3 * 2 * 63,  # lse (B, h, N) only
@@ -112,7 +103,7 @@ def test_attention(backend, sr, dtype):
 @pytest.mark.parametrize("memory", ["save", "recompute"])
 def test_mix_ffn(backend, memory, dtype):
     device = _device(backend, dtype)
-    ref = _perturb(MixFFN(24, 40)).to(device)
+    ref = perturb_parameters(MixFFN(24, 40)).to(device)
     fused = FusedMixFFN.from_reference(copy.deepcopy(ref), memory=memory, backend=backend)
     x = torch.randn(2, 13 * 11, 24, device=device)
     _check(ref, fused, [x], ((13, 11),), dtype, device, fp32_limit=0, keeps_weight_copies=False)
@@ -121,7 +112,7 @@ def test_mix_ffn(backend, memory, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("memory", ["save", "recompute"])
 def test_mlp(memory, dtype):
-    ref = _perturb(Mlp(24, 40))
+    ref = perturb_parameters(Mlp(24, 40))
     fused = FusedMlp(24, 40, memory=memory)
     fused.load_state_dict(ref.state_dict())
     _check(ref, fused, [torch.randn(3, 17, 24)], (), dtype, "cpu", fp32_limit=0, keeps_weight_copies=False)
@@ -133,7 +124,7 @@ def test_mlp(memory, dtype):
 def test_decoder(backend, training, dtype):
     device = _device(backend, dtype)
     chans = (8, 16, 24, 32)
-    ref = _perturb(AllMLPDecoder(chans, 16, 5, dropout=0.0)).to(device).train(training)
+    ref = perturb_parameters(AllMLPDecoder(chans, 16, 5, dropout=0.0)).to(device).train(training)
     with torch.no_grad():
         ref.bn.running_mean.uniform_(-0.2, 0.2)
         ref.bn.running_var.uniform_(0.5, 1.5)
@@ -147,7 +138,7 @@ def test_decoder(backend, training, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False])
 def test_conv_bn_relu_up(training, dtype):
-    ref = _perturb(ConvBNReLU(12, 8, kernel_size=3, scale=2)).train(training)
+    ref = perturb_parameters(ConvBNReLU(12, 8, kernel_size=3, scale=2)).train(training)
     with torch.no_grad():
         ref.bn.running_mean.uniform_(-0.2, 0.2)
         ref.bn.running_var.uniform_(0.5, 1.5)

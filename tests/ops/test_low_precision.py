@@ -50,7 +50,7 @@ from segformer_fast.ops.sr_attention.op import CORE
 from segformer_fast.ops.triton_launch import interpreter_refuses
 from segformer_fast.ops.upsample_cross_entropy import upsample_cross_entropy, upsample_cross_entropy_reference
 from segformer_fast.ops.upsample_sum import upsample_sum, upsample_sum_reference
-from segformer_fast.testing import backend_device, cuda_backend_unavailable_reason
+from segformer_fast.testing import backend_device, cuda_backend_unavailable_reason, perturb_parameters
 from segformer_fast.testing.precision import assert_lowp_close, lowp_errors
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -342,15 +342,6 @@ def test_conv_bn_relu_up(dtype, k, scale, classes, training, record_property):
 # a whole SegFormer-B0 converted with .to(dtype): a training step
 
 
-def _perturb(model: torch.nn.Module) -> torch.nn.Module:
-    # as tests/test_cuda_standin.py: the init's zero biases (and unit norms) would hide a wrong bias path
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
-    return model
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_segformer_b0_training_step(backend, dtype, record_property):
@@ -360,7 +351,7 @@ def test_segformer_b0_training_step(backend, dtype, record_property):
     the one tested, so the rule would be vacuous and only the training step is checked)."""
     device = _skip_unless_runs(backend, dtype)
     cfg = get_config("b0", num_classes=5, drop_path_rate=0.0, decoder_dropout=0.0)
-    ref = _perturb(SegFormer(cfg, backend="torch")).double().train()  # batch statistics in every BatchNorm
+    ref = perturb_parameters(SegFormer(cfg, backend="torch")).double().train()  # batch statistics in every BatchNorm
     x = torch.randn(1, 3, 65, 97, dtype=torch.float64)  # odd sizes: every stage crops in the reduction
     labels = torch.randint(0, 5, (1, 65, 97))
     labels[0, :9] = 255
