@@ -157,3 +157,24 @@ def test_fp64_is_left_alone_under_autocast():
         y = fused(x, (6, 6))
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, ref(x, (6, 6)), rtol=1e-5, atol=1e-6)  # nothing lowered to 16 bits
+
+
+@pytest.mark.parametrize("layer", ["attention", "mix_ffn", "decoder"])
+def test_compiles_under_autocast_without_graph_breaks(layer):
+    """torch.compile(fullgraph=True) traces the autocast policy (the casts and the autocast-off region)."""
+    if layer == "attention":
+        m, args = FusedSpatialReductionAttention.from_reference(SpatialReductionAttention(32, 1, sr_ratio=2)), ((8, 8),)
+        x = [torch.randn(2, 64, 32, requires_grad=True)]
+    elif layer == "mix_ffn":
+        m, args = FusedMixFFN.from_reference(MixFFN(32, 64), backend="cpp"), ((8, 8),)
+        x = [torch.randn(2, 64, 32, requires_grad=True)]
+    else:
+        m = FusedAllMLPDecoder.from_reference(AllMLPDecoder((8, 16, 24, 32), 16, 5, dropout=0.0), backend="cpp")
+        x, args = [[torch.randn(2, c, 16 // 2**i, 16 // 2**i) for i, c in enumerate((8, 16, 24, 32))]], ()
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = m(*x, *args)
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(*x, *args)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    got.float().sum().backward()
