@@ -1,5 +1,6 @@
 """FusedAllMLPDecoder against the reference AllMLPDecoder: eval and train, forward, every gradient, BN stats."""
 
+import copy
 import math
 import os
 import tempfile
@@ -240,3 +241,62 @@ def test_torch_compile_fullgraph(mode):
     g_ref = torch.autograd.grad(out_ref, feats + [ref.fuse.weight], g)
     for a, b in zip(g_out, g_ref):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def _ema_update(ema, model, d):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.data.mul_(d).add_(p.data, alpha=1 - d)
+
+
+_UPDATES = {
+    "data_inplace": lambda m: [p.data.mul_(-0.5) for p in m.parameters()],
+    "data_assign": lambda m: [setattr(p, "data", p.data * 0.5 + 0.1) for p in m.parameters()],
+    "no_grad_inplace": lambda m: [p.mul_(0.5).add_(0.1) for p in m.parameters()],
+    "buffer_data": lambda m: m.bn.running_var.data.add_(1.0),
+    "load_state_dict": lambda m: m.load_state_dict({k: v * 0.5 + 0.1 if v.is_floating_point() else v
+                                                    for k, v in m.state_dict().items()}),
+    "optimizer_step": lambda m: _sgd_step(m),
+    "to_double_and_back": lambda m: m.double().float(),
+}
+
+
+def _sgd_step(m):
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("update", list(_UPDATES))
+def test_eval_cache_sees_every_weight_update(update):
+    """Eval after any way of changing the weights computes with the new weights (no stale folded cache)."""
+    _, fused = make_pair("torch", "cpu")
+    fused.eval()
+    feats = [f.detach() for f in make_features(2, (7, 9), "cpu")]
+    with torch.no_grad():
+        fused(feats)  # fills any cache
+        _UPDATES[update](fused)
+        ref = AllMLPDecoder(CHANNELS, D, K).eval()
+        ref.load_state_dict(fused.state_dict())
+        out, want = fused(feats), ref(feats)
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_eval_cache_sees_ema_and_averaged_model_updates():
+    """The usual EMA update through .data, and swa_utils.AveragedModel, reach the fused eval."""
+    _, model = make_pair("torch", "cpu")
+    ema = copy.deepcopy(model).eval()
+    swa = torch.optim.swa_utils.AveragedModel(model).eval()
+    feats = [f.detach() for f in make_features(2, (7, 9), "cpu")]
+    with torch.no_grad():
+        ema(feats), swa(feats)  # fill any cache
+        for _ in range(2):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            _ema_update(ema, model, 0.5)
+            swa.update_parameters(model)
+        for avg in (ema, swa.module):
+            ref = AllMLPDecoder(CHANNELS, D, K).eval()
+            ref.load_state_dict(avg.state_dict())
+            out, want = avg(feats), ref(feats)
+            assert (out - want).abs().max() <= 1e-5 * want.abs().max()
