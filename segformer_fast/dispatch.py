@@ -202,6 +202,11 @@ class OpSpec:
             raise NoImplementationError(f"{self.name} has no {name!r} implementation; it has {tuple(self.impls)}")
         if verdicts[name] is None:
             return done(name, f"asked for (backend={name!r})")
+        if available_backends()[name].available and runs_on(name, x.device.type) and x.dtype not in impl.dtypes:
+            takes = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
+            others = [b for b, v in verdicts.items() if v is None]
+            raise TypeError(f"{self.name}: backend {name!r} does not take {str(x.dtype).replace('torch.', '')}: it takes "
+                            f"{takes}" + (f"; use backend {' or '.join(map(repr, others))} (or 'auto')" if others else ""))
         if self._gate(impl, x) is None and impl.fallback is not None and verdicts.get(impl.fallback) is None:
             # the gate passed, so the verdict is the failed condition's reason
             return done(impl.fallback, f"declared fallback of {name}: {verdicts[name]}")

@@ -40,8 +40,8 @@ inline vf load_v(const float* p) {
 
 inline void store_v(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline vf exp_v(vf x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+inline vf exp_v(vf x_in) {
+  vf x = x_in < splat(-87.0f) ? splat(-87.0f) : x_in;
   x = x > splat(88.0f) ? splat(88.0f) : x;
   const vf k = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round(x / ln 2) via 1.5 * 2^23
   const vf r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln 2 split in hi + lo
@@ -56,7 +56,8 @@ inline vf exp_v(vf x) {
   const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;  // 2^k
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // 0 below -87 (an absolute error under 2e-38), so that GELU'(+-inf) = inf * exp(-inf) is NaN, as PyTorch's
+  return x_in < splat(-87.0f) ? splat(0.0f) : p * scale;
 }
 
 inline vf erf_v(vf x) {

@@ -66,7 +66,7 @@ __global__ void upsample_sum_fwd_kernel(T* __restrict__ out, MapArgs ma, int64_t
     float acc = gather_sum<T>(ma, b, oh, ow, d, D);
     if (scale) acc *= scale[d];
     if (shift) acc += shift[d];
-    if (relu) acc = acc > 0.f ? acc : 0.f;
+    if (relu) acc = acc < 0.f ? 0.f : acc;  // NaN stays NaN, as torch.relu (fmaxf would drop it)
     out[idx] = from_float<T>(acc);
   }
 }
@@ -87,7 +87,7 @@ __global__ void upsample_sum_bwd_prep_kernel(float* __restrict__ gu, float* __re
     for (int64_t p = p_begin + threadIdx.y; p < p_end; p += kPrepRows) {
       const int64_t idx = p * D + d;
       float g = to_float<T>(grad[idx]);
-      if (relu && !(to_float<T>(out[idx]) > 0.f)) g = 0.f;
+      if (relu && to_float<T>(out[idx]) <= 0.f) g = 0.f;  // ATen's ReLU backward: a NaN output passes g
       sum_g += g;
       if (part_scale) {
         const int64_t ow = p % W, oh = (p / W) % H, b = p / (W * H);

@@ -125,7 +125,7 @@ void upsample_sum_fwd_cpu(float* out, const float* const* maps, const int64_t* h
       }
       if (relu) {
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] = o[d] > 0.f ? o[d] : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[d] = o[d] < 0.f ? 0.f : o[d];  // NaN stays NaN, as torch.relu
       }
     }
   }
@@ -160,7 +160,7 @@ void upsample_sum_bwd_cpu(float* const* grad_maps, const float* grad, const floa
           if (relu) {
             const float* __restrict y = out + idx;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) dst[d] = y[d] > 0.f ? g[d] : 0.f;
+            for (int64_t d = 0; d < D; ++d) dst[d] = y[d] <= 0.f ? 0.f : g[d];  // ATen's: NaN y passes g
           } else {
             std::memcpy(dst, g, sizeof(float) * D);
           }

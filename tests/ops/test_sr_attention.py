@@ -197,3 +197,30 @@ def test_cpp_is_a_declared_implementation():
     assert rows["cpp"][0] and not rows["torch"][0]
     assert "ATen" in sr_op.SPEC.impls["cpp"].note
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp", "auto"])
+@pytest.mark.parametrize("sr", [1, 2])
+def test_fp64_is_computed_in_fp64(backend, sr):
+    """fp64 in: output and every gradient within ~1e-12 of the fp64 reference (not fp32 arithmetic)."""
+    _skip_unless("triton" if backend == "triton" else "torch")
+    m = make(64, 2, sr).double()
+    x = torch.randn(2, 5 * 7, 64, dtype=torch.float64, requires_grad=True)
+    y = sr_attention(x, (5, 7), 2, **weights(m), backend=backend)
+    assert y.dtype == torch.float64
+    g = torch.randn_like(y)
+    params = [x] + list(m.parameters())
+    grads = torch.autograd.grad(y, params, g)
+    yr = sr_attention_reference(x, (5, 7), 2, **weights(m))
+    refs = torch.autograd.grad(yr, params, g)
+    for name, a, r in zip(["out", "x"] + [n for n, _ in m.named_parameters()], [y, *grads], [yr, *refs]):
+        err = (a - r).abs().max().item()
+        assert err <= 1e-12 * max(1.0, r.abs().max().item()), f"{name}: {err:.3g}"
+
+
+def test_fp64_on_the_cuda_backend_is_a_clear_error(cuda_standin):
+    dev = backend_device("cuda")
+    m = make(64, 2, 2, device=dev).double()
+    x = torch.randn(1, 16, 64, dtype=torch.float64, device=dev)
+    with pytest.raises(TypeError, match="float64.*float32, float16, bfloat16"):
+        sr_attention(x, (4, 4), 2, **weights(m), backend="cuda")

@@ -191,3 +191,29 @@ def test_torch_compile_fullgraph_forward_backward():
     g_comp = torch.autograd.grad(loss, inputs)
     for a, b in zip(g_comp, g_eager):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fp64_is_computed_in_fp64(backend, relu):
+    """fp64 maps: output and gradients within ~1e-12 of the fp64 reference (not fp32 arithmetic)."""
+    maps = [torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)]
+    scale = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    shift = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = upsample_sum(maps, (9, 13), scale, shift, relu=relu, backend=backend)
+    assert out.dtype == torch.float64
+    ref = upsample_sum_reference(maps, (9, 13), scale, shift, relu=relu)
+    g = torch.randn_like(ref)
+    for a, r in zip([out, *torch.autograd.grad(out, [*maps, scale, shift], g)],
+                    [ref, *torch.autograd.grad(ref, [*maps, scale, shift], g)]):
+        assert a.dtype == torch.float64
+        assert (a - r).abs().max().item() <= 1e-12 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+def test_fp64_on_a_kernel_backend_is_a_clear_error(backend):
+    require(backend)
+    m = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64.*float32, float16, bfloat16"):
+        upsample_sum([m], (6, 6), backend=backend)

@@ -85,7 +85,7 @@ class _ConvBNReLUFunction(torch.autograd.Function):
             dz = F.conv_transpose2d(dout, cls_weight)  # (B, C_out, H, W)
         else:
             dz = dout.contiguous()
-        dz = dz * (z > 0)
+        dz = dz.masked_fill(z <= 0, 0.0)  # not dz * (z > 0): a NaN/inf dz at z <= 0 gives 0, as ReLU's backward
         del z
         if ctx.group is None:
             dy, gg, gb = torch.ops.aten.native_batch_norm_backward(

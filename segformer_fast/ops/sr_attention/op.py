@@ -86,12 +86,13 @@ def _chunked_core_fwd(q, k, v, num_heads, scale):
     qh, kh, vh = _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads)
     b, h, n, _ = qh.shape
     step = _chunk_rows(n, kh.shape[2], b * h)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp64 stays fp64
     outs, lses = [], []
     for s in range(0, n, step):  # score tile (B, h, step, M): bounded, never (N, M)
         # fp32 scores and log-sum-exp: fp16 q.k products past 65504 cannot overflow; P = exp(S - lse) <= 1
-        sc = (qh[:, :, s: s + step].float() @ kh.float().transpose(-1, -2)) * scale
+        sc = (qh[:, :, s: s + step].to(acc) @ kh.to(acc).transpose(-1, -2)) * scale
         lse = torch.logsumexp(sc, -1)
-        outs.append((torch.exp(sc - lse[..., None]) @ vh.float()).to(q.dtype))
+        outs.append((torch.exp(sc - lse[..., None]) @ vh.to(acc)).to(q.dtype))
         lses.append(lse)
     return _tokens(torch.cat(outs, 2)), torch.cat(lses, 2)
 
@@ -109,13 +110,14 @@ def _torch_core_bwd(do, q, k, v, o, lse, num_heads, scale):
 def _chunked_core_bwd(do, q, k, v, o, lse, num_heads, scale):
     qh, kh, vh, oh, doh = (_heads(t, num_heads) for t in (q, k, v, o, do))
     b, h, n, _ = qh.shape
-    kf, vf = kh.float(), vh.float()
-    delta = (doh.float() * oh.float()).sum(-1)  # (B, h, N)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp64 stays fp64
+    kf, vf = kh.to(acc), vh.to(acc)
+    delta = (doh.to(acc) * oh.to(acc)).sum(-1)  # (B, h, N)
     dk, dv, dqs = torch.zeros_like(kf), torch.zeros_like(vf), []
     step = _chunk_rows(n, kh.shape[2], b * h)
     for s in range(0, n, step):
         e = s + step
-        qc, doc = qh[:, :, s:e].float(), doh[:, :, s:e].float()
+        qc, doc = qh[:, :, s:e].to(acc), doh[:, :, s:e].to(acc)
         p = torch.exp((qc @ kf.transpose(-1, -2)) * scale - lse[:, :, s:e, None])  # (B, h, chunk, M)
         dv += p.transpose(-1, -2) @ doc
         ds = p * (doc @ vf.transpose(-1, -2) - delta[:, :, s:e, None])
@@ -263,8 +265,9 @@ def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, kind, core):
     kvx2 = kvx.reshape(-1, c)
     g["k_weight"], g["v_weight"] = dk.reshape(-1, c).t() @ kvx2, dv.reshape(-1, c).t() @ kvx2
     # The key bias adds q_n . b_k to every score of query n's row, which softmax ignores: its gradient is
-    # exactly 0. Summing dk instead would return dk's rounding, several ulps in fp16/bf16.
-    g["k_bias"], g["v_bias"] = torch.zeros_like(dk[0, 0]), dv.reshape(-1, c).sum(0)
+    # exactly 0. Summing dk instead would return dk's rounding, several ulps in fp16/bf16; 0 * sum(dk)
+    # keeps the 0 and a NaN (non-finite dk gives NaN, as the reference's sum does).
+    g["k_bias"], g["v_bias"] = dk.reshape(-1, c).sum(0, dtype=torch.float32).mul_(0.0).to(dk.dtype), dv.reshape(-1, c).sum(0)
     dkvx = torch.matmul(dk, w["k_weight"]).add_(torch.matmul(dv, w["v_weight"]))  # (B, M, C)
     g["sr_weight"], g["sr_bias"], g["norm_weight"], g["norm_bias"] = _reduce_ln_bwd(dkvx, dx, hw, sr, w, eps, saved, kind)
     return dx, g
@@ -311,7 +314,7 @@ def _op_forward(
 
 def _op_forward_fake(x, height, width, num_heads, sr, *args):
     b, n, c = x.shape
-    return x.new_empty((b, n, c)), x.new_empty((b, num_heads, n), dtype=torch.float32)
+    return x.new_empty((b, n, c)), x.new_empty((b, num_heads, n), dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _op_backward(
@@ -463,7 +466,9 @@ def sr_attention(
         sr: reduction ratio; 1 means plain multi-head attention (no reduction, no LayerNorm).
         sr_weight: (C, C, sr, sr) Conv2d weight, sr_bias (C,) or None; norm_weight, norm_bias (C,)
             and eps: the LayerNorm after the reduction. Needed when sr > 1, ignored when sr == 1.
-        backend: "auto", "torch", "triton" or "cuda" (see the module docstring).
+        backend: "auto", "torch", "triton" or "cuda" (see the module docstring). float64 is computed
+            in fp64 by the torch ops ("torch", "auto", and "triton", whose fp32 core falls back to the
+            torch core); the "cuda" kernels take float32, float16 and bfloat16 (TypeError otherwise).
     Returns:
         (B, N, C): proj(attention(x)), before any dropout. Same dtype as x; the weights are in x's dtype,
         or fp32 with fp16/bf16 x (mixed precision: cast inside the op, fp32 gradients).

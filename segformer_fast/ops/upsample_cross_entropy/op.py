@@ -45,19 +45,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK_ELEMENTS = 1 << 22  # the torch implementation's (B, K, rows, W) chunk: 16 MiB in fp32
 
 
-def _row_matrix(h: int, H: int, r0: int, r1: int, device) -> tuple[int, int, torch.Tensor]:
-    """Bilinear row weights of output rows [r0, r1): (lo, hi, R) with R (r1 - r0, hi - lo) over input rows [lo, hi).
+def _row_taps(h: int, H: int, r0: int, r1: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear row taps of output rows [r0, r1): input rows i0, i1 (r1 - r0,) and the weight l1 of i1.
 
     PyTorch's rule (:func:`segformer_fast.ops.math_utils.bilinear_taps`): taps floor(src) and the next
-    row (clamped), weights 1 - frac and frac.
+    row (clamped), weights 1 - frac and frac. Applied as a gather (not a matrix over a window of
+    rows), so a non-finite logit reaches only the rows that read it, as in F.interpolate.
     """
     i0, i1, l1 = bilinear_taps(h, H, r0, r1, device)
-    lo, hi = int(i0.min()), int(i1.max()) + 1
-    rows = torch.arange(r1 - r0, device=device)
-    mat = torch.zeros(r1 - r0, hi - lo, dtype=torch.float32, device=device)
-    mat.index_put_((rows, i0 - lo), 1.0 - l1, accumulate=True)
-    mat.index_put_((rows, i1 - lo), l1, accumulate=True)
-    return lo, hi, mat
+    return i0, i1, l1.view(-1, 1)
 
 
 def _chunks(B: int, K: int, H: int, W: int):
@@ -67,10 +63,11 @@ def _chunks(B: int, K: int, H: int, W: int):
 
 
 def _torch_upsampled_rows(x, h, H, W, r0, r1):
-    """Up(x) for output rows [r0, r1): (B, K, r1 - r0, W) fp32, plus the row matrix (lo, hi, R)."""
-    lo, hi, mat = _row_matrix(h, H, r0, r1, x.device)
-    rows = torch.einsum("rj,bkjw->bkrw", mat, x[:, :, lo:hi].float())  # (B, K, R, w)
-    return F.interpolate(rows, size=(r1 - r0, W), mode="bilinear", align_corners=False), (lo, hi, mat)
+    """Up(x) for output rows [r0, r1): (B, K, r1 - r0, W) fp32, plus the row taps (i0, i1, l1)."""
+    i0, i1, l1 = taps = _row_taps(h, H, r0, r1, x.device)
+    xf = x.float()
+    rows = xf.index_select(2, i0) * (1.0 - l1) + xf.index_select(2, i1) * l1  # (B, K, R, w)
+    return F.interpolate(rows, size=(r1 - r0, W), mode="bilinear", align_corners=False), taps
 
 
 def _torch_fwd(x_nhwc, labels, ignore_index):
@@ -95,13 +92,13 @@ def _torch_bwd(coef, x_nhwc, labels, lse):
     H, W = labels.shape[-2:]
     grad = torch.zeros(B, K, h, w, dtype=torch.float32, device=x.device)
     for r0, r1 in _chunks(B, K, H, W):
-        z, (lo, hi, mat) = _torch_upsampled_rows(x, h, H, W, r0, r1)
+        z, (i0, i1, l1) = _torch_upsampled_rows(x, h, H, W, r0, r1)
         c = coef[:, r0:r1].unsqueeze(1)  # (B, 1, R, W)
         g = torch.exp(z - lse[:, r0:r1].unsqueeze(1)).mul_(c)  # c * softmax
         y = labels[:, r0:r1].clamp(0, K - 1).unsqueeze(1)  # where c != 0, y is a class
         g.scatter_add_(1, y, -c)  # - c * onehot
         g_rows = torch.ops.aten.upsample_bilinear2d_backward(g, [r1 - r0, W], [B, K, r1 - r0, w], False)
-        grad[:, :, lo:hi] += torch.einsum("rj,bkrw->bkjw", mat, g_rows)
+        grad.index_add_(2, i0, g_rows * (1.0 - l1)).index_add_(2, i1, g_rows * l1)  # the row gather's adjoint
     return grad.permute(0, 2, 3, 1)  # (B, h, w, K) view
 
 

@@ -32,16 +32,20 @@ __all__ = ["upsample_sum", "upsample_sum_nhwc", "upsample_sum_fwd_nhwc", "upsamp
 MAX_MAPS = 4
 
 
+def _acc(t):
+    return torch.promote_types(t.dtype, torch.float32)  # fp32 math, fp64 for fp64
+
+
 def _torch_fwd(maps, H, W, scale, shift, relu):
-    out = None
+    out, acc = None, _acc(maps[0])
     for m in maps:  # (B, h, w, D) viewed as channels-last NCHW
-        up = F.interpolate(m.permute(0, 3, 1, 2).float(), size=(H, W), mode="bilinear", align_corners=False)
+        up = F.interpolate(m.permute(0, 3, 1, 2).to(acc), size=(H, W), mode="bilinear", align_corners=False)
         out = up if out is None else out + up
     out = out.permute(0, 2, 3, 1)  # (B, H, W, D)
     if scale is not None:
-        out = out * scale.float()
+        out = out * scale.to(acc)
     if shift is not None:
-        out = out + shift.float()
+        out = out + shift.to(acc)
     if relu:
         out = torch.relu(out)
     return out.to(maps[0].dtype).contiguous()
@@ -49,13 +53,14 @@ def _torch_fwd(maps, H, W, scale, shift, relu):
 
 def _torch_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift):
     B, H, W, D = grad.shape
-    g = grad.float()
+    acc = _acc(grad)
+    g = grad.to(acc)
     if relu:
-        g = torch.where(out > 0, g, 0.0)
+        g = torch.where(out <= 0, 0.0, g)  # ATen's ReLU backward: a NaN output passes the gradient
     dshift = g.sum((0, 1, 2)) if need_dshift else None
-    dscale = (g * _torch_fwd(maps, H, W, None, None, False).float()).sum((0, 1, 2)) if need_dscale else None
+    dscale = (g * _torch_fwd(maps, H, W, None, None, False).to(acc)).sum((0, 1, 2)) if need_dscale else None
     if scale is not None:
-        g = g * scale.float()
+        g = g * scale.to(acc)
     g = g.permute(0, 3, 1, 2)
     grads = [
         torch.ops.aten.upsample_bilinear2d_backward(g, [H, W], [B, D, h, w], False).permute(0, 2, 3, 1).to(grad.dtype).contiguous()
@@ -80,7 +85,7 @@ def _triton_bwd(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift):
     return upsample_sum_bwd_triton(grad, sizes, maps, out, _f32(scale), relu, need_dscale, need_dshift)
 
 
-def _cpp_fwd(maps, H, W, scale, shift, relu):  # fp32 kernel; other dtypes are computed in fp32 and cast back
+def _cpp_fwd(maps, H, W, scale, shift, relu):  # fp32 kernel; 16-bit dtypes are computed in fp32 and cast back
     out = cpu_extension().upsample_sum_fwd([m.float() for m in maps], H, W, _f32(scale), _f32(shift), relu)
     return out.to(maps[0].dtype)
 
@@ -110,12 +115,15 @@ def _split(res, n, need_dscale, need_dshift):
     return res[:n], (res[n] if need_dscale else None), (res[n + int(need_dscale)] if need_dshift else None)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp32 arithmetic: fp64 runs on torch only
+
 SPEC = register(OpSpec("upsample_sum", [
-    Impl("torch", _torch_fwd, _torch_bwd, note="F.interpolate and its ATen backward, fp32 math"),
-    Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
-    Impl("cpp", _cpp_fwd, _cpp_bwd, needs=("upsample_sum_fwd", "upsample_sum_bwd"),
-         note="C++/OpenMP, fp32 (other dtypes upcast)"),
-    Impl("cuda", _cuda_fwd, _cuda_bwd, needs=("upsample_sum_fwd", "upsample_sum_bwd"), note="CUDA kernels"),
+    Impl("torch", _torch_fwd, _torch_bwd, note="F.interpolate and its ATen backward, fp32 math (fp64 for fp64)"),
+    Impl("triton", _triton_fwd, _triton_bwd, dtypes=_KERNEL_DTYPES, note="Triton kernels (triton_kernels.py)"),
+    Impl("cpp", _cpp_fwd, _cpp_bwd, dtypes=_KERNEL_DTYPES, needs=("upsample_sum_fwd", "upsample_sum_bwd"),
+         note="C++/OpenMP, fp32 (16-bit dtypes upcast)"),
+    Impl("cuda", _cuda_fwd, _cuda_bwd, dtypes=_KERNEL_DTYPES, needs=("upsample_sum_fwd", "upsample_sum_bwd"),
+         note="CUDA kernels"),
 ], prefer=KERNEL_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
@@ -163,7 +171,7 @@ def _op_backward(
 def _op_backward_fake(grad, sizes, maps, out, scale, relu, need_dscale, need_dshift, backend):
     B, _, _, D = grad.shape
     res = [grad.new_empty((B, h, w, D)) for h, w in zip(sizes[0::2], sizes[1::2])]
-    res += [grad.new_empty((D,), dtype=torch.float32) for _ in range(int(need_dscale) + int(need_dshift))]
+    res += [grad.new_empty((D,), dtype=_acc(grad)) for _ in range(int(need_dscale) + int(need_dshift))]
     return res
 
 
@@ -277,6 +285,8 @@ def upsample_sum(
         scale, shift: optional per-channel (D,) tensors (fp32 recommended).
         relu: apply ReLU last.
         backend: "auto", "torch", "triton", "cpp" or "cuda" (see segformer_fast.available_backends()).
+            The kernels take float32, float16 and bfloat16 (fp32 arithmetic); float64 maps run on
+            "torch" in fp64 ("auto" picks it; naming a kernel backend is a TypeError).
     Returns:
         (B, D, H, W) in the maps' dtype, channels-last memory format.
 

@@ -89,7 +89,7 @@ def _upsample_sum_fwd_kernel(
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # ReLU that keeps NaN (tl.maximum may return the 0)
     tl.store(out_ptr + offs_p[:, None] * D + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -113,7 +113,7 @@ def _upsample_sum_bwd_prep_kernel(
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(out_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(y > 0.0, g, 0.0)
+        g = tl.where(y <= 0.0, 0.0, g)  # ReLU's backward as ATen's: a NaN output passes the gradient
     if NEED_DSHIFT:
         tl.store(part_shift_ptr + pid_p * D + offs_d, tl.sum(g, axis=0), mask=mask_d)
     if NEED_DSCALE:
