@@ -22,11 +22,31 @@ def _pil():
     return Image
 
 
+def _grey_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit and 32-bit integer grey ("I;16*", "I") by 1/257 (0..65535 -> 0..255); float ("F") by its
+    range: [0, 1] times 255, [0, 255] as is, else min..max to 0..255. Rounded, never clipped at 255."""
+    a = arr.astype(np.float64)
+    if mode != "F":
+        a = a / 257.0 if a.max(initial=0) <= 65535 else (a - a.min()) * (255.0 / max(np.ptp(a), 1))
+    else:
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = a.min(initial=0.0), a.max(initial=0.0)
+        if lo < 0 or hi > 255:
+            a = (a - lo) * (255.0 / max(hi - lo, np.finfo(np.float64).tiny))
+        elif hi <= 1:
+            a = a * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (grey and RGBA images are converted)."""
+    """An image file as (H, W, 3) uint8 RGB (grey and RGBA images are converted; 16-bit and float
+    grey images are scaled to 0..255, see :func:`_grey_to_uint8`, not clipped)."""
     Image = _pil()
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I") or im.mode == "F":  # convert("RGB") would clip them at 255
+                grey = _grey_to_uint8(np.asarray(im), im.mode)
+                return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {exc}") from exc
