@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ..configs import SEGFORMER_VARIANTS, SegFormerConfig
 
@@ -43,6 +44,26 @@ def config_from_hf(hf: dict, num_classes: int | None = None) -> SegFormerConfig:
     return SegFormerConfig(name=name).replace(**fields)
 
 
+def _json_loads(text: str, what: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from a file; ValueError naming the file when it is not one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"{path!r} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def _weight_files(directory: str) -> list[str]:
     for name in _WEIGHT_FILES:
         path = os.path.join(directory, name)
@@ -51,8 +72,10 @@ def _weight_files(directory: str) -> list[str]:
     for name in _INDEX_FILES:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            with open(path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            index = _read_json(path)
+            if not isinstance(index.get("weight_map"), dict):
+                raise ValueError(f"{path!r} has no \"weight_map\" object: not a weights index")
+            shards = sorted(set(index["weight_map"].values()))
             return [os.path.join(directory, s) for s in shards]
     raise FileNotFoundError(f"no weights in {directory!r}: expected one of {_WEIGHT_FILES + _INDEX_FILES}")
 
@@ -86,15 +109,18 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
             raise ValueError(f"{path!r} carries no model config; build the model with segformer() and use load_weights")
         if metadata.get("architecture") == "setr":
             return _setr_from_file(path, metadata, num_classes, backend, strict, overrides)
-        cfg = SegFormerConfig.from_dict(json.loads(metadata["config"]))
+        cfg = SegFormerConfig.from_dict(_json_loads(metadata["config"], f"the config in {path!r}"))
         if num_classes is not None:
             cfg = cfg.replace(num_classes=num_classes)
         files = [path]
     else:
         if not os.path.isdir(path):
             path = _download(path)
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = config_from_hf(json.load(f), num_classes)
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in {path!r}: expected a Hugging Face model folder "
+                                    "(config.json + model.safetensors or pytorch_model.bin)")
+        cfg = config_from_hf(_read_json(config_path), num_classes)
         files = _weight_files(path)
     model = segformer(cfg, num_classes=cfg.num_classes, backend=backend, **overrides)
     if len(files) == 1:
@@ -121,7 +147,13 @@ def _setr_from_file(path: str, metadata: dict, num_classes, backend, strict: boo
     return model.eval()
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?)?$")
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".json")
+
+
 def _download(repo_id: str) -> str:
+    if not _HUB_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith(_FILE_SUFFIXES):
+        raise FileNotFoundError(f"no such file or folder: {repo_id!r} (and it is not a Hugging Face hub id)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
@@ -129,4 +161,9 @@ def _download(repo_id: str) -> str:
             f"{repo_id!r} is not a local file or directory, and huggingface_hub is not installed to fetch it "
             "(pip install huggingface_hub)"
         ) from exc
-    return snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.json"])
+    try:
+        return snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.json"])
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated, ...: one line, not a hub traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"{repo_id!r} is not a local file or folder, and downloading it from the Hugging Face "
+                                f"hub failed ({type(exc).__name__}: {reason})") from None

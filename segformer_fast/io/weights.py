@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -264,6 +265,30 @@ def apply_rules(rules: list[Rule], sd: Mapping[str, torch.Tensor]):
 # ----- reading sources ---------------------------------------------------------------------------
 
 
+def _torch_load(path: str):
+    """``torch.load(path, weights_only=True)``, with a failure said in one line about the file (torch's own
+    advice to pass ``weights_only=False``, i.e. to run the file's code, is not passed on)."""
+    import pickle
+
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read {path!r}: the file is empty")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise ValueError(f"cannot read {path!r}: not a PyTorch checkpoint, or a damaged one") from None
+        raise ValueError(f"cannot read {path!r}: it holds a Python object ({found.group(1)}) besides tensors, which "
+                         "is not loaded (unpickling it could run code); save the state_dict alone, or convert the "
+                         "file to .safetensors") from None
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors of a file that is not a checkpoint
+        raise ValueError(f"cannot read {path!r}: not a PyTorch checkpoint, or a truncated one "
+                         f"({type(exc).__name__}{': ' + str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict of tensors")
+    return sd
+
+
 def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A flat state dict (and safetensors metadata, if any) from a path, a dict or a model object."""
     metadata: dict[str, str] = {}
@@ -272,13 +297,17 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no checkpoint file at {path!r}")
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(path, framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+            try:
+                with safe_open(path, framework="pt") as f:
+                    metadata = dict(f.metadata() or {})
+                    sd = {k: f.get_tensor(k) for k in f.keys()}
+            except (SafetensorError, OSError, ValueError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"cannot read {path!r}: {reason} (a truncated or damaged safetensors file)") from None
         elif path.endswith((".bin", ".pth", ".pt", ".ckpt")):
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _torch_load(path)
         else:
             raise ValueError(f"unsupported checkpoint file {path!r}: expected .safetensors, .bin, .pth, .pt or .ckpt")
     elif isinstance(source, nn.Module):

@@ -61,6 +61,12 @@ def check_image_batch(images: torch.Tensor, in_channels: int, min_side: int, par
     h, w = images.shape[-2:]
     if h < min_side or w < min_side:
         raise ValueError(f"images must be at least {min_side}x{min_side}, got {h}x{w}")
+    if not torch.compiler.is_compiling() and images.shape[0] == 0:  # traced batch sizes stay symbolic
+        raise ValueError(f"images hold no image (batch size 0, shape {tuple(images.shape)})")
+    if "meta" in (images.device.type, param.device.type):
+        what = "images are" if images.device.type == "meta" else "model's weights are"
+        raise ValueError(f"the {what} on the meta device, which holds no data: load real weights (e.g. "
+                         "model.to_empty(device='cpu') then load_weights) and pass real images")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor, got {images.dtype} (convert and normalise first)")
     if images.device != param.device:

@@ -119,9 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a bad input or setting, shown as one ``error:`` line instead of a traceback."""
+    from safetensors import SafetensorError
+
+    from ..train.checkpoint import CheckpointError
+    from ..train.trainer import NonFiniteLossError
+
+    return (ValueError, TypeError, OSError, SafetensorError, CheckpointError, NonFiniteLossError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``segformer-fast``; a bad input ends with ``segformer-fast <cmd>: error: <message>`` and exit
+    status 2 (1 for a diverged training run) instead of a traceback. SEGFORMER_FAST_TRACEBACK=1 shows it."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if os.environ.get("SEGFORMER_FAST_TRACEBACK", "0") == "1":
+            raise
+        from ..train.trainer import NonFiniteLossError
+
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+            message = f"{message}: {exc.filename}"
+        print(f"segformer-fast {args.command}: error: {message}", file=sys.stderr)
+        return 1 if isinstance(exc, NonFiniteLossError) else 2
 
 
 if __name__ == "__main__":

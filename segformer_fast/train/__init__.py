@@ -9,13 +9,14 @@ from .datasets import DatasetError, SegmentationFolder, detect_layout
 from .inference import evaluate, evaluate_dataset, load_model, predict_files, predict_probs
 from .metrics import confusion_matrix, metrics_from_confusion
 from .synthetic import SyntheticSegmentation
-from .trainer import TrainConfig, train
+from .trainer import NonFiniteLossError, TrainConfig, train
 from .transforms import EvalTransform, TrainTransform
 
 __all__ = [
     "CheckpointError",
     "DatasetError",
     "EvalTransform",
+    "NonFiniteLossError",
     "SegmentationFolder",
     "SyntheticSegmentation",
     "TrainConfig",

@@ -9,12 +9,16 @@ Both files go through a temp file + os.replace, the safetensors first and the JS
 the commit: a checkpoint is valid only when the JSON names a safetensors file whose metadata carries
 the same random id. The previous safetensors file is deleted only after the new JSON is in place, so
 a crash at any point leaves the previous checkpoint loadable.
+
+Only files this package wrote are deleted: D/manifest.json lists the checkpoint files written into
+D (each name is added before its file is written), and pruning removes those, never another file
+that happens to match ``checkpoint-*``.
 """
 
 from __future__ import annotations
 
 import base64
-import glob
+import contextlib
 import json
 import os
 import random
@@ -23,13 +27,14 @@ import uuid
 import numpy as np
 import torch
 
-from ..utils.atomic import atomic_write_text
-from ..utils.atomic import atomic_path
+from ..utils.atomic import atomic_path, atomic_write_json
 
-__all__ = ["CheckpointError", "write_checkpoint", "read_checkpoint", "latest_checkpoint", "flatten_optimizer",
+__all__ = ["CheckpointError", "write_checkpoint", "read_checkpoint", "read_checkpoint_meta", "read_manifest",
+           "run_checkpoint_files", "latest_checkpoint", "flatten_optimizer",
            "unflatten_optimizer", "capture_rng", "restore_rng"]
 
 JSON_NAME = "checkpoint.json"
+MANIFEST_NAME = "manifest.json"
 FORMAT = "segformer_fast.train/1"
 
 
@@ -37,22 +42,66 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder holds no valid checkpoint."""
 
 
+def read_manifest(directory: str) -> list[str]:
+    """Names of the checkpoint files written into ``directory`` (by any run there) and not yet pruned."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    try:
+        with open(path) as f:
+            names = json.load(f).get("checkpoint_files", [])
+    except FileNotFoundError:
+        return []
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path!r} is not a valid manifest: {exc}") from None
+    return [n for n in names if isinstance(n, str) and os.path.basename(n) == n]
+
+
+def _committed_tensors(directory: str) -> str | None:
+    """The safetensors file the folder's checkpoint JSON names, or None."""
+    try:
+        meta = read_checkpoint_meta(directory)
+    except CheckpointError:
+        return None
+    name = meta.get("tensors")
+    return name if isinstance(name, str) and os.path.basename(name) == name else None
+
+
+def run_checkpoint_files(directory: str) -> list[str]:
+    """The checkpoint files in ``directory`` that runs of this package wrote: the manifest's, and the one
+    the checkpoint JSON names."""
+    names = read_manifest(directory)
+    committed = _committed_tensors(directory)
+    return names + ([committed] if committed is not None and committed not in names else [])
+
+
+def _write_manifest(directory: str, names: list[str]) -> None:
+    atomic_write_json(os.path.join(directory, MANIFEST_NAME), {"format": FORMAT, "checkpoint_files": names})
+
+
 def write_checkpoint(directory: str, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """Write tensors + meta as the checkpoint of ``directory`` (replacing the previous one). Returns the JSON path."""
+    """Write tensors + meta as the checkpoint of ``directory`` (replacing the previous one). Returns the JSON path.
+
+    The checkpoint files listed in the folder's manifest, other than the new one, are deleted once
+    the new checkpoint is in place; no other file is.
+    """
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     ident = uuid.uuid4().hex
     name = f"checkpoint-{step:08d}.safetensors"
+    written = run_checkpoint_files(directory)  # a checkpoint written before manifests existed is ours too
+    if name not in written:
+        _write_manifest(directory, written + [name])  # before the file exists: a crash leaves it listed
     with atomic_path(os.path.join(directory, name), suffix=".safetensors") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata={"checkpoint_id": ident, "step": str(step)})
     record = {"format": FORMAT, "tensors": name, "checkpoint_id": ident, "step": step, **meta}
     path = os.path.join(directory, JSON_NAME)
-    atomic_write_text(path, json.dumps(record, indent=1))
-    for old in glob.glob(os.path.join(directory, "checkpoint-*.safetensors")):
-        if os.path.basename(old) != name:
-            os.unlink(old)
+    atomic_write_json(path, record)
+    for old in written:
+        if old != name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, old))
+    _write_manifest(directory, [name])
     return path
 
 
@@ -62,26 +111,42 @@ def latest_checkpoint(directory: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def read_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) of the checkpoint in ``directory``; CheckpointError when it is missing or inconsistent."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+def read_checkpoint_meta(directory: str) -> dict:
+    """The JSON half of the checkpoint in ``directory`` (step, config, ...), without reading its tensors."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no such folder {directory!r}: nothing to resume from")
     path = latest_checkpoint(directory)
     if path is None:
         raise CheckpointError(f"no {JSON_NAME} in {directory!r}: nothing to resume from")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} is not a segformer_fast training checkpoint (format {meta.get('format')!r})")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{path!r} is not valid JSON ({exc}): the checkpoint is damaged") from None
+    kind = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if kind != FORMAT:
+        raise CheckpointError(f"{path!r} is not a segformer_fast training checkpoint (format {kind!r})")
+    return meta
+
+
+def read_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of the checkpoint in ``directory``; CheckpointError when it is missing or inconsistent."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_meta(directory)
+    path = latest_checkpoint(directory)
     tensor_path = os.path.join(directory, meta["tensors"])
     if not os.path.isfile(tensor_path):
         raise CheckpointError(f"{path!r} names {meta['tensors']!r}, which does not exist")
-    with safe_open(tensor_path, framework="pt") as f:
-        ident = (f.metadata() or {}).get("checkpoint_id")
-    if ident != meta["checkpoint_id"]:
-        raise CheckpointError(f"{tensor_path!r} does not belong to {path!r} (id {ident} vs {meta['checkpoint_id']})")
-    return load_file(tensor_path), meta
+    try:
+        with safe_open(tensor_path, framework="pt") as f:
+            ident = (f.metadata() or {}).get("checkpoint_id")
+        if ident != meta["checkpoint_id"]:
+            raise CheckpointError(f"{tensor_path!r} does not belong to {path!r} (id {ident} vs {meta['checkpoint_id']})")
+        return load_file(tensor_path), meta
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {tensor_path!r}: {exc} (truncated or damaged)") from None
 
 
 def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 
 from ..configs import MEMORY_MODES
 from .build import MODEL_NAMES
 
 __all__ = ["register"]
+
+UNSET = argparse.SUPPRESS  # train's options: absent from the namespace unless given, so --resume can tell
 
 
 def _ints(text: str) -> tuple[int, int]:
@@ -24,8 +28,8 @@ def _floats(text: str) -> tuple[float, ...]:
         values = tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be finite positive numbers, got {text!r}")
     return values
 
 
@@ -43,24 +47,44 @@ def _overrides(args) -> dict | None:
     return dict(args.model_overrides) if args.model_overrides else None
 
 
-def _add_override_option(p) -> None:
-    p.add_argument("--model-override", dest="model_overrides", action="append", type=_override, default=None,
+def _add_override_option(p, default=None) -> None:
+    p.add_argument("--model-override", dest="model_overrides", action="append", type=_override, default=default,
                    metavar="FIELD=VALUE",
                    help="change a field of the model's config (SegFormerConfig, or SETRConfig for setr-*); VALUE is "
                         "JSON, e.g. --model-override depth=12 --model-override mla_layers=[2,5,8,11]; repeatable")
 
 
-def _cmd_train(args) -> int:
-    from .trainer import TrainConfig, train
+def _train_config(args):
+    """The TrainConfig of the command line: the flags given (train's options default to unset), and with
+    --resume the saved run's settings for every flag not given."""
+    from .checkpoint import read_checkpoint_meta
+    from .trainer import RESUMABLE, TrainConfig
 
-    args.model_overrides = _overrides(args)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
-    cfg.out = args.out or args.resume or TrainConfig.out  # a resumed run keeps writing where it was
+    given = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k) and k != "out"}
+    if "model_overrides" in given:
+        given["model_overrides"] = _overrides(args)
+    if not args.resume:
+        return TrainConfig(**given, out=args.out or TrainConfig.out)
+    saved = TrainConfig.from_json(read_checkpoint_meta(args.resume)["config"])
+    fixed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != getattr(saved, k))
+    if fixed:
+        flags = ", ".join("--model-override" if k == "model_overrides" else "--" + k.replace("_", "-") for k in fixed)
+        raise ValueError(f"--resume continues the saved run with its own settings; {flags} cannot change "
+                         "(--steps, --val-every, --save-every, --out, --workers and --no-progress can). "
+                         "Start a new run with --weights to change them")
+    resumable = {k: v for k, v in given.items() if k in RESUMABLE}
+    return dataclasses.replace(saved, **resumable, out=args.out or args.resume)  # keeps writing where it was
+
+
+def _cmd_train(args) -> int:
+    from .trainer import train
+
+    cfg = _train_config(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     m = result["metrics"]
     if m is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"final: mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f} (step {result['step']}); "
@@ -108,10 +132,12 @@ def _cmd_predict(args) -> int:
         elif os.path.isfile(item):
             paths.append(item)
         else:
-            raise SystemExit(f"segformer-fast predict: no such image or folder: {item}")
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(args.images)}")
     model, device, stride = _model_for(args)
     written = predict_files(model, paths, args.out, args.scales, args.flip, args.window, stride, device,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, overwrite=args.overwrite)
     print(f"wrote {len(written)} files for {len(paths)} images to {args.out}")
     return 0
 
@@ -130,14 +156,14 @@ def _cmd_evaluate(args) -> int:
         dataset = SegmentationFolder(args.data, args.split, args.layout, k)
         scale, names = args.scale if args.scale is not None else dataset.scale, None
     if dataset.num_classes != k:
-        raise SystemExit(f"segformer-fast evaluate: the dataset has {dataset.num_classes} classes, the model {k}")
+        raise ValueError(f"the dataset has {dataset.num_classes} classes but the model {args.weights!r} predicts {k}")
     m = evaluate(model, dataset, scale=scale, scales=args.scales, flip=args.flip, window=args.window, stride=stride,
                  device=device, progress=not args.no_progress, batch=1 if args.window else 8)
     print(m.format(names))
     if args.json:
-        from ..utils.atomic import atomic_write_text
+        from ..utils.atomic import atomic_write_json
 
-        atomic_write_text(args.json, json.dumps(dict(m), indent=1))
+        atomic_write_json(args.json, dict(m))  # strict JSON: NaN (a class absent from the data) is null
         print(f"wrote {args.json}")
     return 0
 
@@ -154,55 +180,60 @@ def register(subparsers) -> None:
         "`torchrun --nproc_per_node N` (DistributedDataParallel, SyncBatchNorm). Checkpoints go to --out; "
         "--resume DIR continues exactly.",
     )
-    p.add_argument("--model", default=d.model, choices=MODEL_NAMES, metavar="MODEL",
+    p.add_argument("--model", default=UNSET, choices=MODEL_NAMES, metavar="MODEL",
                    help=f"b0..b5 (SegFormer, default {d.model}), or setr-{{naive,pup,mla}} (ViT-L/16) and "
                         "setr-{naive,pup,mla}-b16 (ViT-B/16); a SETR's position embedding is made for --crop")
-    _add_override_option(p)
-    p.add_argument("--data", default=d.data, help="'synthetic' (default) or a dataset folder")
-    p.add_argument("--layout", default=d.layout, choices=("auto", "ade", "cityscapes", "generic"),
+    _add_override_option(p, default=UNSET)
+    p.add_argument("--data", default=UNSET, help="'synthetic' (default) or a dataset folder")
+    p.add_argument("--layout", default=UNSET, choices=("auto", "ade", "cityscapes", "generic"),
                    help="dataset folder layout (default: detected)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the layout's; needed for generic)")
-    p.add_argument("--crop", type=int, default=d.crop, help=f"square training crop (default {d.crop})")
-    p.add_argument("--scale", type=_ints, default=None,
+    p.add_argument("--num-classes", type=int, default=UNSET, help="classes (default: the layout's; needed for generic)")
+    p.add_argument("--crop", type=int, default=UNSET, help=f"square training crop (default {d.crop})")
+    p.add_argument("--scale", type=_ints, default=UNSET,
                    help="base LONG,SHORT scale the 0.5-2.0 resize ratio multiplies (default: ADE 2048,512, "
                         "Cityscapes 2048,1024, otherwise the image's own size); also the validation scale")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"images per device per micro-batch (default {d.batch})")
-    p.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation micro-batches per step (default 1)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--batch", type=int, default=UNSET, help=f"images per device per micro-batch (default {d.batch})")
+    p.add_argument("--accum", type=int, default=UNSET, help="gradient accumulation micro-batches per step (default 1)")
+    p.add_argument("--steps", type=int, default=UNSET, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lr", type=float, default=UNSET,
                    help="AdamW learning rate, decoder x10 (default 6e-5 with --weights or a dataset folder, "
                         "1e-3 for synthetic data from scratch)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default steps/20, at most 1500)")
-    p.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
-    p.add_argument("--memory", default=d.memory, choices=MEMORY_MODES,
+    p.add_argument("--weight-decay", type=float, default=UNSET, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup", type=int, default=UNSET, help="linear warmup steps (default steps/20, at most 1500)")
+    p.add_argument("--amp", default=UNSET, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
+    p.add_argument("--memory", default=UNSET, choices=MEMORY_MODES,
                    help="activation memory mode (default save): save, recompute or checkpoint, for SegFormer and SETR")
-    p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
-    p.add_argument("--weights", default=None, help="initial weights, any layout load_weights reads (backbone-only OK)")
-    p.add_argument("--drop-path", type=float, default=None,
+    p.add_argument("--backend", default=UNSET, help="auto, torch, triton, cuda or cpp (default auto)")
+    p.add_argument("--weights", default=UNSET, help="initial weights, any layout load_weights reads (backbone-only OK)")
+    p.add_argument("--drop-path", type=float, default=UNSET,
                    help="stochastic depth rate (default 0.1 for SegFormer, 0 for SETR as in mmseg's configs)")
-    p.add_argument("--val-every", type=int, default=d.val_every, help=f"validate every N steps (default {d.val_every})")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: --val-every)")
+    p.add_argument("--val-every", type=int, default=UNSET, help=f"validate every N steps (default {d.val_every})")
+    p.add_argument("--save-every", type=int, default=UNSET, help="checkpoint every N steps (default: --val-every)")
     p.add_argument("--out", default=None,
                    help=f"output folder for checkpoints and metrics (default {d.out}, or the --resume folder)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run checkpointed in DIR")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after STEP (checkpointing) while keeping the schedule of --steps; resume later")
-    p.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
+    p.add_argument("--synthetic-size", type=int, default=UNSET,
                    help=f"synthetic image side (default {d.synthetic_size})")
-    p.add_argument("--synthetic-train", type=int, default=d.synthetic_train,
+    p.add_argument("--synthetic-train", type=int, default=UNSET,
                    help=f"synthetic training images (default {d.synthetic_train})")
-    p.add_argument("--synthetic-val", type=int, default=d.synthetic_val,
+    p.add_argument("--synthetic-val", type=int, default=UNSET,
                    help=f"synthetic validation images (default {d.synthetic_val})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of data order, augmentation and init")
-    p.add_argument("--workers", type=int, default=d.workers, help=f"data loader processes (default {d.workers})")
+    p.add_argument("--seed", type=int, default=UNSET, help="seed of data order, augmentation and init")
+    p.add_argument("--workers", type=int, default=UNSET, help=f"data loader processes (default {d.workers})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=UNSET, help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's checkpoints, metrics.json and model.safetensors in --out "
+                        "(without it, train refuses such a folder; other files there are never touched)")
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("predict", help="segment images: label, colour and overlay PNGs")
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing <stem>_label/_color/_overlay.png files in --out (default: refuse)")
     _inference_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)

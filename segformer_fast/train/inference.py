@@ -149,10 +149,16 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+OUTPUT_SUFFIXES = ("label", "color", "overlay")
+
+
 def predict_files(model, paths, out_dir: str, scales=(1.0,), flip: bool = False, window: int | None = None,
-                  stride: int | None = None, device="cpu", progress: bool = True) -> list[str]:
+                  stride: int | None = None, device="cpu", progress: bool = True, overwrite: bool = False) -> list[str]:
     """Segment image files; write <stem>_label.png, <stem>_color.png, <stem>_overlay.png (atomically).
 
+    Args:
+        overwrite: replace output files that already exist; without it, any existing one is a
+            FileExistsError raised before anything is written.
     Returns the written paths.
     """
     from tqdm import tqdm
@@ -164,12 +170,22 @@ def predict_files(model, paths, out_dir: str, scales=(1.0,), flip: bool = False,
     stems = [_stem(p) for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("input images share a file name stem; their outputs would collide")
+    targets = [os.path.join(out_dir, f"{stem}_{suffix}.png") for stem in stems for suffix in OUTPUT_SUFFIXES]
+    inputs = {os.path.realpath(p) for p in paths}
+    clash = [t for t in targets if os.path.realpath(t) in inputs]
+    if clash:
+        raise ValueError(f"an output would replace an input image: {clash[0]!r}")
+    existing = [t for t in targets if os.path.lexists(t)]
+    if existing and not overwrite:
+        shown = ", ".join(os.path.basename(t) for t in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise FileExistsError(f"{len(existing)} output file(s) already exist in {out_dir!r} ({shown}); "
+                              "pass --overwrite (overwrite=True) to replace them, or choose another --out")
     for path, stem in tqdm(list(zip(paths, stems)), desc="predict", disable=not progress):
         image = read_image(path)
         x = normalize(torch.from_numpy(image).permute(2, 0, 1).float())[None].to(device)
         labels = predict_probs(model, x, scales, flip, window, stride).argmax(1)[0].cpu().numpy()
         colours = colorize(labels, num_classes)
-        for suffix, array in (("label", labels), ("color", colours), ("overlay", overlay(image, colours))):
+        for suffix, array in zip(OUTPUT_SUFFIXES, (labels, colours, overlay(image, colours))):
             target = os.path.join(out_dir, f"{stem}_{suffix}.png")
             write_png(target, array)
             written.append(target)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -28,13 +27,19 @@ from torch import nn
 
 from .build import (build_model, classifier_names, is_setr, load_into, memory_modes, model_record,
                     save_model)
-from .checkpoint import (capture_rng, flatten_optimizer, read_checkpoint, restore_rng, unflatten_optimizer,
-                         write_checkpoint)
+from .checkpoint import (JSON_NAME, MANIFEST_NAME, capture_rng, flatten_optimizer, read_checkpoint, restore_rng,
+                         run_checkpoint_files, unflatten_optimizer, write_checkpoint)
 from .metrics import metrics_from_confusion
 
-__all__ = ["TrainConfig", "train", "build_datasets", "PolyWithWarmup", "param_groups"]
+__all__ = ["TrainConfig", "train", "build_datasets", "PolyWithWarmup", "param_groups", "NonFiniteLossError",
+           "check_config", "RUN_FILES"]
 
 RESUMABLE = ("steps", "val_every", "save_every", "out", "workers", "progress", "log_every")
+RUN_FILES = (JSON_NAME, MANIFEST_NAME, "metrics.json", "model.safetensors")  # besides checkpoint-*.safetensors
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run diverged and was stopped."""
 
 
 @dataclass
@@ -229,15 +234,80 @@ def _amp_dtype(amp: str):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = None) -> dict:
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first field of ``cfg`` (and its command-line flag) that cannot work."""
+    def flag(name):
+        return f"{name} (--{name.replace('_', '-')})"
+
+    for name in ("crop", "batch", "steps", "accum", "val_every", "val_batch", "log_every", "synthetic_train",
+                 "synthetic_val", "synthetic_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag(name)} must be a positive integer, got {value!r}")
+    for name in ("save_every", "warmup", "num_classes"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (name != "warmup")):
+            raise ValueError(f"{flag(name)} must be a {'non-negative' if name == 'warmup' else 'positive'} "
+                             f"integer, got {value!r}")
+    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
+        raise ValueError(f"{flag('workers')} must be 0 or more, got {cfg.workers!r}")
+    for name, low in (("lr", 0.0), ("head_lr_mult", 0.0), ("weight_decay", None), ("power", None),
+                      ("drop_path", None), ("cat_max_ratio", 0.0)):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or (low is not None and value <= low) or (low is None and value < 0):
+            raise ValueError(f"{flag(name)} must be a finite {'positive' if low is not None else 'non-negative'} "
+                             f"number, got {value!r}")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp (--amp) must be none, bf16 or fp16, got {cfg.amp!r}")
+
+
+def _existing_run_files(out: str) -> list[str]:
+    """The files of a previous run in ``out`` a new run would replace or prune."""
+    if not os.path.isdir(out):
+        return []
+    names = set(os.listdir(out))
+    found = [n for n in RUN_FILES if n in names]
+    found += sorted(n for n in names if n.startswith("checkpoint-") and n.endswith(".safetensors"))
+    return found
+
+
+def _replaced_files(out: str, continuing: bool, overwrite: bool) -> list[str]:
+    """The previous run's files in ``out`` to remove before training; FileExistsError without ``overwrite``.
+
+    ``continuing``: ``out`` is the folder being resumed, whose files are this run's own. Only that
+    run's files are listed: its checkpoints as its manifest names them, never another file.
+    """
+    existing = [] if continuing else _existing_run_files(out)
+    if not existing:
+        return []
+    if not overwrite:
+        shown = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
+        raise FileExistsError(f"{out!r} already holds a run ({shown}); pass --overwrite (overwrite=True) to replace "
+                              f"it, --resume {out} to continue it, or another --out")
+    ours = run_checkpoint_files(out) + [n for n in RUN_FILES if n != MANIFEST_NAME] + [MANIFEST_NAME]
+    return [os.path.join(out, name) for name in ours]
+
+
+def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: int | None = None,
+          overwrite: bool = False) -> dict:
     """Train a SegFormer or SETR as ``cfg`` says; returns {"step", "history", "metrics", "out", "model", "config"}.
 
     Args:
         cfg: the run configuration. With ``resume`` the saved configuration is used, except for the
-            fields in ``RESUMABLE`` (steps, val_every, save_every, out, workers, progress, log_every).
+            fields in ``RESUMABLE`` (steps, val_every, save_every, out, workers, progress, log_every),
+            taken from ``cfg``; ``cfg=None`` continues with the saved run's settings unchanged.
         resume: a folder holding a checkpoint to continue from.
         stop_at: stop (and checkpoint) after this step, as if interrupted; the schedule still
             spans ``cfg.steps``.
+        overwrite: replace a previous run's files in ``cfg.out`` (checkpoints it wrote, metrics.json,
+            model.safetensors); without it such files make this a FileExistsError. Other files in
+            ``cfg.out`` are never touched.
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (the run stops at the first such step and
+            writes no checkpoint from then on; the last one before stays).
+        ValueError: a setting that cannot work, or a resumed run with no step left to train.
     """
     from tqdm import tqdm
 
@@ -255,13 +325,24 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     if resume is not None:
         saved_tensors, saved = read_checkpoint(resume)
         old = TrainConfig.from_json(saved["config"])
-        cfg = dataclasses.replace(old, **{k: getattr(cfg, k) for k in RESUMABLE})
+        if cfg is None:
+            cfg = dataclasses.replace(old, out=resume)
+        else:
+            cfg = dataclasses.replace(old, **{k: getattr(cfg, k) for k in RESUMABLE})
         start = saved["step"]
+    elif cfg is None:
+        raise TypeError("train() needs a TrainConfig, or resume=DIR to continue a saved run")
+    check_config(cfg)
     modes = memory_modes(cfg.model)
     if cfg.memory not in modes:
         raise ValueError(f"memory must be one of {modes} for {cfg.model}, got {cfg.memory!r}")
-    if cfg.accum < 1 or cfg.batch < 1 or cfg.steps < 1:
-        raise ValueError("batch, accum and steps must be positive")
+    if start >= cfg.steps:
+        raise ValueError(f"the run in {resume!r} has already trained {start} of its {cfg.steps} steps: nothing left "
+                         f"to train (pass --steps N with N > {start} to train further)")
+    if stop_at is not None and not start < stop_at:
+        raise ValueError(f"stop_at (--stop-at) must be after the starting step {start}, got {stop_at}")
+    continuing = resume is not None and os.path.realpath(resume) == os.path.realpath(cfg.out)
+    replaced = _replaced_files(cfg.out, continuing, overwrite)
     train_set, val_set, num_classes, scale = build_datasets(cfg)
     cfg = dataclasses.replace(cfg, num_classes=num_classes)
     if saved is None:
@@ -300,6 +381,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     history: list[dict] = []
+    loss_avg = float("nan")  # running average of the logged losses; checkpointed, so a resume continues it
     if saved is not None:
         model.load_state_dict({k[len("model."):]: v for k, v in saved_tensors.items() if k.startswith("model.")})
         optimizer.load_state_dict(unflatten_optimizer(saved_tensors, saved["optimizer"]))
@@ -309,6 +391,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         history = saved.get("history", [])
+        if saved.get("loss_avg") is not None:
+            loss_avg = float(saved["loss_avg"])
 
     transform = TrainTransform(crop=(cfg.crop, cfg.crop), scale=scale, cat_max_ratio=cfg.cat_max_ratio,
                                ignore_index=255)
@@ -323,7 +407,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     if saved is not None:
         restore_rng(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
 
+    last_saved = start if saved is not None else None
+
     def checkpoint(step):
+        nonlocal last_saved
         rng = capture_rng()
         states = [None] * world
         if world > 1:
@@ -337,8 +424,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             write_checkpoint(cfg.out, step, tensors, {
                 "config": cfg.to_json(), "optimizer": opt_rest, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": states,
-                "world_size": world, "history": history, "model": model_record(model),
+                "world_size": world, "history": history, "model": model_record(model), "loss_avg": loss_avg,
             })
+        last_saved = step
         if world > 1:
             dist.barrier()
 
@@ -354,15 +442,18 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
         history.append({"step": step, "time_s": round(elapsed, 2), "loss": loss, "miou": m["miou"],
                         "pixel_accuracy": m["pixel_accuracy"], "per_class_iou": m["per_class_iou"]})
         if main:
-            from ..utils.atomic import atomic_write_text
+            from ..utils.atomic import atomic_write_json
 
-            atomic_write_text(os.path.join(cfg.out, "metrics.json"),
-                              json.dumps({"config": cfg.to_json(), "history": history}, indent=1))
+            atomic_write_json(os.path.join(cfg.out, "metrics.json"), {"config": cfg.to_json(), "history": history})
             per_class = " ".join(f"{v:.2f}" if not math.isnan(v) else "-" for v in m["per_class_iou"][:20])
             log(f"step {step}: val mIoU {m['miou']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  "
                 f"({elapsed:.0f}s)  per-class IoU {per_class}{' ...' if num_classes > 20 else ''}")
         return m
 
+    if main:  # --overwrite: the previous run goes once this one is set up (a bad setting above keeps it)
+        for path in replaced:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     label = cfg.model.upper() if setr_model else f"SegFormer-{cfg.model.upper()}"
     log(f"training {label} on {cfg.data} ({len(train_set)} train / {len(val_set)} val, "
         f"{num_classes} classes), crop {cfg.crop}, batch {cfg.batch}x{cfg.accum}x{world}, lr {lr:g}, "
@@ -371,47 +462,77 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, disable=not (main and cfg.progress), desc="train",
                dynamic_ncols=True)
-    images_seen, t_rate, loss_avg, metrics = 0, time.perf_counter(), float("nan"), None
+    images_seen, t_rate, metrics = 0, time.perf_counter(), None
     save_every = cfg.save_every or cfg.val_every
-    loss_value = float("nan")
-    for step in range(start, end):
-        loss_sum = torch.zeros((), device=device)
-        for a in range(cfg.accum):
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            sync = a == cfg.accum - 1 or world == 1
-            ctx = net.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    if setr_model:  # main + 0.4 x auxiliary CE, fused with the upsampling
-                        loss = net(images, labels=labels).loss / cfg.accum
-                    else:
-                        logits = net(images)
-                        loss = model.loss(logits.float(), labels) / cfg.accum
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        images_seen += cfg.batch * cfg.accum * world
-        done = step + 1
-        if done % cfg.log_every == 0 or done == end:
-            if world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_value = float(loss_sum)
-            loss_avg = loss_value if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_value
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{images_seen / (now - t_rate):.1f}",
-                            mem=_memory_text(device), refresh=False)
-            images_seen, t_rate = 0, now
-        bar.update(1)
-        if done % cfg.val_every == 0 or done == cfg.steps:
-            metrics = validate(done, elapsed0 + time.perf_counter() - t0, loss_avg)
-        if done % save_every == 0 or done == end:
-            checkpoint(done)
-    bar.close()
+    # the first step whose (unscaled) loss is not finite, tracked on the device and read only where
+    # the loop syncs anyway (logging, validation, checkpoints), so a healthy run pays no extra sync
+    never = torch.iinfo(torch.int64).max
+    first_bad = torch.full((), never, dtype=torch.int64, device=device)
+    bad_loss = torch.zeros((), device=device)
+
+    def stop_if_diverged():
+        bad = first_bad.clone()
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        bad_step = int(bad)
+        if bad_step == never:
+            return
+        value = f"{float(bad_loss)}" if int(first_bad) == bad_step else "not finite (on another rank)"
+        kept = (f"the checkpoint of step {last_saved} in {cfg.out} is kept" if last_saved is not None
+                else "no checkpoint was written")
+        raise NonFiniteLossError(f"training diverged: the loss is {value} at step {bad_step}; stopped there and "
+                                 f"{kept}. Lower --lr (now {lr:g}) or use --amp bf16")
+
+    try:
+        for step in range(start, end):
+            loss_sum = torch.zeros((), device=device)
+            for a in range(cfg.accum):
+                images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                sync = a == cfg.accum - 1 or world == 1
+                ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        if setr_model:  # main + 0.4 x auxiliary CE, fused with the upsampling
+                            loss = net(images, labels=labels).loss / cfg.accum
+                        else:
+                            logits = net(images)
+                            loss = model.loss(logits.float(), labels) / cfg.accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            done = step + 1
+            # the unscaled loss: GradScaler's overflowing (scaled) fp16 gradients are skipped steps, not divergence
+            newly = ~torch.isfinite(loss_sum) & (first_bad == never)
+            first_bad = torch.where(newly, torch.full_like(first_bad, done), first_bad)
+            bad_loss = torch.where(newly, loss_sum.float(), bad_loss)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            images_seen += cfg.batch * cfg.accum * world
+            logged = done % cfg.log_every == 0 or done == cfg.steps  # the same steps whether interrupted or not
+            validating = done % cfg.val_every == 0 or done == cfg.steps
+            saving = done % save_every == 0 or done == end
+            if logged or validating or saving:
+                stop_if_diverged()
+            if logged or done == end:
+                if world > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                if logged:
+                    loss_value = float(loss_sum)
+                    loss_avg = loss_value if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_value
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{images_seen / (now - t_rate):.1f}",
+                                mem=_memory_text(device), refresh=False)
+                images_seen, t_rate = 0, now
+            bar.update(1)
+            if validating:
+                metrics = validate(done, elapsed0 + time.perf_counter() - t0, loss_avg)
+            if saving:
+                checkpoint(done)
+    finally:
+        bar.close()
     if main and end == cfg.steps:
         save_model(model, os.path.join(cfg.out, "model.safetensors"))
         log(f"wrote {os.path.join(cfg.out, 'model.safetensors')}")

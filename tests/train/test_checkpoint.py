@@ -20,7 +20,7 @@ def test_roundtrip_and_old_files_removed(tmp_path):
     assert meta["step"] == 2 and meta["config"] == {"a": 2}
     assert torch.equal(tensors["model.w"], torch.full((3, 4), 2.0)) and torch.equal(tensors["model.b"], torch.arange(5))
     names = sorted(os.listdir(tmp_path))
-    assert names == ["checkpoint-00000002.safetensors", "checkpoint.json"]
+    assert names == ["checkpoint-00000002.safetensors", "checkpoint.json", "manifest.json"]
 
 
 def test_crash_while_writing_tensors_keeps_previous(tmp_path, monkeypatch):
@@ -39,24 +39,28 @@ def test_crash_while_writing_tensors_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     tensors, meta = read_checkpoint(str(tmp_path))
     assert meta["step"] == 1 and torch.equal(tensors["model.w"], torch.full((3, 4), 1.0))
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".sftmp-")]
 
 
 def test_crash_between_tensors_and_json_keeps_previous(tmp_path, monkeypatch):
     write_checkpoint(str(tmp_path), 1, _tensors(1), {})
 
-    def dying_json(path, text):
-        raise KeyboardInterrupt
+    real_write = ckpt.atomic_write_json
 
-    monkeypatch.setattr(ckpt, "atomic_write_text", dying_json)
+    def dying_json(path, obj, indent=1):
+        if os.path.basename(path) == "checkpoint.json":
+            raise KeyboardInterrupt
+        real_write(path, obj, indent)
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", dying_json)
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(str(tmp_path), 2, _tensors(2), {})
     monkeypatch.undo()
     assert os.path.exists(tmp_path / "checkpoint-00000002.safetensors")  # orphan: not named by the JSON
     tensors, meta = read_checkpoint(str(tmp_path))
     assert meta["step"] == 1 and torch.equal(tensors["model.w"], torch.full((3, 4), 1.0))
-    write_checkpoint(str(tmp_path), 3, _tensors(3), {})  # the next checkpoint clears the orphan
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000003.safetensors", "checkpoint.json"]
+    write_checkpoint(str(tmp_path), 3, _tensors(3), {})  # the next checkpoint clears the orphan (in the manifest)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000003.safetensors", "checkpoint.json", "manifest.json"]
 
 
 def test_json_naming_foreign_tensors_is_rejected(tmp_path):

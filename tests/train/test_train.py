@@ -102,3 +102,101 @@ def test_cli_train_then_evaluate_and_predict(tmp_path, capsys):
     assert rc == 0 and read_checkpoint(str(out))[1]["step"] == 3  # written back to the resumed folder
     with pytest.raises(SystemExit):
         main(["train", "--memory", "nonsense"])
+
+
+def _all_finite(tensors):
+    return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+def test_diverged_run_stops_at_the_first_nonfinite_loss_and_keeps_the_last_good_checkpoint(tmp_path):
+    from segformer_fast.train import NonFiniteLossError
+
+    torch.set_num_threads(1)
+    cfg = _tiny(tmp_path, steps=6, lr=1e6, save_every=1, val_every=6)  # the loss is NaN from step 3 on
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "loss is nan at step 3" in message and "--lr" in message and "--amp bf16" in message
+    assert len(message.splitlines()) == 1
+    tensors, meta = read_checkpoint(str(tmp_path))
+    assert meta["step"] == 2 and _all_finite(tensors)  # step 3's weights were never written
+    assert "checkpoint of step 2" in message
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_cli_diverged_run_prints_one_error_line(tmp_path, capsys):
+    rc = main(["train", "--synthetic-size", "64", "--synthetic-train", "16", "--synthetic-val", "4", "--crop", "64",
+               "--batch", "2", "--steps", "6", "--val-every", "6", "--workers", "0", "--out", str(tmp_path),
+               "--no-progress", "--lr", "1e6", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "final:" not in captured.out and "Traceback" not in captured.err
+    assert captured.err.startswith("segformer-fast train: error: training diverged: the loss is nan at step 3")
+
+
+def test_fp16_gradscaler_skipped_steps_do_not_stop_the_run(tmp_path, monkeypatch):
+    # an initial scale that overflows every scaled gradient: the scaler skips steps and halves the
+    # scale, which is normal fp16 training, not a non-finite (unscaled) loss
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **kw: real(*a, **{**kw, "init_scale": 2.0**127}))
+    torch.set_num_threads(1)
+    result = train(_tiny(tmp_path, steps=3, amp="fp16", val_every=3))
+    assert result["step"] == 3
+    _, meta = read_checkpoint(str(tmp_path))
+    assert meta["scaler"]["scale"] < 2.0**127  # steps were skipped on inf gradients
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert history[-1]["loss"] is not None and history[-1]["loss"] > 0
+
+
+def test_cli_resume_takes_the_saved_runs_settings(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    train(_tiny(tmp_path, steps=4, val_every=2, save_every=1, log_every=3), stop_at=1)
+    seen = {}
+
+    def fake_train(cfg, resume=None, stop_at=None, overwrite=False):
+        seen.update(cfg=cfg, resume=resume)
+        return {"metrics": None, "step": 4, "out": cfg.out}
+
+    monkeypatch.setattr("segformer_fast.train.trainer.train", fake_train)
+    assert main(["train", "--resume", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.val_every, cfg.save_every, cfg.log_every, cfg.workers) == (4, 2, 1, 3, 0)
+    assert cfg.out == str(tmp_path) and not cfg.progress and cfg.crop == 64
+    assert main(["train", "--resume", str(tmp_path), "--steps", "9", "--val-every", "3"]) == 0
+    assert (seen["cfg"].steps, seen["cfg"].val_every, seen["cfg"].save_every) == (9, 3, 1)  # the flags given win
+
+
+def test_cli_resume_refuses_to_change_the_runs_recipe(tmp_path, capsys):
+    torch.set_num_threads(1)
+    train(_tiny(tmp_path, steps=3), stop_at=1)
+    assert main(["train", "--resume", str(tmp_path), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr cannot change" in err and "Traceback" not in err
+
+
+def test_resume_with_nothing_left_to_train_is_an_error(tmp_path, capsys):
+    torch.set_num_threads(1)
+    train(_tiny(tmp_path, steps=2, val_every=2))
+    with pytest.raises(ValueError, match="already trained 2 of its 2 steps: nothing left to train"):
+        train(_tiny(tmp_path, steps=2), resume=str(tmp_path))
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "nothing left to train" in capsys.readouterr().err
+
+
+def test_resumed_metrics_loss_equals_an_uninterrupted_runs(tmp_path):
+    torch.set_num_threads(1)
+    kw = dict(steps=4, val_every=4, log_every=2)
+    train(_tiny(tmp_path / "a", **kw))
+    train(_tiny(tmp_path / "b", **kw), stop_at=3)  # step 3: not a logging step; the running average is checkpointed
+    train(_tiny(tmp_path / "b", **kw), resume=str(tmp_path / "b"))
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["history"] for d in "ab")
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [4]
+    assert a[0]["loss"] == b[0]["loss"] and a[0]["miou"] == b[0]["miou"]
+
+
+def test_metrics_json_is_strict_json_with_null_for_nan(tmp_path):
+    torch.set_num_threads(1)
+    train(_tiny(tmp_path, steps=2, val_every=1, log_every=2))  # step 1 validates before any loss is logged: NaN
+    text = (tmp_path / "metrics.json").read_text()
+    history = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.json"))["history"]
+    assert history[0]["loss"] is None
+    json.loads((tmp_path / "checkpoint.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
