@@ -81,7 +81,11 @@ def test_train_each_decoder_updates_every_head(tmp_path, model, amp, accum, back
     start = dict(initial.named_parameters())
     changed = {n: not torch.equal(p, start[n]) for n, p in trained.named_parameters()}
     frozen = {"encoder.cls_token"} if model.startswith("setr-mla") else set()  # MLA never reads it
-    assert all(changed[n] for n in changed if n not in frozen), [n for n, c in changed.items() if not c]
+    # The attention key bias adds q . b_k to a whole row of scores, which softmax ignores: its true
+    # gradient is zero. The fused op returns exactly 0 (so AdamW leaves it); the reference returns
+    # rounding noise, which Adam's normalisation turns into full-size steps. Neither is required to move.
+    key_biases = {n for n in changed if n.endswith("attn.k.bias")}
+    assert all(changed[n] for n in changed if n not in frozen | key_biases), [n for n, c in changed.items() if not c]
     assert not any(changed[n] for n in frozen)
     assert any(n.startswith("aux_heads.") for n in changed)  # the auxiliary losses train the aux heads
 
