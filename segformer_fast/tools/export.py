@@ -1,15 +1,15 @@
 """ONNX export with dynamic height and width.
 
-Fused ops are custom torch.library ops that ONNX has no kernels for, so the exported graph is the
-reference function of the same weights: for a segformer_fast model, a reference-backend twin
-loaded with its state dict; for a patched Hugging Face model, an unpatched copy. The graph takes
+For a segformer_fast model the exported graph is the reference function of the same weights (a
+reference-backend twin loaded with its state dict). A (patched) Hugging Face model is exported as it
+is: the fused custom ops go through their ONNX translations (:mod:`segformer_fast.ops.onnx`), which
+write each op's reference math in ONNX operators. The graph takes
 ``images`` (B, 3, H, W) and returns ``logits`` (B, K, ceil(H/4), ceil(W/4)); a SETR's graph returns
 (B, K, H, W) for H, W in multiples of 16.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -34,7 +34,6 @@ class _LogitsOnly(nn.Module):
 def _exportable(model: nn.Module) -> nn.Module:
     from ..models.segformer import SegFormer
     from ..models.setr import SETR
-    from ..patch import is_patched, unpatch
 
     if isinstance(model, SETR):
         twin = SETR(model.config, backend="torch", aux=model.aux)
@@ -45,10 +44,7 @@ def _exportable(model: nn.Module) -> nn.Module:
         twin.load_state_dict(model.state_dict())
         return twin.to(next(model.parameters()).device)
     if type(model).__name__.startswith("Segformer") and hasattr(model, "decode_head"):
-        hf = copy.deepcopy(model)
-        if is_patched(hf):
-            unpatch(hf)
-        return _LogitsOnly(hf)
+        return _LogitsOnly(model)  # patched or not: the fused ops have ONNX translations
     raise TypeError(f"export_onnx supports segformer_fast.SegFormer, segformer_fast.SETR and transformers "
                     f"SegformerForSemanticSegmentation; got {type(model).__name__}")
 
@@ -81,7 +77,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
     from ..models.setr import SETR
 
     path = os.fspath(path)
-    net = _exportable(model).eval()
+    net = _exportable(model)
     device = next(net.parameters()).device
     x = torch.randn(batch, 3, *example_size, device=device)
     shapes = {}
@@ -98,7 +94,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
     elif dynamic_hw:
         shapes[2] = torch.export.Dim("height", min=32, max=16384)
         shapes[3] = torch.export.Dim("width", min=32, max=16384)
-    with atomic_path(path, ".onnx") as tmp, torch.no_grad():
-        torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes=(shapes,) if shapes else None, verbose=False)
+    from ..ops.onnx import onnx_translations
+
+    modes = [(m, m.training) for m in net.modules()]  # a Hugging Face model is exported itself: restore its modes
+    net.eval()
+    try:
+        with atomic_path(path, ".onnx") as tmp, torch.no_grad():
+            torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=(shapes,) if shapes else None,
+                              custom_translation_table=onnx_translations(), verbose=False)
+    finally:
+        for m, training in modes:
+            m.training = training
     return path

@@ -203,7 +203,7 @@ def all_mlp_decoder_eval(features: Sequence[torch.Tensor], A: Sequence[torch.Ten
     """Eval decoder: features (B, C_i, H_i, W_i), finest first; folded weights A_i, a_i; the BatchNorm
     affine (D,) scale/shift; classifier (K, D), (K,). Returns (B, K, H_1, W_1), channels-last memory."""
     SPEC.resolve("auto", features[0])
-    H, W = int(features[0].shape[-2]), int(features[0].shape[-1])
+    H, W = features[0].shape[-2:]  # ints, or symbolic under torch.export
     z = [_stage(c, Ai, ai) for c, Ai, ai in zip(features, A, a)]
     y = upsample_sum_nhwc(z, (H, W), scale, shift, relu=True, backend=backend)  # (B, H, W, D)
     return F.linear(y, cls_weight, cls_bias).permute(0, 3, 1, 2)  # (B, K, H, W)
@@ -223,6 +223,6 @@ def all_mlp_decoder_train(features: Sequence[torch.Tensor], A: Sequence[torch.Te
         before the classifier. backend: upsample_sum's. group: a process group for SyncBatchNorm
         semantics, or None.
     """
-    cfg = _TrainCfg(n=len(features), size=(int(features[0].shape[-2]), int(features[0].shape[-1])), eps=eps,
+    cfg = _TrainCfg(n=len(features), size=tuple(features[0].shape[-2:]), eps=eps,
                     p=float(p), dropout2d=dropout2d, backend=backend, group=group)
     return SPEC.resolve("auto", features[0]).forward(cfg, *features, *A, *a, bn_weight, bn_bias, cls_weight, cls_bias)

@@ -177,7 +177,7 @@ def _check_inputs(x, hw, weight, bias, approximate) -> tuple[int, int]:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not (isinstance(hw, (tuple, list)) and len(hw) == 2):
         raise TypeError(f"hw must be a pair (H, W), got {hw!r}")
-    h, w = (int(v) for v in hw)
+    h, w = (v if isinstance(v, torch.SymInt) else int(v) for v in hw)  # symbolic under torch.export
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, C) tokens, got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
     b, n, c = x.shape

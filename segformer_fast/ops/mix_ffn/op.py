@@ -124,7 +124,7 @@ def mix_ffn(x: torch.Tensor, hw: tuple[int, int], w1: torch.Tensor, b1: torch.Te
     """
     if x.dim() != 3 or x.shape[-1] != w1.shape[1]:
         raise ValueError(f"mix_ffn: x must be (B, N, {w1.shape[1]}), got shape {tuple(x.shape)}")
-    hh, ww = int(hw[0]), int(hw[1])
+    hh, ww = (s if isinstance(s, torch.SymInt) else int(s) for s in hw)  # symbolic under torch.export
     if hh * ww != x.shape[1]:
         raise ValueError(f"mix_ffn: hw={tuple(hw)} does not match x of shape {tuple(x.shape)}: need H * W == N")
     return SPEC.resolve("auto", x).forward(x.contiguous(), w1, b1, wc, bc, w2, b2, hh, ww, approximate, backend,

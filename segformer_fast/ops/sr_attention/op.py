@@ -369,13 +369,13 @@ def _validate_tokens(x, hw, num_heads, sr):
     if x.ndim != 3:
         raise ValueError(f"sr_attention: x must be (B, N, C), got shape {tuple(x.shape)}")
     if (not isinstance(hw, (tuple, list)) or len(hw) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in hw)):
+            or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in hw)):
         raise TypeError(f"sr_attention: hw must be a pair of ints (H, W), got {hw!r}")
     b, n, c = x.shape
     if hw[0] < 1 or hw[1] < 1 or hw[0] * hw[1] != n:
         raise ValueError(f"sr_attention: hw={tuple(hw)} does not match N={n} tokens of x {tuple(x.shape)}")
     for name, val in (("num_heads", num_heads), ("sr", sr)):
-        if not isinstance(val, int) or isinstance(val, bool):
+        if not isinstance(val, (int, torch.SymInt)) or isinstance(val, bool):
             raise TypeError(f"sr_attention: {name} must be an int, got {type(val).__name__}")
     if num_heads < 1 or c % num_heads:
         raise ValueError(f"sr_attention: C={c} is not divisible by num_heads={num_heads}")
@@ -490,5 +490,5 @@ def sr_attention(
     if not needs_grad and not torch.compiler.is_compiling():  # inference: skip the op dispatcher's overhead
         return _forward_only(x, hw, num_heads, sr, w, eps, backend)
     y, _ = torch.ops.segformer_fast.sr_attention(
-        x.contiguous(), int(hw[0]), int(hw[1]), num_heads, sr, *(w[k] for k in _WEIGHT_NAMES), float(eps), backend)
+        x.contiguous(), *(s if isinstance(s, torch.SymInt) else int(s) for s in hw), num_heads, sr, *(w[k] for k in _WEIGHT_NAMES), float(eps), backend)
     return y

@@ -234,9 +234,9 @@ def _validate(maps, scale, shift, channels_last: bool):
 
 
 def _size(size) -> tuple[int, int]:
-    if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+    if len(size) != 2 or size[0] < 1 or size[1] < 1:
         raise ValueError(f"upsample_sum: size must be (H, W) with H, W >= 1, got {tuple(size)}")
-    return int(size[0]), int(size[1])
+    return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)  # symbolic under torch.export
 
 
 def upsample_sum_nhwc(
