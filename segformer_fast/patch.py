@@ -7,10 +7,17 @@ the outputs stay as they were. Supported:
 
 - ``segformer_fast.SegFormer`` built with ``backend="torch"`` (the reference layers);
 - Hugging Face transformers (5.x module names) ``SegformerForSemanticSegmentation``,
-  ``SegformerModel`` and ``SegformerForImageClassification``. The patched attention never forms the
-  attention probabilities, so ``output_attentions=True`` returns none for patched layers. With
-  ``labels``, a patched SegformerForSemanticSegmentation computes its loss with the fused
-  upsample + cross-entropy op, so the full-resolution logits are never stored.
+  ``SegformerModel`` and ``SegformerForImageClassification``. The fused attention never forms the
+  attention probabilities: a forward asked for them (``output_attentions=True``) runs the reference
+  (eager) attention of the same weights in every layer and returns them. With ``labels``, a patched
+  SegformerForSemanticSegmentation computes its loss with the fused upsample + cross-entropy op, so
+  the full-resolution logits are never stored; its class becomes a same-named subclass whose forward
+  does this (``copy.deepcopy``, pickling and ``AveragedModel`` copies compute with their own weights).
+
+Also: ``torch.export`` (dynamic H and W included) and ``torch.compile`` see the fused custom ops;
+``torch.jit.trace`` traces the reference forward of the same weights; ``torch.onnx.export`` translates
+the fused ops with :mod:`segformer_fast.ops.onnx` (registered by ``patch`` when onnxscript is installed).
+Models whose weights are not in memory (accelerate offloading, meta tensors) are refused.
 
 transformers 4.x builds its attention from ``SegformerEfficientSelfAttention``; such models are
 refused with a clear error rather than patched half-way.
@@ -43,16 +50,23 @@ _MEMORY = ("save", "recompute")
 
 class _Adapter(nn.Module):
     """Stands in for a Hugging Face module: adopts its children (same objects under the same names,
-    so the state dict is unchanged) and runs a fused twin that is not a registered submodule."""
+    so the state dict is unchanged) and runs a fused twin that is not a registered submodule.
+
+    The original module is kept (``_original``, sharing those children) for its reference forward:
+    under ``torch.jit.trace`` and, for the attention, when attention probabilities are asked for.
+    Forward hooks registered on the original (transformers' output capturing among them) carry over.
+    """
 
     def __init__(self, original: nn.Module, fused: nn.Module):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): the attention adapter also derives from the HF class
         if next(original.parameters(recurse=False), None) is not None or next(original.buffers(recurse=False), None) is not None:
             raise TypeError(f"cannot adopt {type(original).__name__}: it holds parameters of its own")
         for name, child in original.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "_original", original)
         object.__setattr__(self, "_fused", fused)
+        for hooks in _HOOK_DICTS:
+            getattr(self, hooks).update(getattr(original, hooks))
         self.train(original.training)
 
     def fused(self) -> nn.Module:
@@ -63,20 +77,92 @@ class _Adapter(nn.Module):
         return f"fused={type(self._fused).__name__}({self._fused.extra_repr()})"
 
 
-class PatchedSegformerAttention(_Adapter):
-    def forward(self, hidden_states, height, width, attention_mask=None, **kwargs):
-        if attention_mask is not None:
-            raise ValueError("patched Segformer attention does not take an attention_mask")
-        return self.fused()(hidden_states, (height, width)), None
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def _attentions_requested(kwargs: dict) -> bool:
+    """Whether the running transformers forward collects attention probabilities (``output_attentions``
+    as an argument or in the config)."""
+    if kwargs.get("output_attentions"):
+        return True
+    _active_collector = _LAZY_CLASSES.get("output_collector")  # imported with the class: dynamo cannot import
+    if _active_collector is None:
+        return False
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get; a compiled forward sets the global
+        collected = _active_collector.global_var if getattr(_active_collector, "compiling", False) else None
+    else:
+        collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _attention_forward(self, hidden_states, height, width, attention_mask=None, **kwargs):
+    if attention_mask is not None:
+        raise ValueError("patched Segformer attention does not take an attention_mask")
+    if _attentions_requested(kwargs) or torch.jit.is_tracing():
+        return _reference_attention(self, hidden_states, height, width)
+    return self.fused()(hidden_states, (height, width)), None
+
+
+def _reference_attention(self, hidden_states, height, width):
+    """Hugging Face's eager attention on the same weights: (output (B, N, C), probabilities (B, h, N, M)).
+
+    The fused op never forms the (N, M) probabilities, so a forward asked for them runs this instead,
+    whatever ``config._attn_implementation`` says (SDPA would return none).
+    """
+    o = self._original
+    b, n, _ = hidden_states.shape
+    q = self.q_proj(hidden_states).view(b, n, -1, o.head_dim).transpose(1, 2)  # (B, h, N, d)
+    kv = self.sequence_reduction(hidden_states, height, width) if o.sequence_reduction_ratio > 1 else hidden_states
+    k = self.k_proj(kv).view(b, kv.shape[1], -1, o.head_dim).transpose(1, 2)  # (B, h, M, d)
+    v = self.v_proj(kv).view(b, kv.shape[1], -1, o.head_dim).transpose(1, 2)
+    probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * o.scaling, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = nn.functional.dropout(probs, p=o.attention_dropout, training=self.training)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, -1)
+    return self.o_proj(out), probs
+
+
+_LAZY_CLASSES: dict = {}
+
+
+def _patched_attention_class() -> type:
+    """PatchedSegformerAttention: a subclass of transformers' SegformerAttention, so that transformers
+    installs its attention-capturing hook on it. Built on first use (transformers is optional);
+    importable as ``segformer_fast.patch.PatchedSegformerAttention`` (pickle finds it there)."""
+    cls = _LAZY_CLASSES.get("PatchedSegformerAttention")
+    if cls is None:
+        from transformers.models.segformer.modeling_segformer import SegformerAttention
+
+        cls = type("PatchedSegformerAttention", (_Adapter, SegformerAttention),
+                   {"forward": _attention_forward, "__module__": __name__, "__qualname__": "PatchedSegformerAttention",
+                    "__doc__": "SegformerAttention running the fused sr_attention op (see segformer_fast.patch)."})
+        _LAZY_CLASSES["PatchedSegformerAttention"] = cls
+        try:  # transformers' collector of the outputs a forward was asked for (5.x)
+            from transformers.utils.output_capturing import _active_collector
+
+            _LAZY_CLASSES["output_collector"] = _active_collector
+        except ImportError:
+            pass
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "PatchedSegformerAttention":
+        return _patched_attention_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PatchedSegformerMixMLP(_Adapter):
     def forward(self, hidden_states, height, width):
+        if torch.jit.is_tracing():  # the fused op takes Python ints; the reference traces with symbolic sizes
+            return self._original.forward(hidden_states, height, width)
         return self.fused()(hidden_states, (height, width))
 
 
 class PatchedSegformerDecodeHead(_Adapter):
     def forward(self, encoder_hidden_states, **kwargs):
+        if torch.jit.is_tracing():
+            return self._original.forward(encoder_hidden_states, **kwargs)
         feats = []
         for f in encoder_hidden_states:
             if f.ndim == 3:  # reshape_last_stage=False leaves the last stage as (B, N, C)
@@ -86,28 +172,53 @@ class PatchedSegformerDecodeHead(_Adapter):
         return self.fused()(feats)
 
 
-def _fused_loss_forward(model: nn.Module, backend: str):
-    """A forward for SegformerForSemanticSegmentation whose loss is the fused upsample + cross-entropy
-    (full-resolution logits are never stored); outputs and signature as the original's."""
+_BACKEND = "_segformer_fast_backend"
+
+
+def _fused_loss_forward(self, pixel_values, labels=None, **kwargs):
+    """SegformerForSemanticSegmentation's forward with the loss computed by the fused upsample +
+    cross-entropy op (full-resolution logits are never stored); outputs and signature as the original's.
+    A method of the patched class: it reads this model's own weights (deepcopy, pickle, EMA copies)."""
     from transformers.modeling_outputs import SemanticSegmenterOutput
 
     from .ops.upsample_cross_entropy import upsample_cross_entropy
 
-    original = type(model).forward
+    original = self._segformer_fast_base.forward
+    if labels is None or self.config.num_labels < 2:  # BCE for a single label: the original's
+        return original(self, pixel_values, labels=labels, **kwargs)
+    out = original(self, pixel_values, **kwargs)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    loss = upsample_cross_entropy(logits, labels, ignore_index=self.config.semantic_loss_ignore_index,
+                                  backend=getattr(self, _BACKEND, "auto"))
+    if isinstance(out, tuple):
+        return (loss,) + out
+    return SemanticSegmenterOutput(loss=loss, logits=out.logits, hidden_states=out.hidden_states,
+                                   attentions=out.attentions)
 
-    def forward(pixel_values, labels=None, **kwargs):
-        if labels is None or model.config.num_labels < 2:  # BCE for a single label: the original's
-            return original(model, pixel_values, labels=labels, **kwargs)
-        out = original(model, pixel_values, **kwargs)
-        logits = out[0] if isinstance(out, tuple) else out.logits
-        loss = upsample_cross_entropy(logits, labels, ignore_index=model.config.semantic_loss_ignore_index,
-                                      backend=backend)
-        if isinstance(out, tuple):
-            return (loss,) + out
-        return SemanticSegmenterOutput(loss=loss, logits=out.logits, hidden_states=out.hidden_states,
-                                       attentions=out.attentions)
 
-    return forward
+def _reduce_patched(self, protocol):
+    # pickle / deepcopy: rebuild through _new_patched_model(base), not by the patched class's name
+    fn, args, *rest = self._segformer_fast_base.__reduce_ex__(self, protocol)
+    return (_new_patched_model, (self._segformer_fast_base,), *rest)
+
+
+def _new_patched_model(base: type) -> nn.Module:
+    return object.__new__(_patched_model_class(base))
+
+
+def _patched_model_class(base: type) -> type:
+    """The patched twin of a SegformerForSemanticSegmentation class: its forward computes the fused loss.
+
+    It keeps the base's name and module, so ``save_pretrained`` writes the same ``architectures`` and
+    transformers' per-class registries find it; ``unpatch`` puts the base class back.
+    """
+    cls = _LAZY_CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (base,), {
+            "forward": _fused_loss_forward, "__reduce_ex__": _reduce_patched, "_segformer_fast_base": base,
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__})
+        _LAZY_CLASSES[base] = cls
+    return cls
 
 
 def _on_meta(cls, *args, **kwargs):
@@ -125,7 +236,7 @@ def _hf_attention(m: nn.Module, backend: str) -> nn.Module:
     fused.scale = m.scaling
     if sr > 1:
         fused.sr, fused.sr_norm = m.sequence_reduction.sequence_reduction, m.sequence_reduction.layer_norm
-    return PatchedSegformerAttention(m, fused)
+    return _patched_attention_class()(m, fused)
 
 
 def _hf_mlp(m: nn.Module, backend: str, memory: str) -> nn.Module:
@@ -184,6 +295,23 @@ def _replacements(model: nn.Module, backend: str, memory: str):
     return out
 
 
+def _check_weights_present(model: nn.Module) -> None:
+    """Refuse models whose weights are not in memory: accelerate's offloading (``device_map`` with "cpu"
+    or "disk" parts) keeps them on the meta device and loads them in hooks around each module's
+    forward; the fused layers read the weights directly, inside one op, so they would get meta tensors."""
+    offloaded = [name for name, m in model.named_modules()
+                 if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if offloaded or meta:
+        where = (f"accelerate offloads the weights of {offloaded[0] or type(model).__name__!r}" if offloaded
+                 else f"{meta[0]!r} is on the meta device")
+        raise ValueError(
+            f"patch() needs the model's weights in memory, but {where} ({len(meta)} parameters and buffers on "
+            "the meta device). The fused layers read their weights inside one op, past accelerate's offload "
+            "hooks. Load the model without offloading (no device_map, or device_map on one device), or run it "
+            "unpatched.")
+
+
 def patch(model: nn.Module, backend: str | None = None, memory: str = "save") -> nn.Module:
     """Swap a SegFormer's attention, Mix-FFN and decode head for fused layers, in place.
 
@@ -204,13 +332,21 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
         raise ValueError(f"memory must be one of {_MEMORY}, got {memory!r}")
     if is_patched(model):
         unpatch(model)
+    _check_weights_present(model)
     done = []
     for parent, name, new in _replacements(model, backend, memory):
         done.append((parent, name, getattr(parent, name)))
         setattr(parent, name, new)
     if type(model).__name__ == "SegformerForSemanticSegmentation":
-        model.forward = _fused_loss_forward(model, backend)  # an instance attribute; unpatch removes it
+        object.__setattr__(model, _BACKEND, backend)
+        model.__class__ = _patched_model_class(type(model))  # unpatch puts the original class back
     object.__setattr__(model, _PATCHES, done)
+    try:  # torch.onnx.export of the patched model (and exporters built on it) then translates the fused ops
+        from .ops.onnx import register_onnx_translations
+
+        register_onnx_translations()
+    except ImportError:  # no onnxscript: torch.onnx cannot export anything
+        pass
     return model
 
 
@@ -221,7 +357,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         setattr(parent, name, original)
     if hasattr(model, _PATCHES):
         object.__delattr__(model, _PATCHES)
-    model.__dict__.pop("forward", None)
+    model.__dict__.pop(_BACKEND, None)
+    base = type(model).__dict__.get("_segformer_fast_base")
+    if base is not None:
+        model.__class__ = base
     return model
 
 

@@ -152,7 +152,10 @@ def test_compile_patched_hf_pieces_fullgraph_and_no_new_breaks():
     assert after <= before
 
     torch._dynamo.reset()
-    block = hf.segformer.stages[0].blocks[0]  # patched attention + Mix-FFN (the stage carries HF's capture hooks)
+    # a model that has not run: once it has, transformers' output-capturing hooks (on the stages and the
+    # attention, patched or not: attentions are captured from it) break a graph compiled outside its forward
+    hf = sf.patch(_hf(drop_path_rate=0.0, classifier_dropout_prob=0.0).train(), backend=_fast_backend())
+    block = hf.segformer.stages[0].blocks[0]  # patched attention + Mix-FFN
     tokens = torch.randn(1, 16 * 16, 32, requires_grad=True)
     out = torch.compile(block, fullgraph=True, backend="aot_eager")(tokens, 16, 16)
     feats = [torch.randn(1, c, 16 // 2**i, 16 // 2**i, requires_grad=True) for i, c in enumerate((32, 64, 160, 256))]
@@ -232,3 +235,147 @@ def test_patched_hf_loss_is_fused_and_tuple_outputs_work():
     assert as_tuple[1].shape == (1, 5, 16, 24)
     sf.unpatch(hf)
     assert "forward" not in hf.__dict__
+
+
+def _tiny_hf(**kw):
+    """A small SegformerForSemanticSegmentation with random BatchNorm statistics, patched."""
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(num_labels=5, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 40, 64],
+                                       num_attention_heads=[1, 2, 2, 4], decoder_hidden_size=32, **kw)
+    model = transformers.SegformerForSemanticSegmentation(cfg)
+    with torch.no_grad():
+        model.decode_head.batch_norm.running_var.uniform_(0.5, 2.0)
+        model.decode_head.batch_norm.running_mean.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_deepcopy_of_patched_model_computes_with_its_own_weights():
+    import copy
+
+    hf = sf.patch(_tiny_hf())
+    twin = copy.deepcopy(hf)
+    assert sf.is_patched(twin)
+    x, labels = torch.randn(1, 3, 64, 96), torch.randint(0, 5, (1, 64, 96))
+    with torch.no_grad():
+        before = hf(pixel_values=x).logits
+        for p in twin.parameters():
+            p.mul_(0.5)
+        got_twin, got = twin(pixel_values=x, labels=labels), hf(pixel_values=x).logits
+        ref = sf.unpatch(copy.deepcopy(twin))  # the halved weights, reference layers
+        want = ref(pixel_values=x, labels=labels)
+    assert torch.equal(got, before)  # the original is untouched
+    assert (got_twin.logits - before).abs().max() > 1e-3  # the copy computes with its own, halved weights
+    torch.testing.assert_close(got_twin.logits, want.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_twin.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_save_load_patched_model_round_trip(tmp_path):
+    hf = sf.patch(_tiny_hf())
+    torch.save(hf, tmp_path / "model.pt")  # before any forward: transformers' capture hooks are local functions
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert sf.is_patched(loaded) and type(loaded).__name__ == "SegformerForSemanticSegmentation"
+    x, labels = torch.randn(1, 3, 64, 96), torch.randint(0, 5, (1, 64, 96))
+    with torch.no_grad():
+        want, got = hf(pixel_values=x, labels=labels), loaded(pixel_values=x, labels=labels)
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+        for p in loaded.parameters():
+            p.mul_(0.5)
+        assert (loaded(pixel_values=x).logits - want.logits).abs().max() > 1e-3
+    sf.unpatch(loaded)
+    assert type(loaded) is transformers.SegformerForSemanticSegmentation
+
+
+def test_averaged_model_of_patched_model_tracks_its_own_weights():
+    from torch.optim.swa_utils import AveragedModel
+
+    hf = sf.patch(_tiny_hf())
+    ema = AveragedModel(hf)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        before = hf(pixel_values=x).logits
+        for p in hf.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(ema(pixel_values=x).logits, before, rtol=0, atol=0)  # its own weights
+        ema.update_parameters(hf)  # the first update copies the model's weights
+        torch.testing.assert_close(ema(pixel_values=x).logits, hf(pixel_values=x).logits, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_export_dynamic_hw_patched_hf():
+    hf = sf.patch(_tiny_hf())
+    # H, W >= 64: below, the 1/32 stage is 1 pixel wide, a size torch.export specialises
+    dims = {2: torch.export.Dim("h", min=64, max=1024), 3: torch.export.Dim("w", min=64, max=1024)}
+    ep = torch.export.export(hf, (), {"pixel_values": torch.randn(1, 3, 64, 96)}, dynamic_shapes={"pixel_values": dims})
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"segformer_fast.sr_attention.default", "segformer_fast.mix_ffn.default"} <= targets  # the fused ops
+    for hw in [(64, 96), (97, 131)]:
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(pixel_values=x).logits, hf(pixel_values=x).logits,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_jit_trace_patched_hf():
+    hf = sf.patch(_tiny_hf(), backend="torch")
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        traced = torch.jit.trace(hf, (x,), strict=False)
+        torch.testing.assert_close(traced(x)["logits"], hf(pixel_values=x).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_onnx_export_of_patched_hf_as_it_is(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    hf = sf.patch(_tiny_hf())  # registers the fused ops' ONNX translations: no translation table passed below
+    dims = {2: torch.export.Dim("h", min=64, max=1024), 3: torch.export.Dim("w", min=64, max=1024)}
+    torch.onnx.export(hf, (torch.randn(1, 3, 64, 96),), tmp_path / "m.onnx", dynamo=True, dynamic_shapes=(dims,),
+                      input_names=["pixel_values"], verbose=False)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    for hw in [(64, 96), (97, 131)]:
+        x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            want = hf(pixel_values=x).logits
+        got = torch.from_numpy(sess.run(None, {"pixel_values": x.numpy()})[0])
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("hooks_before_patch", [False, True])
+def test_output_attentions_patched_hf_returns_reference_probabilities(hooks_before_patch):
+    ref = _tiny_hf(attn_implementation="eager")
+    hf = _tiny_hf()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        want = ref(pixel_values=x, output_attentions=True)
+        if hooks_before_patch:  # transformers installs its capture hooks on the first forward asking for them
+            hf(pixel_values=x, output_hidden_states=True)
+        sf.patch(hf)
+        got = hf(pixel_values=x, output_attentions=True)
+        plain = hf(pixel_values=x)
+    assert len(want.attentions) == 4 and len(got.attentions) == 4
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    assert plain.attentions is None or len(plain.attentions) == 0  # the fused path when not asked
+    got.logits.sum()  # and the tuple form
+    as_tuple = hf(pixel_values=x, output_attentions=True, return_dict=False)
+    assert len(as_tuple[-1]) == 4
+
+
+def test_patch_refuses_meta_weights():
+    cfg = transformers.SegformerConfig(num_labels=5, depths=[1, 1, 1, 1])
+    with torch.device("meta"):
+        model = transformers.SegformerForSemanticSegmentation(cfg)
+    with pytest.raises(ValueError, match="meta device"):
+        sf.patch(model)
+    assert not sf.is_patched(model)
+
+
+def test_patch_refuses_accelerate_offload(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is not installed: the offload case needs it")
+    _tiny_hf().save_pretrained(tmp_path / "m")
+    model = transformers.SegformerForSemanticSegmentation.from_pretrained(
+        tmp_path / "m", device_map={"segformer": "cpu", "decode_head": "disk"}, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match="accelerate offloads the weights"):
+        sf.patch(model)
+    assert not sf.is_patched(model)
+    assert model(pixel_values=torch.randn(1, 3, 64, 64)).logits.shape == (1, 5, 16, 16)  # still usable unpatched
