@@ -243,6 +243,26 @@ def test_torch_compile_fullgraph(mode):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+@pytest.mark.parametrize("dropout2d", [False, True])
+def test_torch_compile_fullgraph_with_dropout(dropout2d):
+    """Training with dropout compiles in one graph (the dropout mask is kept instead of the generator
+    state there), and its gradients see the forward's mask: the BN shift's gradient counts the kept
+    entries, each scaled by 1 / (1 - p)."""
+    _, fused = make_pair("torch", "cpu", dropout=0.3, dropout2d=dropout2d)
+    fused.train()
+    fused.classifier.weight.data = torch.eye(K, D).view(K, D, 1, 1)  # logits = first K channels of d
+    fused.classifier.bias.data.zero_()
+    with torch.no_grad():
+        fused.bn.bias.fill_(5.0)  # every pre-dropout activation positive
+        fused.bn.weight.fill_(0.1)
+    feats = make_features(3, (17, 33), "cpu")
+    out = torch.compile(fused, fullgraph=True, backend="aot_eager")(feats)
+    (g_beta,) = torch.autograd.grad(out.sum(), [fused.bn.bias])
+    expected = (out != 0).sum((0, 2, 3)).float() / 0.7
+    assert 0 < int((out == 0).sum()) < out.numel()
+    assert torch.allclose(g_beta[:K], expected, rtol=1e-5)
+
+
 def _ema_update(ema, model, d):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.data.mul_(d).add_(p.data, alpha=1 - d)

@@ -46,7 +46,8 @@ def test_eval_matches_reference(backend):
 def test_train_matches_reference_forward_and_gradients(backend):
     if not available_backends()[backend].available:
         pytest.skip(available_backends()[backend].reason)
-    p, feats = _params(), _features()
+    dtype = torch.float64 if backend == "torch" else torch.float32  # the kernel backends take fp32/16-bit only
+    p, feats = _params(dtype), _features(dtype)
     leaves = {k: (v.requires_grad_() if isinstance(v, torch.Tensor) else [t.requires_grad_() for t in v])
               for k, v in p.items() if k not in ("running_mean", "running_var")}
     feats = [f.requires_grad_() for f in feats]

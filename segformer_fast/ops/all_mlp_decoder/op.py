@@ -31,7 +31,7 @@ process group is not a custom-op argument type on the torch versions supported.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -107,12 +107,16 @@ class _DecoderTrainFunction(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")
         invstd = torch.rsqrt(var + cfg.eps)
         scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
-        ctx.rng = _rng_state(u2.device) if cfg.p > 0 else None
+        # a compiled graph cannot capture the generator state: there the dropout mask is kept instead (1 byte
+        # per value); eager keeps the state and redraws the same mask in backward
+        keep_mask = cfg.p > 0 and torch.compiler.is_compiling()
+        ctx.rng = _rng_state(u2.device) if cfg.p > 0 and not keep_mask else None
         d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))  # in place: u is not kept
+        kept = d != 0 if keep_mask else None
         logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
         ctx.cfg, ctx.count = cfg, count
         # d is not kept either: backward recomputes u for BatchNorm's backward anyway, and d from it
-        ctx.save_for_backward(*feats, *A, *a, gamma, beta, wc, mean, invstd)
+        ctx.save_for_backward(*feats, *A, *a, gamma, beta, wc, mean, invstd, kept)
         var_unbiased = unbiased_var(var, count)
         ctx.mark_non_differentiable(mean, var_unbiased)
         return logits.view(B, H, W, K).permute(0, 3, 1, 2), mean, var_unbiased
@@ -122,7 +126,7 @@ class _DecoderTrainFunction(torch.autograd.Function):
         cfg, n = ctx.cfg, ctx.cfg.n
         saved = ctx.saved_tensors
         feats, A, a = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
-        gamma, beta, wc, mean, invstd = saved[3 * n :]
+        gamma, beta, wc, mean, invstd, kept = saved[3 * n :]
         needs = ctx.needs_input_grad[1:]  # one per tensor input
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
@@ -131,7 +135,11 @@ class _DecoderTrainFunction(torch.autograd.Function):
         del z
         xhat = u2.to(torch.float32, copy=True).sub_(mean).mul_(invstd)  # (B*H*W, D) fp32; u2 is reused below
         scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
-        if ctx.rng is None:
+        scale_drop = 1.0 / (1.0 - cfg.p) if 0 < cfg.p < 1 else 1.0
+        if kept is not None:  # compiled: relu(bn(u)) with the kept dropout mask and scale
+            d = _relu_dropout(u2, scale, shift, replace(cfg, p=0.0), (B, H, W, D))
+            d = d.mul_(scale_drop).masked_fill_(~kept, 0.0)
+        elif ctx.rng is None:
             d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))
         else:
             on_cuda = u2.device.type == "cuda"
@@ -142,7 +150,6 @@ class _DecoderTrainFunction(torch.autograd.Function):
         dwc = gl.t() @ d if needs[3 * n + 2] else None
         dbc = gl.sum(0) if needs[3 * n + 3] else None
         # dropout and ReLU: d > 0 exactly where the ReLU passed and dropout kept.
-        scale_drop = 1.0 / (1.0 - cfg.p) if 0 < cfg.p < 1 else 1.0
         g = (gl @ wc.to(d.dtype)).mul_(scale_drop).masked_fill_(d <= 0, 0.0).float()  # (B*H*W, D)
         del d, u2
         gscale = invstd if gamma is None else gamma.float() * invstd
