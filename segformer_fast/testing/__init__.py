@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["backend_device", "perturb_parameters"]
+__all__ = ["backend_device", "perturb_parameters", "tiny_train_config"]
 
 
 def backend_device(backend: str) -> str:
@@ -61,3 +61,13 @@ def perturb_parameters(module: torch.nn.Module, scale: float = 0.05, seed: int =
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
     return module
+
+
+def tiny_train_config(out, **overrides):
+    """A ``TrainConfig`` for a seconds-long run on the synthetic data (B0, 64x64 crops, no workers, no
+    progress bar), writing to ``out``; ``overrides`` replace any field."""
+    from ..train import TrainConfig
+
+    base = dict(data="synthetic", synthetic_size=64, synthetic_train=16, synthetic_val=4, crop=64, batch=2, steps=4,
+                val_every=100, workers=0, out=str(out), progress=False)
+    return TrainConfig(**{**base, **overrides})

@@ -113,15 +113,21 @@ def test_train_steps_cumulative_momentum_and_dropout2d():
     assert int(fused.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == 2
 
 
-def test_elementwise_dropout_rate_and_mask_consistency():
-    _, fused = make_pair("torch", "cpu", dropout=0.3)
+def _dropout_probe(dropout2d=False):
+    """A training decoder with dropout 0.3 whose logits are the first K channels of d, every one positive
+    before dropout (so zeros are exactly the dropped entries), and its features."""
+    _, fused = make_pair("torch", "cpu", dropout=0.3, dropout2d=dropout2d)
     fused.train()
-    fused.classifier.weight.data = torch.eye(K, D).view(K, D, 1, 1)  # logits = first K channels of d
+    fused.classifier.weight.data = torch.eye(K, D).view(K, D, 1, 1)
     fused.classifier.bias.data.zero_()
     with torch.no_grad():
-        fused.bn.bias.fill_(5.0)  # every pre-dropout activation positive
+        fused.bn.bias.fill_(5.0)
         fused.bn.weight.fill_(0.1)
-    feats = make_features(3, (17, 33), "cpu")
+    return fused, make_features(3, (17, 33), "cpu")
+
+
+def test_elementwise_dropout_rate_and_mask_consistency():
+    fused, feats = _dropout_probe()
     out = fused(feats)
     dropped = (out == 0).float().mean().item()
     assert 0.25 < dropped < 0.35
@@ -248,14 +254,7 @@ def test_torch_compile_fullgraph_with_dropout(dropout2d):
     """Training with dropout compiles in one graph (the dropout mask is kept instead of the generator
     state there), and its gradients see the forward's mask: the BN shift's gradient counts the kept
     entries, each scaled by 1 / (1 - p)."""
-    _, fused = make_pair("torch", "cpu", dropout=0.3, dropout2d=dropout2d)
-    fused.train()
-    fused.classifier.weight.data = torch.eye(K, D).view(K, D, 1, 1)  # logits = first K channels of d
-    fused.classifier.bias.data.zero_()
-    with torch.no_grad():
-        fused.bn.bias.fill_(5.0)  # every pre-dropout activation positive
-        fused.bn.weight.fill_(0.1)
-    feats = make_features(3, (17, 33), "cpu")
+    fused, feats = _dropout_probe(dropout2d)
     out = torch.compile(fused, fullgraph=True, backend="aot_eager")(feats)
     (g_beta,) = torch.autograd.grad(out.sum(), [fused.bn.bias])
     expected = (out != 0).sum((0, 2, 3)).float() / 0.7

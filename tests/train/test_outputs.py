@@ -8,15 +8,13 @@ import torch
 
 import segformer_fast as sf
 from segformer_fast.tools.cli import main
-from segformer_fast.train import TrainConfig, predict_files, read_checkpoint, train, write_checkpoint
+from segformer_fast.testing import tiny_train_config
+from segformer_fast.train import predict_files, read_checkpoint, train, write_checkpoint
 from segformer_fast.train.imageio import write_png
 
 
 def _tiny(out, **kw):
-    base = dict(data="synthetic", synthetic_size=64, synthetic_train=8, synthetic_val=2, crop=64, batch=1, steps=2,
-                val_every=2, workers=0, out=str(out), progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **{**dict(synthetic_train=8, synthetic_val=2, batch=1, steps=2, val_every=2), **kw})
 
 
 def test_train_into_an_existing_run_folder_refuses_without_overwrite(tmp_path):

@@ -7,15 +7,11 @@ from torch import nn
 
 import segformer_fast as sf
 from segformer_fast.tools.cli import main
+from segformer_fast.testing import tiny_train_config
 from segformer_fast.train import SyntheticSegmentation, TrainConfig, evaluate, read_checkpoint, train
 from segformer_fast.train.trainer import PolyWithWarmup, StepBatches
 
-
-def _tiny(out, **kw):
-    base = dict(data="synthetic", synthetic_size=64, synthetic_train=16, synthetic_val=4, crop=64, batch=2, steps=4,
-                val_every=100, workers=0, out=str(out), progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+_tiny = tiny_train_config
 
 
 def _weights(result):
