@@ -85,7 +85,9 @@ class _ConvBNReLUFunction(torch.autograd.Function):
             dz = F.conv_transpose2d(dout, cls_weight)  # (B, C_out, H, W)
         else:
             dz = dout.contiguous()
-        dz = dz.masked_fill(z <= 0, 0.0)  # not dz * (z > 0): a NaN/inf dz at z <= 0 gives 0, as ReLU's backward
+        # ReLU's own backward: 0 where z <= 0 even for a NaN/inf dz (not dz * (z > 0)), and dz's memory format kept
+        # (masked_fill would return NCHW for channels-last dz, changing the conv backward's algorithm)
+        dz = torch.ops.aten.threshold_backward(dz, z, 0)
         del z
         if ctx.group is None:
             dy, gg, gb = torch.ops.aten.native_batch_norm_backward(
