@@ -12,6 +12,7 @@ from .models import SegFormer, segformer, segformer_loss_reference
 from .models.setr import SETR, setr, setr_loss
 from .io.setr_weights import load_setr_weights
 from .patch import is_patched, patch, unpatch
+from .prediction import predict, predict_probs
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "is_patched",
     "patch",
     "unpatch",
+    "predict",
+    "predict_probs",
     "segformer",
     "segformer_loss_reference",
     "SETR",

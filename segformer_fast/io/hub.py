@@ -86,9 +86,11 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
 
     Args:
         name_or_path: a local Hugging Face-format directory (config.json + model.safetensors /
-            pytorch_model.bin, sharded or not), a .safetensors file written by ``save_weights``, or a
-            hub id such as "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded with
-            huggingface_hub when the network allows).
+            pytorch_model.bin, sharded or not), a ``segformer-fast train`` output folder (its latest
+            checkpoint, else its model.safetensors, as ``--weights`` reads it), a .safetensors file
+            written by ``save_weights``, or a hub id such as
+            "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded with huggingface_hub when the
+            network allows).
         num_classes: override the number of classes (e.g. for a backbone-only checkpoint); a head
             whose size then differs is a shape conflict (use strict=False to leave it initialised).
         backend: as in :func:`segformer_fast.segformer`.
@@ -113,6 +115,8 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
         if num_classes is not None:
             cfg = cfg.replace(num_classes=num_classes)
         files = [path]
+    elif _is_train_output(path):
+        return _from_train_output(path, num_classes, backend, overrides)
     else:
         if not os.path.isdir(path):
             path = _download(path)
@@ -131,6 +135,23 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
             merged.update(read_state_dict(f)[0])
         load_weights(model, merged, strict=strict)
     return model.eval()
+
+
+def _is_train_output(path: str) -> bool:
+    """A folder ``segformer-fast train --out`` wrote: a checkpoint JSON or model.safetensors, no config.json."""
+    from ..train.checkpoint import JSON_NAME
+
+    return os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (JSON_NAME, "model.safetensors"))
+
+
+def _from_train_output(path: str, num_classes, backend, overrides: dict):
+    from ..train.inference import load_model
+
+    if num_classes is not None or overrides:
+        raise ValueError(f"{path!r} is a training output folder, which records its model; num_classes and config "
+                         "overrides do not apply (build the model with segformer() and use load_weights to change it)")
+    return load_model(path, backend=backend)
 
 
 def _setr_from_file(path: str, metadata: dict, num_classes, backend, strict: bool, overrides: dict):

@@ -184,6 +184,21 @@ class SETR(nn.Module):
             return SETROutput(logits, aux, setr_loss(SETROutput(logits, aux), labels, ignore_index=ignore_index))
         return SETROutput(logits, aux) if self.training else logits
 
+    def predict(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
+        """(H, W) int64 labels of each image (a path, PIL image, (H, W, 3) uint8 array or (3, H, W)
+        tensor, or a list of them) at its own size: :func:`segformer_fast.predict` of this model."""
+        from ..prediction import predict
+
+        return predict(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
+                       batch_size=batch_size)
+
+    def predict_probs(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
+        """(K, H, W) float32 probabilities of each image: :func:`segformer_fast.predict_probs` of this model."""
+        from ..prediction import predict_probs
+
+        return predict_probs(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
+                             batch_size=batch_size)
+
     def _run_head(self, head: nn.Module, x: torch.Tensor, low_res: bool) -> torch.Tensor:
         """A Naive/PUP head's logits; with ``low_res``, a head whose upsampling ends at the padded
         input size stops before its last upsample (the loss op does that one exactly)."""
