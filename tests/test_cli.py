@@ -140,3 +140,33 @@ def test_amp_rejects_unknown_dtype(capsys, command):
         main([command, "--amp", "fp8"])
     assert info.value.code == 2
     assert "argument --amp: invalid choice: 'fp8' (choose from 'none', 'bf16', 'fp16')" in capsys.readouterr().err
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "segformer_fast.tools.cli", *args],
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_version_prints_package_version():
+    import segformer_fast
+
+    r = _cli("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"segformer-fast {segformer_fast.__version__}"
+
+
+def test_bare_call_prints_help_and_succeeds():
+    r = _cli()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: segformer-fast")
+    for command in ("info", "benchmark", "memory", "train", "predict", "evaluate"):
+        assert f"    {command}" in r.stdout
+
+
+@pytest.mark.parametrize("command, option", [("benchmark", "--size"), ("memory", "--size"), ("train", "--threads"),
+                                             ("predict", "--scales"), ("evaluate", "--split")])
+def test_subcommand_help_shows_defaults(command, option):
+    r = _cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout[r.stdout.index(f"  {option}"):]
+    assert "(default:" in line.split("\n  --")[0]

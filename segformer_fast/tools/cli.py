@@ -1,4 +1,5 @@
-"""The ``segformer-fast`` command: ``info`` and ``benchmark``."""
+"""The ``segformer-fast`` command: ``info`` and ``benchmark`` here, ``memory`` in memory_report, and ``train``,
+``predict`` and ``evaluate`` in train/cli."""
 
 from __future__ import annotations
 
@@ -8,7 +9,20 @@ import os
 import platform
 import sys
 
+from .runtime import HelpFormatter
+
 __all__ = ["main"]
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when it runs from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("segformer_fast")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def _cmd_info(args) -> int:
@@ -81,41 +95,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="segformer-fast",
-        description="Fast, memory-lean SegFormer for PyTorch: inspect backends and benchmark.",
+        description="Fast, memory-lean SegFormer and SETR for PyTorch: check the backends, benchmark, measure "
+        "activation memory, train, segment images and evaluate.",
+        epilog="`segformer-fast COMMAND --help` shows a command's options and their defaults.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"segformer-fast {_version()}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("info", help="torch version, device and which backends are available (and why not)")
+    p = sub.add_parser("info", help="torch version, device and which backends are available (and why not)",
+                       formatter_class=HelpFormatter)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
         "benchmark",
-        help="time our model vs the reference and Hugging Face (same weights, one run)",
+        help="time the fast model against the PyTorch reference and Hugging Face (same weights, one run)",
         description="Time SegFormer (fast backend) against the pure-PyTorch reference and, when transformers "
         "is installed, the Hugging Face model, in one interleaved run with the same weights. --train times a "
         "training step and reports saved-activation memory.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default="b0", choices=MODEL_CHOICES,
-                   help="SegFormer variant (default b0), or a SETR: setr-{naive,pup,mla} (ViT-L/16), ...-b16 (ViT-B/16)")
-    p.add_argument("--size", type=int, default=512, help="image height (and width unless --width), default 512")
+                   help="SegFormer variant, or a SETR: setr-{naive,pup,mla} (ViT-L/16), ...-b16 (ViT-B/16)")
+    p.add_argument("--size", type=int, default=512, help="image height (and width unless --width)")
     p.add_argument("--width", type=int, default=None, help="image width (default: --size)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--train", action="store_true", help="time forward+loss+backward and report saved activations")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd fast and HF models")
     p.add_argument("--amp", default="none", choices=AMP_CHOICES,
-                   help="run every model under torch.autocast with this dtype (default none: fp32); "
+                   help="run every model under torch.autocast with this dtype (none: fp32); "
                    "fp16 training steps scale the loss with a GradScaler")
     p.add_argument("--backend", default="auto", help="backend of the fast model (auto, torch, triton, cuda, cpp)")
-    p.add_argument("--num-classes", type=int, default=150, help="classes (default 150, ADE20K)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
-    p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--num-classes", type=int, default=150, help="classes (ADE20K has 150)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_benchmark)
-    from ..train.cli import register as register_train; register_train(sub)  # train, predict, evaluate
     from .memory_report import register as register_memory; register_memory(sub)  # memory
+    from ..train.cli import register as register_train; register_train(sub)  # train, predict, evaluate
     return parser
 
 
@@ -132,7 +151,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Run ``segformer-fast``; a bad input ends with ``segformer-fast <cmd>: error: <message>`` and exit
     status 2 (1 for a diverged training run) instead of a traceback. SEGFORMER_FAST_TRACEBACK=1 shows it."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `segformer-fast`: say what there is
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except _user_errors() as exc:

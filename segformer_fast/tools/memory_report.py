@@ -315,22 +315,25 @@ def _cmd_memory(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
+    from .runtime import HelpFormatter
+
     p = subparsers.add_parser(
         "memory",
         help="saved-activation bytes per component and memory mode, and the largest training size for a budget",
         description="Measure what one training forward keeps for backward, per component (patch embed, "
         "attention, Mix-FFN, decoder, loss), for each memory mode next to the reference and Hugging Face, "
         "and estimate the largest square training size that fits --budget from those measurements.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default="b2", choices=MODEL_CHOICES,
-                   help="SegFormer variant (default b2) or a SETR (setr-pup, setr-mla-b16, ...; no Hugging Face twin)")
-    p.add_argument("--size", type=int, default=1024, help="square image side (default 1024)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+                   help="SegFormer variant or a SETR (setr-pup, setr-mla-b16, ...; no Hugging Face twin)")
+    p.add_argument("--size", type=int, default=1024, help="square image side")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 16GiB, for the largest-size estimate")
-    p.add_argument("--num-classes", type=int, default=150, help="classes (default 150, ADE20K)")
+    p.add_argument("--num-classes", type=int, default=150, help="classes (ADE20K has 150)")
     p.add_argument("--backend", default="auto", help="backend of our model (auto, torch, triton, cuda, cpp)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
     p.add_argument("--amp", default="none", choices=AMP_CHOICES,
-                   help="run every model's forward and loss under torch.autocast with this dtype (default none: fp32)")
+                   help="run every model's forward and loss under torch.autocast with this dtype (none: fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_memory)

@@ -170,6 +170,7 @@ def _cmd_evaluate(args) -> int:
 
 def register(subparsers) -> None:
     """Add the train, predict and evaluate subcommands to ``segformer-fast``."""
+    from ..tools.runtime import HelpFormatter
     from .trainer import TrainConfig
 
     d = TrainConfig()
@@ -179,6 +180,7 @@ def register(subparsers) -> None:
         "Cityscapes or images/ + masks/ layouts). Runs on one device, or one process per device under "
         "`torchrun --nproc_per_node N` (DistributedDataParallel, SyncBatchNorm). Checkpoints go to --out; "
         "--resume DIR continues exactly.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=UNSET, choices=MODEL_NAMES, metavar="MODEL",
                    help=f"b0..b5 (SegFormer, default {d.model}), or setr-{{naive,pup,mla}} (ViT-L/16) and "
@@ -229,7 +231,8 @@ def register(subparsers) -> None:
                         "(without it, train refuses such a folder; other files there are never touched)")
     p.set_defaults(func=_cmd_train)
 
-    p = subparsers.add_parser("predict", help="segment images: label, colour and overlay PNGs")
+    p = subparsers.add_parser("predict", help="segment images: label, colour and overlay PNGs",
+                              formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
@@ -238,10 +241,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
-    p = subparsers.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy on a dataset folder")
+    p = subparsers.add_parser("evaluate", help="mIoU, per-class IoU and pixel accuracy on a dataset folder",
+                              formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="a dataset folder, or 'synthetic'")
-    p.add_argument("--layout", default="auto", choices=("auto", "ade", "cityscapes", "generic"))
-    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--layout", default="auto", choices=("auto", "ade", "cityscapes", "generic"),
+                   help="dataset folder layout (auto: detected)")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="which split of the folder to evaluate")
     p.add_argument("--scale", type=_ints, default=None, help="LONG,SHORT test scale (default: the layout's)")
     p.add_argument("--synthetic-val", type=int, default=d.synthetic_val, help="synthetic validation images")
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="synthetic image side")
