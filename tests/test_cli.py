@@ -170,3 +170,46 @@ def test_subcommand_help_shows_defaults(command, option):
     assert r.returncode == 0, r.stderr
     line = r.stdout[r.stdout.index(f"  {option}"):]
     assert "(default:" in line.split("\n  --")[0]
+
+
+@pytest.mark.parametrize("argv", [["benchmark"], ["memory"], ["train"], ["predict", "x.png", "--out", "o", "--weights", "w"],
+                                  ["evaluate", "--data", "synthetic", "--weights", "w"]])
+def test_computing_subcommands_take_threads(argv):
+    from segformer_fast.tools.cli import build_parser
+
+    args = build_parser().parse_args([*argv, "--threads", "3"])
+    assert args.threads == 3
+    r = _cli(argv[0], "--help")
+    assert "--threads THREADS" in r.stdout
+    assert ("--device DEVICE" in r.stdout) == (argv[0] in ("benchmark", "predict", "evaluate"))
+
+
+def test_physical_cores_within_allowed_cpus():
+    import os
+
+    from segformer_fast.tools.runtime import physical_cores
+
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_runtime_args_set_threads_and_warn_on_oversubscription(monkeypatch, capsys):
+    import os
+
+    from segformer_fast.tools.runtime import apply_runtime_args, physical_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        apply_runtime_args(SimpleNamespace(command="benchmark", threads=None))
+        assert torch.get_num_threads() == physical_cores()
+        assert capsys.readouterr().err == ""
+        monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.5, 0.0, 0.0))
+        apply_runtime_args(SimpleNamespace(command="benchmark", threads=1))
+        assert torch.get_num_threads() == 1
+        err = capsys.readouterr().err
+        assert err.startswith("segformer-fast benchmark: warning: load average") and err.count("\n") == 1
+        with pytest.raises(ValueError, match="--threads"):
+            apply_runtime_args(SimpleNamespace(command="benchmark", threads=0))
+    finally:
+        torch.set_num_threads(before)

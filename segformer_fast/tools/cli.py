@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 
-from .runtime import HelpFormatter
+from .runtime import HelpFormatter, add_runtime_args, apply_runtime_args
 
 __all__ = ["main"]
 
@@ -52,8 +52,7 @@ def _cmd_benchmark(args) -> int:
     from ..utils.amp import amp_name
     from .benchmark import build_providers, format_table, have_transformers, run_benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_runtime_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     hw = (args.size, args.width or args.size)
     providers = build_providers(
@@ -128,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=150, help="classes (ADE20K has 150)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_runtime_args(p)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_benchmark)

@@ -299,11 +299,12 @@ def _title(variant: str) -> str:
 
 
 def _cmd_memory(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .runtime import apply_runtime_args
+
     budget = parse_bytes(args.budget) if args.budget else None
     if args.size < _MIN_FIT_SIDE:
         raise SystemExit(f"segformer-fast memory: --size must be at least {_MIN_FIT_SIDE}, got {args.size}")
+    apply_runtime_args(args)
     print(f"measuring {_title(args.model)} at {args.size}x{args.size} and {max(_MIN_FIT_SIDE, args.size // 2)} "
           f"(batch {args.batch}, {args.num_classes} classes, backend {args.backend!r}, {amp_name(args.amp)}) "
           "on the CPU ...", flush=True)
@@ -315,7 +316,7 @@ def _cmd_memory(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
-    from .runtime import HelpFormatter
+    from .runtime import HelpFormatter, add_runtime_args
 
     p = subparsers.add_parser(
         "memory",
@@ -335,5 +336,5 @@ def register(subparsers) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
     p.add_argument("--amp", default="none", choices=AMP_CHOICES,
                    help="run every model's forward and loss under torch.autocast with this dtype (none: fp32)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_runtime_args(p, device=False)  # measures on the CPU
     p.set_defaults(func=_cmd_memory)

@@ -9,6 +9,7 @@ import math
 import os
 
 from ..configs import MEMORY_MODES
+from ..tools.runtime import HelpFormatter, add_runtime_args, apply_runtime_args
 from .build import MODEL_NAMES
 
 __all__ = ["register"]
@@ -79,11 +80,8 @@ def _train_config(args):
 def _cmd_train(args) -> int:
     from .trainer import train
 
+    apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
     cfg = _train_config(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     m = result["metrics"]
     if m is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -106,13 +104,15 @@ def _inference_options(p) -> None:
     p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: 3/4 of --window)")
     p.add_argument("--scales", type=_floats, default=(1.0,), help="comma-separated scales, e.g. 0.5,0.75,1.0,1.25")
     p.add_argument("--flip", action="store_true", help="also average over horizontal flips")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_runtime_args(p)
 
 
 def _model_for(args):
     import torch
 
     from .inference import load_model
+
+    apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stride = args.stride or (max(1, args.window * 3 // 4) if args.window else None)
@@ -170,7 +170,6 @@ def _cmd_evaluate(args) -> int:
 
 def register(subparsers) -> None:
     """Add the train, predict and evaluate subcommands to ``segformer-fast``."""
-    from ..tools.runtime import HelpFormatter
     from .trainer import TrainConfig
 
     d = TrainConfig()
@@ -224,7 +223,7 @@ def register(subparsers) -> None:
                    help=f"synthetic validation images (default {d.synthetic_val})")
     p.add_argument("--seed", type=int, default=UNSET, help="seed of data order, augmentation and init")
     p.add_argument("--workers", type=int, default=UNSET, help=f"data loader processes (default {d.workers})")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_runtime_args(p, device=False)  # one process per GPU: torchrun's LOCAL_RANK, else cuda when present
     p.add_argument("--no-progress", dest="progress", action="store_false", default=UNSET, help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run's checkpoints, metrics.json and model.safetensors in --out "
