@@ -143,7 +143,27 @@ class MiTEncoder(nn.Module):
         return feats
 
 
-class SegFormer(nn.Module):
+class Predicts:
+    """``predict`` / ``predict_probs`` methods for a segmentation model (SegFormer, SETR), delegating to
+    :func:`segformer_fast.predict` and :func:`segformer_fast.predict_probs`."""
+
+    def predict(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
+        """(H, W) int64 labels of each image (a path, PIL image, (H, W, 3) uint8 array or (3, H, W)
+        tensor, or a list of them) at its own size: :func:`segformer_fast.predict` of this model."""
+        from ..prediction import predict
+
+        return predict(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
+                       batch_size=batch_size)
+
+    def predict_probs(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
+        """(K, H, W) float32 probabilities of each image: :func:`segformer_fast.predict_probs` of this model."""
+        from ..prediction import predict_probs
+
+        return predict_probs(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
+                             batch_size=batch_size)
+
+
+class SegFormer(Predicts, nn.Module):
     """SegFormer semantic segmentation model.
 
     ``model(images)`` maps (B, 3, H, W) images (any H, W >= 32) to logits
@@ -198,21 +218,6 @@ class SegFormer(nn.Module):
                 return self.decoder(list(features))
 
         return _run(decode, *feats, checkpointed=True)
-
-    def predict(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
-        """(H, W) int64 labels of each image (a path, PIL image, (H, W, 3) uint8 array or (3, H, W)
-        tensor, or a list of them) at its own size: :func:`segformer_fast.predict` of this model."""
-        from ..prediction import predict
-
-        return predict(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
-                       batch_size=batch_size)
-
-    def predict_probs(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
-        """(K, H, W) float32 probabilities of each image: :func:`segformer_fast.predict_probs` of this model."""
-        from ..prediction import predict_probs
-
-        return predict_probs(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
-                             batch_size=batch_size)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
              weight: torch.Tensor | None = None) -> torch.Tensor:

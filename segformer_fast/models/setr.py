@@ -20,7 +20,7 @@ from ..configs import MemoryMode, SETRConfig, get_setr_config
 from ..nn.setr_heads import ClassifierHead, MLANeck, SETRMLAHead, SETRUpHead
 from ..nn.setr_heads_fused import FusedMLANeck, FusedSETRMLAHead, FusedSETRUpHead
 from ..nn.vit_block import ViTBlock
-from .segformer import SegFormer, _init_weights, _run, check_image_batch, segformer_loss_reference
+from .segformer import Predicts, SegFormer, _init_weights, _run, check_image_batch, segformer_loss_reference
 
 __all__ = ["ViTEncoder", "SETR", "SETROutput", "setr", "setr_loss"]
 
@@ -96,7 +96,7 @@ class ViTEncoder(nn.Module):
         return feats
 
 
-class SETR(nn.Module):
+class SETR(Predicts, nn.Module):
     """SETR semantic segmentation model (ViT encoder + Naive, PUP or MLA decoder).
 
     ``model(images)`` maps (B, 3, H, W) images (any H, W >= 16; see the module docstring for
@@ -183,21 +183,6 @@ class SETR(nn.Module):
         if labels is not None:
             return SETROutput(logits, aux, setr_loss(SETROutput(logits, aux), labels, ignore_index=ignore_index))
         return SETROutput(logits, aux) if self.training else logits
-
-    def predict(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
-        """(H, W) int64 labels of each image (a path, PIL image, (H, W, 3) uint8 array or (3, H, W)
-        tensor, or a list of them) at its own size: :func:`segformer_fast.predict` of this model."""
-        from ..prediction import predict
-
-        return predict(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
-                       batch_size=batch_size)
-
-    def predict_probs(self, images, *, size=None, window=None, stride=None, scales=(1.0,), flip=False, batch_size=8):
-        """(K, H, W) float32 probabilities of each image: :func:`segformer_fast.predict_probs` of this model."""
-        from ..prediction import predict_probs
-
-        return predict_probs(self, images, size=size, window=window, stride=stride, scales=scales, flip=flip,
-                             batch_size=batch_size)
 
     def _run_head(self, head: nn.Module, x: torch.Tensor, low_res: bool) -> torch.Tensor:
         """A Naive/PUP head's logits; with ``low_res``, a head whose upsampling ends at the padded
