@@ -51,13 +51,21 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
-def _is_stale(path: str, pid: int) -> bool:
+def _pid_gone(pid: int) -> bool:
+    """True when no process has ``pid``; a live process of another user, or a pid we cannot ask
+    about, counts as present (its temp files are then judged by age)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, OverflowError, OSError):
-        pass  # alive (another user's), or not a pid we can ask about: judge by age only
+    except (OSError, OverflowError):
+        return False
+    return False
+
+
+def _is_stale(path: str, pid: int) -> bool:
+    if _pid_gone(pid):
+        return True
     started = _process_start(pid)
     try:
         mtime = os.stat(path).st_mtime
