@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.fused import cast
+
 __all__ = ["autocast_dtype", "cast", "run_autocast"]
 
 
@@ -37,15 +39,6 @@ def autocast_dtype(x) -> torch.dtype | None:
     if not torch.is_autocast_enabled(dev) or not t.is_floating_point() or t.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(dev)
-
-
-def cast(t, dtype: torch.dtype | None):
-    """``t`` (a tensor, None, or a list/tuple of them) in ``dtype``; unchanged when ``dtype`` is None."""
-    if dtype is None or t is None:
-        return t
-    if isinstance(t, (list, tuple)):
-        return type(t)(cast(u, dtype) for u in t)
-    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
 def run_autocast(fn, x, *args, **kwargs):

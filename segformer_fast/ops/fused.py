@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fused_op", "in_dtype_of"]
+__all__ = ["fused_op", "cast", "in_dtype_of"]
 
 
 def fused_op(name: str, forward: Callable, forward_fake: Callable, backward: Callable, backward_fake: Callable,
@@ -45,6 +45,16 @@ def fused_op(name: str, forward: Callable, forward_fake: Callable, backward: Cal
     return fwd_op, bwd_op
 
 
+def cast(t, dtype: torch.dtype | None):
+    """``t`` (a tensor, None, or a list/tuple of them) in ``dtype``; unchanged when ``dtype`` is None.
+    Only floating tensors are cast."""
+    if dtype is None or t is None:
+        return t
+    if isinstance(t, (list, tuple)):
+        return type(t)(cast(u, dtype) for u in t)
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
 def in_dtype_of(x: torch.Tensor, *tensors):
     """``tensors`` (None stays None) in x's dtype, as a tuple.
 
@@ -52,4 +62,4 @@ def in_dtype_of(x: torch.Tensor, *tensors):
     with fp16/bf16 activations: they cast here, inside the op, so that autograd keeps the fp32
     parameter (which exists anyway) and not a 16-bit copy per call, and the backward casts again.
     """
-    return tuple(t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors)
+    return cast(tensors, x.dtype)
