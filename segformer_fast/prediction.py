@@ -123,6 +123,7 @@ def predict_probs(model, images, *, size=None, window: int | None = None, stride
     Example:
         >>> probs = segformer_fast.predict_probs(model, "photo.jpg", size=512)
     """
+    from .train.inference import default_stride
     from .train.inference import predict_probs as _probs
     from .train.transforms import normalize
 
@@ -130,8 +131,8 @@ def predict_probs(model, images, *, size=None, window: int | None = None, stride
     items = [images] if single else list(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if window is not None and stride is None:
-        stride = max(1, window * 3 // 4)
+    if stride is None:
+        stride = default_stride(window)
     chw = [_as_chw(im, i) for i, im in enumerate(items)]  # all read and checked before any forward
     device, dtype = _model_place(model)
     net = model if _returns_tensor(model) else _Logits(model)

@@ -110,12 +110,12 @@ def _inference_options(p) -> None:
 def _model_for(args):
     import torch
 
-    from .inference import load_model
+    from .inference import default_stride, load_model
 
     apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stride = args.stride or (max(1, args.window * 3 // 4) if args.window else None)
+    stride = args.stride or default_stride(args.window)
     model = load_model(args.weights, args.model, args.num_classes, args.backend, device, _overrides(args))
     return model, device, stride
 

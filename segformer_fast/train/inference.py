@@ -50,6 +50,11 @@ def _logits_sliding(model, image: torch.Tensor, window: int, stride: int) -> tor
     return total / count
 
 
+def default_stride(window: int | None) -> int | None:
+    """The sliding-window step when none is given: 3/4 of the window (tiles overlap by a quarter)."""
+    return max(1, window * 3 // 4) if window else None
+
+
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Tile starts covering [0, size): every ``stride``, the last tile flush with the end.
 
