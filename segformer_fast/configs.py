@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 __all__ = ["MemoryMode", "MEMORY_MODES", "LAYER_MEMORY_MODES",
            "LayerNormEps", "SegFormerConfig", "SEGFORMER_VARIANTS", "get_config",
-           "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "SETR_MODELS", "get_setr_config"]
+           "SETRConfig", "SETR_DECODERS", "SETR_VARIANTS", "SETR_MODELS", "get_setr_config", "check_id2label"]
 
 
 class MemoryMode(str, enum.Enum):
@@ -56,6 +57,71 @@ MEMORY_MODES: tuple[str, ...] = tuple(m.value for m in MemoryMode)  # all modes 
 LAYER_MEMORY_MODES: tuple[str, ...] = (MemoryMode.SAVE.value, MemoryMode.RECOMPUTE.value)  # a layer's modes
 
 
+def check_id2label(id2label, num_classes: int, owner: str = "config") -> dict[int, str] | None:
+    """``id2label`` as a new ``{0: name, ..., num_classes - 1: name}`` dict, or None (no names).
+
+    Accepts a mapping with int keys or their strings (as JSON writes them, e.g. a Hugging Face
+    ``config.json``) or a sequence of names in class order. Raises ValueError naming the problem:
+    a count that differs from ``num_classes``, keys that are not 0..num_classes-1, a name that is not
+    a string.
+    """
+    if id2label is None:
+        return None
+    if isinstance(id2label, str) or not isinstance(id2label, (Mapping, list, tuple)):
+        raise ValueError(f"{owner}.id2label must be a dict {{class id: name}} or a list of names, "
+                         f"got {type(id2label).__name__}")
+    items = id2label.items() if isinstance(id2label, Mapping) else enumerate(id2label)
+    names: dict[int, str] = {}
+    for key, name in items:
+        try:
+            k = int(key)
+            if isinstance(key, bool) or (isinstance(key, str) and key.strip() != str(k)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"{owner}.id2label has key {key!r}, expected class ids 0..{num_classes - 1}") from None
+        if not isinstance(name, str):
+            raise ValueError(f"{owner}.id2label[{k}] is {name!r}, expected a string")
+        if k in names:
+            raise ValueError(f"{owner}.id2label names class {k} twice")
+        names[k] = name
+    if len(names) != num_classes:
+        raise ValueError(f"{owner}.id2label has {len(names)} name{'' if len(names) == 1 else 's'} but num_classes "
+                         f"is {num_classes}")
+    if set(names) != set(range(num_classes)):
+        stray = sorted(k for k in names if not 0 <= k < num_classes)
+        raise ValueError(f"{owner}.id2label has class ids {stray[:5]} outside 0..{num_classes - 1}")
+    return {k: names[k] for k in range(num_classes)}
+
+
+class _ClassNames:
+    """``id2label``/``label2id``/``class_names`` of a config with ``num_classes`` and ``id2label`` fields."""
+
+    def _check_names(self) -> None:
+        object.__setattr__(self, "id2label", check_id2label(self.id2label, self.num_classes, type(self).__name__))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes' names in id order: ``id2label``'s, or "class 0", "class 1", ... without it."""
+        if self.id2label is None:
+            return tuple(f"class {k}" for k in range(self.num_classes))
+        return tuple(self.id2label[k] for k in range(self.num_classes))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """``{name: class id}`` of :attr:`class_names` (a name given twice maps to its first id)."""
+        out: dict[str, int] = {}
+        for k, name in enumerate(self.class_names):
+            out.setdefault(name, k)
+        return out
+
+    def _names_for(self, overrides: dict) -> dict:
+        """``overrides``, plus id2label=None when they change num_classes and leave names that no longer fit."""
+        k = overrides.get("num_classes", self.num_classes)
+        if "id2label" not in overrides and self.id2label is not None and k != self.num_classes:
+            return {**overrides, "id2label": None}
+        return overrides
+
+
 @dataclass(frozen=True)
 class LayerNormEps:
     """LayerNorm epsilons by role. Checkpoints disagree (see the weight loader), so they are data.
@@ -71,10 +137,17 @@ class LayerNormEps:
 
 
 @dataclass(frozen=True)
-class SegFormerConfig:
+class SegFormerConfig(_ClassNames):
     """Architecture of a SegFormer (MiT encoder + All-MLP decoder).
 
     All per-stage tuples have one entry per stage (4 for every published variant).
+    ``id2label`` names the classes ({0: "wall", ...}, one per class, as Hugging Face's configs do;
+    None: unnamed, "class 0", ...); ``label2id`` and ``class_names`` derive from it. A copy that
+    changes ``num_classes`` without giving new names drops names that no longer fit.
+
+    Example:
+        >>> get_config("b0", num_classes=2, id2label={0: "background", 1: "road"}).label2id
+        {'background': 0, 'road': 1}
     """
 
     name: str = "b0"
@@ -95,6 +168,7 @@ class SegFormerConfig:
     decoder_dropout: float = 0.1
     decoder_dropout2d: bool = False  # False: element-wise (Hugging Face); True: Dropout2d (NVlabs)
     ln_eps: LayerNormEps = LayerNormEps()
+    id2label: dict[int, str] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         n = len(self.hidden_sizes)
@@ -109,6 +183,7 @@ class SegFormerConfig:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.decoder_dim < 1:
             raise ValueError(f"decoder_dim must be >= 1, got {self.decoder_dim}")
+        self._check_names()
 
     @property
     def num_stages(self) -> int:
@@ -125,7 +200,7 @@ class SegFormerConfig:
         if unknown:
             raise TypeError(f"unknown SegFormerConfig field(s) {unknown}; valid fields: {sorted(names)}")
         clean = {}
-        for key, value in overrides.items():
+        for key, value in self._names_for(overrides).items():
             if isinstance(value, list):
                 value = tuple(value)
             if key == "ln_eps" and isinstance(value, dict):
@@ -134,6 +209,7 @@ class SegFormerConfig:
         return dataclasses.replace(self, **clean)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict (``from_dict`` reads it back, id2label's string keys included)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -186,13 +262,14 @@ def _scaled_indices(depth: int, layers_of_24: tuple[int, ...]) -> tuple[int, ...
 
 
 @dataclass(frozen=True)
-class SETRConfig:
+class SETRConfig(_ClassNames):
     """Architecture of a SETR (plain ViT encoder at 1/16 + Naive, PUP or MLA decoder).
 
     ``aux_layers`` (Naive/PUP auxiliary heads) and ``mla_layers`` (MLA taps) are 0-based block
     indices; None scales the paper's ViT-L choice (9, 14, 19) and (5, 11, 17, 23) to ``depth``.
     The encoder has no final LayerNorm: each head (or the MLA neck) normalises its own input, as
     mmsegmentation builds SETR (VisionTransformer with final_norm=False).
+    ``id2label``, ``label2id`` and ``class_names`` name the classes as in :class:`SegFormerConfig`.
     """
 
     name: str = "vit-l16"
@@ -213,6 +290,7 @@ class SETRConfig:
     mla_head_channels: int = 128  # per-level width of the MLA head
     aux_layers: tuple[int, ...] | None = None
     mla_layers: tuple[int, ...] | None = None
+    id2label: dict[int, str] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if self.decoder not in SETR_DECODERS:
@@ -230,6 +308,7 @@ class SETRConfig:
                 raise ValueError(f"SETRConfig.{field_name}={value} has indices outside 0..{self.depth - 1}")
         if self.mla_layers is not None and len(self.mla_layers) != 4:
             raise ValueError(f"SETRConfig.mla_layers needs 4 block indices, got {self.mla_layers}")
+        self._check_names()
 
     @property
     def grid_size(self) -> int:
@@ -258,7 +337,7 @@ class SETRConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown SETRConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in self._names_for(overrides).items()}
         return dataclasses.replace(self, **clean)
 
     def to_dict(self) -> dict:

@@ -1,3 +1,4 @@
+from .hf import to_hf
 from .hub import from_pretrained
 from .weights import (
     LAYOUTS,
@@ -22,4 +23,5 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "save_weights",
+    "to_hf",
 ]

@@ -6,16 +6,37 @@ import json
 import os
 import re
 
-from ..configs import SEGFORMER_VARIANTS, SegFormerConfig
+from ..configs import SEGFORMER_VARIANTS, SegFormerConfig, check_id2label
 
-__all__ = ["from_pretrained", "config_from_hf"]
+__all__ = ["from_pretrained", "config_from_hf", "hf_id2label"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def hf_id2label(hf: dict, num_classes: int) -> dict[int, str] | None:
+    """The class names of a Hugging Face ``config.json`` dict, when they name ``num_classes`` classes.
+
+    None when the config has none, when they are transformers' placeholders ("LABEL_0", ...), or when
+    their count differs from ``num_classes`` (e.g. a checkpoint loaded with a new head size).
+    """
+    labels = hf.get("id2label")
+    if not isinstance(labels, dict) or len(labels) != num_classes:
+        return None
+    try:
+        names = check_id2label(labels, num_classes, "config.json")
+    except ValueError as exc:
+        raise ValueError(f"the Hugging Face config's id2label is unusable: {exc}") from None
+    if all(name == f"LABEL_{k}" for k, name in names.items()):
+        return None
+    return names
+
+
 def config_from_hf(hf: dict, num_classes: int | None = None) -> SegFormerConfig:
-    """A SegFormerConfig from a Hugging Face ``config.json`` dict (SegformerConfig fields)."""
+    """A SegFormerConfig from a Hugging Face ``config.json`` dict (SegformerConfig fields).
+
+    Its ``id2label`` names become the config's (see :func:`hf_id2label`).
+    """
     if hf.get("model_type", "segformer") != "segformer":
         raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not a segformer")
     if num_classes is None:
@@ -36,6 +57,7 @@ def config_from_hf(hf: dict, num_classes: int | None = None) -> SegFormerConfig:
         proj_drop=hf.get("hidden_dropout_prob", 0.0),
         decoder_dropout=hf.get("classifier_dropout_prob", 0.1),
         num_classes=num_classes,
+        id2label=hf_id2label(hf, num_classes),
     )
     name = "custom"
     for key, known in SEGFORMER_VARIANTS.items():
@@ -92,11 +114,14 @@ def from_pretrained(name_or_path: str | os.PathLike, num_classes: int | None = N
             "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded with huggingface_hub when the
             network allows).
         num_classes: override the number of classes (e.g. for a backbone-only checkpoint); a head
-            whose size then differs is a shape conflict (use strict=False to leave it initialised).
+            whose size then differs is a shape conflict (use strict=False to leave it initialised),
+            and class names that no longer fit are dropped.
         backend: as in :func:`segformer_fast.segformer`.
-        **overrides: SegFormerConfig fields to change (e.g. drop_path_rate).
+        **overrides: SegFormerConfig fields to change (e.g. drop_path_rate, or id2label to rename the classes).
     Returns:
-        A SegFormer (a SETR for a file whose metadata says so) in eval mode.
+        A SegFormer (a SETR for a file whose metadata says so) in eval mode. Its class names, when
+        the source has them (a Hugging Face ``config.json``'s ``id2label``, the config ``save_weights``
+        or training recorded), are ``model.config.id2label``.
 
     Example:
         >>> model = segformer_fast.from_pretrained("./segformer-b0-finetuned-ade-512-512")
@@ -160,8 +185,8 @@ def _setr_from_file(path: str, metadata: dict, num_classes, backend, strict: boo
     from ..models.setr import SETR
     from .setr_weights import load_setr_weights
 
-    cfg = SETRConfig.from_dict({**json.loads(metadata["config"]), **overrides,
-                                **({} if num_classes is None else {"num_classes": num_classes})})
+    cfg = SETRConfig.from_dict(_json_loads(metadata["config"], f"the config in {path!r}"))
+    cfg = cfg.replace(**overrides, **({} if num_classes is None else {"num_classes": num_classes}))
     model = SETR(cfg, backend=default_backend() if backend is None else backend,
                  aux=json.loads(metadata.get("aux", "true")))
     load_setr_weights(model, path, strict=strict)

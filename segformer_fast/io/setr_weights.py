@@ -38,6 +38,7 @@ from .weights import (
     LoadReport,
     Rule,
     _packed,
+    adopt_class_names,
     apply_rules,
     read_state_dict,
 )
@@ -134,7 +135,7 @@ def load_setr_weights(model, source, strict: bool = True) -> LoadReport:
 
     if not isinstance(model, SETR):
         raise TypeError(f"load_setr_weights needs a segformer_fast.SETR, got {type(model).__name__}")
-    sd, _ = read_state_dict(source)
+    sd, metadata = read_state_dict(source)
     if not sd:
         raise ValueError("the checkpoint holds no tensors")
     layout = detect_setr_layout(sd.keys())
@@ -162,7 +163,9 @@ def load_setr_weights(model, source, strict: bool = True) -> LoadReport:
             if tuple(t.shape) == tuple(target[k].shape):
                 target[k].copy_(t.to(target[k].dtype))
                 loaded += 1
-    if not has_head:
+    if has_head:
+        adopt_class_names(model, source, metadata)
+    else:
         warnings.warn(f"backbone-only checkpoint ({layout}): loaded {loaded} encoder tensors; the heads keep their "
                       "initialisation and need training", BackboneOnlyWarning, stacklevel=2)
     return LoadReport(layout, loaded, has_head, None, missing, unexpected, shapes, ignored)

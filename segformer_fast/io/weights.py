@@ -15,6 +15,7 @@ LayerNorm epsilons are taken from the source's convention.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..configs import LayerNormEps, SegFormerConfig
+from ..configs import LayerNormEps, SegFormerConfig, check_id2label
 from ..utils.atomic import atomic_path
 
 __all__ = [
@@ -405,6 +406,8 @@ def load_weights(model, source, strict: bool = True) -> LoadReport:
             its initialisation and a ``BackboneOnlyWarning`` says so.
     Returns:
         A :class:`LoadReport` (layout, counts, what was missing or ignored, the epsilons applied).
+        An unnamed model whose decoder was loaded takes the source's class names, if it has names
+        for that many classes (see :func:`adopt_class_names`).
 
     Example:
         >>> model = segformer_fast.segformer("b0", num_classes=150)
@@ -466,6 +469,8 @@ def load_weights(model, source, strict: bool = True) -> LoadReport:
         eps = LAYOUT_EPS.get(layout, cfg.ln_eps)
     model.set_layer_norm_eps(eps)
 
+    if has_decoder:
+        adopt_class_names(model, source, metadata)
     report = LoadReport(layout, loaded, has_decoder, eps, missing, unexpected, shapes, ignored)
     if not has_decoder:
         warnings.warn(
@@ -475,6 +480,31 @@ def load_weights(model, source, strict: bool = True) -> LoadReport:
             stacklevel=2,
         )
     return report
+
+
+def adopt_class_names(model, source, metadata: Mapping[str, str]) -> None:
+    """Give an unnamed ``model`` the class names ``source`` carries, when they fit its classifier.
+
+    The names come from a file's metadata config (``save_weights``) or a model object's
+    ``config.id2label`` (ours or a Hugging Face one; transformers' "LABEL_k" placeholders are no
+    names). A model that already has names keeps them.
+    """
+    if model.config.id2label is not None:
+        return
+    names = None
+    if "config" in metadata:
+        with contextlib.suppress(ValueError, AttributeError):
+            names = json.loads(metadata["config"]).get("id2label")
+    elif isinstance(source, nn.Module):
+        names = getattr(getattr(source, "config", None), "id2label", None)
+    if not names:
+        return
+    try:
+        names = check_id2label(names, model.config.num_classes)
+    except ValueError:
+        return  # another head size or unusable names: the model stays unnamed
+    if not all(name == f"LABEL_{k}" for k, name in names.items()):
+        model.config = model.config.replace(id2label=names)
 
 
 def export_state_dict(model, layout: str = "native", backbone_only: bool = False) -> dict[str, torch.Tensor]:
@@ -509,7 +539,8 @@ def save_weights(model, path: str | os.PathLike, layout: str = "native") -> None
     """Write the model's weights to a .safetensors file atomically (temp file + rename).
 
     The native layout stores the model config in the file's metadata, so
-    ``segformer_fast.from_pretrained(path)`` rebuilds the same model (LayerNorm epsilons included).
+    ``segformer_fast.from_pretrained(path)`` rebuilds the same model (LayerNorm epsilons and class
+    names, ``config.id2label``, included).
     A SETR is written in the native layout only, with ``architecture`` "setr", its SETRConfig and
     whether it has auxiliary heads.
     """

@@ -43,7 +43,7 @@ def memory_modes(name: str) -> tuple[str, ...]:
 
 
 def build_model(name: str, num_classes: int, backend: str | None = None, memory: str = "save",
-                overrides: dict | None = None, img_size: int | None = None) -> nn.Module:
+                overrides: dict | None = None, img_size: int | None = None, id2label=None) -> nn.Module:
     """A randomly initialised model by name.
 
     Args:
@@ -54,17 +54,23 @@ def build_model(name: str, num_classes: int, backend: str | None = None, memory:
         overrides: config fields to change (``SegFormerConfig`` or ``SETRConfig`` ones).
         img_size: SETR only: the size its position embedding is made for, rounded up to a multiple
             of the patch size (default 512, the paper's); an ``img_size`` override wins.
+        id2label: the class names for ``model.config.id2label`` ({id: name} or a list of names, e.g.
+            the training dataset's ``class_names``); None: unnamed. An ``id2label`` override wins.
     Returns:
         A SegFormer or SETR in train mode.
 
     Example:
         >>> model = build_model("setr-mla", 6, overrides={"embed_dim": 32, "depth": 4, "num_heads": 2})
+        >>> build_model("b0", 19, id2label=CITYSCAPES_CLASSES).config.id2label[0]
+        'road'
     """
     from ..models.segformer import segformer
     from ..models.setr import setr
 
     _check_name(name)
     overrides = dict(overrides or {})
+    if id2label is not None:
+        overrides.setdefault("id2label", id2label)
     if not is_setr(name):
         return segformer(name, num_classes=num_classes, backend=backend, memory=memory, **overrides)
     decoder, variant = SETR_MODELS[name]

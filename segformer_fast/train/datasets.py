@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from ..classes import DATASET_CLASSES
 from .imageio import read_image, read_mask
 
 __all__ = ["DatasetError", "SegmentationFolder", "detect_layout", "LAYOUT_DEFAULTS", "IMAGE_EXTENSIONS"]
@@ -91,6 +92,8 @@ class SegmentationFolder:
         ignore_index: the label of pixels to skip.
     Returns (per item): ``(image, mask)``, (H, W, 3) uint8 and (H, W) int64 ids in
         [0, num_classes) or ``ignore_index``.
+    ``class_names``: the layout's names in id order (``classes.ADE20K_CLASSES``,
+    ``classes.CITYSCAPES_CLASSES``) when ``num_classes`` is the layout's own; otherwise None.
 
     Example:
         >>> ds = SegmentationFolder("data/ADEChallengeData2016", "val")
@@ -109,6 +112,8 @@ class SegmentationFolder:
         if self.num_classes is None:
             raise DatasetError(f"the generic layout needs the number of classes (--num-classes) for {self.root!r}")
         self.split, self.ignore_index = split, ignore_index
+        names = DATASET_CLASSES.get(self.layout)
+        self.class_names: tuple[str, ...] | None = names if names and len(names) == self.num_classes else None
         self.scale = LAYOUT_DEFAULTS[self.layout]["scale"]
         self.items = self._pairs()
         if not self.items:
