@@ -8,7 +8,8 @@ import torch
 from segformer_fast.backends import available_backends, cpu_extension
 from segformer_fast.testing import backend_device
 from segformer_fast.ops import upsample_sum
-from segformer_fast.ops.upsample_sum import upsample_sum_nhwc, upsample_sum_reference
+from segformer_fast.ops.math_utils import bilinear_taps
+from segformer_fast.ops.upsample_sum import upsample_sum_bwd_nhwc, upsample_sum_nhwc, upsample_sum_reference
 
 # 1/4 map sizes; the stage maps are ceil-halved from there (7x9 -> 4x5 -> 2x3 -> 1x2).
 SHAPES = [(1, (7, 9)), (3, (17, 33))]
@@ -105,6 +106,60 @@ def test_low_precision(backend, dtype):
     for a, b, c in zip(g_out, g_ref, g_low):
         assert a.dtype == dtype
         assert err(a, b) <= 2 * err(c, b) + 1e-3 * b.abs().max().item()
+
+
+def brute_force_ranges(n_in, n_out):
+    # [lo, hi) per input index from every output index's taps with a nonzero weight (and a check that
+    # the readers of each input index are contiguous, which the kernel's ranges assume)
+    i0, i1, l1 = bilinear_taps(n_in, n_out, 0, n_out, "cpu")
+    weight = torch.zeros(n_out, n_in)
+    o = torch.arange(n_out)
+    weight.index_put_((o, i0), 1.0 - l1, accumulate=True)
+    weight.index_put_((o, i1), l1, accumulate=True)
+    lo, hi = [], []
+    for i in range(n_in):
+        readers = (weight[:, i] != 0).nonzero().flatten().tolist()
+        assert readers == list(range(readers[0], readers[-1] + 1)) if readers else True
+        lo.append(readers[0] if readers else None)
+        hi.append(readers[-1] + 1 if readers else None)
+    return lo, hi
+
+
+RANGE_SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 32, 33, 64, 100, 128]
+
+
+def test_reader_range_is_exact():
+    """The Triton kernel's closed-form [lo, hi) is exactly the set of output indices with a nonzero
+    weight, for up- and downsampling, integer and non-integer ratios, sizes 1 and odd."""
+    require("triton")
+    from segformer_fast.ops.upsample_sum.triton_kernels import reader_ranges
+
+    for n_in in RANGE_SIZES:
+        for n_out in RANGE_SIZES + [255, 256]:
+            lo, hi = reader_ranges(n_in, n_out)
+            want_lo, want_hi = brute_force_ranges(n_in, n_out)
+            for i in range(n_in):
+                if want_lo[i] is None:
+                    assert lo[i] >= hi[i], (n_in, n_out, i)
+                else:
+                    assert (lo[i].item(), hi[i].item()) == (want_lo[i], want_hi[i]), (n_in, n_out, i)
+
+
+ADJOINT_SIZES = [((1, 1), (5, 7)), ((1, 4), (3, 1)), ((4, 5), (7, 9)), ((7, 9), (7, 9)), ((2, 3), (17, 33)),
+                 ((9, 13), (5, 4)), ((3, 7), (1, 2)), ((5, 3), (16, 12)), ((8, 8), (33, 31)), ((6, 11), (13, 13))]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "cuda"])
+def test_adjoint_matches_torch_upsample_backward(backend):
+    """The maps' gradient alone against ATen's upsample_bilinear2d backward in fp64: upsampling and
+    downsampling, non-integer ratios, h = 1, odd sizes. A tap missed or added is an O(1) error."""
+    device = require(backend)
+    for (h, w), (H, W) in ADJOINT_SIZES:
+        g = torch.randn(2, H, W, 3, dtype=torch.float64, device=device)
+        want = torch.ops.aten.upsample_bilinear2d_backward(g.permute(0, 3, 1, 2), [H, W], [2, 3, h, w], False)
+        got = upsample_sum_bwd_nhwc(g.float(), [(h, w)], backend=backend)[0]
+        assert got.shape == (2, h, w, 3)
+        assert rel_err(got.double(), want.permute(0, 2, 3, 1)) <= 2e-6, ((h, w), (H, W))
 
 
 def test_nchw_input_accepted_and_equal():

@@ -4,11 +4,15 @@ Forward, one pass over the (B, H, W, D) output: for each output pixel the 4-tap 
 of each low-resolution map (PyTorch's align_corners=False source index, clamped at 0; see
 ops/triton_math.py), summed in fp32, then the optional per-channel affine and ReLU.
 
-Backward: a prep pass applies the ReLU mask and the scale to the incoming gradient and writes
-per-block partial sums for the scale/shift gradients (recomputing the pre-affine sum by the same
-gather); then, per map, the adjoint of the upsampling as a gather: every low-resolution pixel
-sums the gradient over the window of output pixels that read it, weights recomputed exactly as
-in the forward. No atomics, so results are deterministic.
+Backward: a prep pass (only with ReLU, dscale or dshift) applies the ReLU mask to the incoming
+gradient (written in its own dtype: masking does not round) and writes per-block partial sums for
+the scale/shift gradients (recomputing the pre-affine sum by the same gather). Then, per map, the
+adjoint of the upsampling as a gather over live taps only: along each axis the output indices that
+read input index i form the contiguous range [lo(i), hi(i)) where src(o) = scale (o + 0.5) - 0.5
+lies in (i - 1, i + 1), open at both ends since the end points carry weight 0 (all o below i = 0 and
+above i = n - 1: the clamped borders). A program loops over its pixels' row range times column
+range (the longest in its tile; shorter ones are masked), weights recomputed exactly as in the
+forward, and multiplies by the scale once at the end. No atomics, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from ..math_utils import bilinear_window
 from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
-from ..triton_math import bilinear_first_reader, bilinear_tap, bilinear_weight
+from ..triton_math import bilinear_tap, bilinear_weight
 
-__all__ = ["launch_config", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
+__all__ = ["launch_config", "reader_ranges", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
 
 MAX_MAPS = 4
 
@@ -95,14 +98,14 @@ def _upsample_sum_fwd_kernel(
 
 @triton.jit
 def _upsample_sum_bwd_prep_kernel(
-    gu_ptr, part_shift_ptr, part_scale_ptr, g_ptr, out_ptr, scale_ptr,
+    gm_ptr, part_shift_ptr, part_scale_ptr, g_ptr, out_ptr,
     z0_ptr, z1_ptr, z2_ptr, z3_ptr,
     h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
     n_pix, H, W, D,
-    NUM_MAPS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
-    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
+    NUM_MAPS: tl.constexpr, RELU: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # gm = g masked by the ReLU (in g's dtype: exact); per-block partial sums of g and g * u.
     pid_p = tl.program_id(0)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -110,10 +113,12 @@ def _upsample_sum_bwd_prep_kernel(
     mask_d = offs_d < D
     mask = mask_p[:, None] & mask_d[None, :]
     idx = offs_p[:, None] * D + offs_d[None, :]
-    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0)
     if RELU:
-        y = tl.load(out_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(out_ptr + idx, mask=mask, other=0.0)
         g = tl.where(y <= 0.0, 0.0, g)  # ReLU's backward as ATen's: a NaN output passes the gradient
+        tl.store(gm_ptr + idx, g.to(gm_ptr.dtype.element_ty), mask=mask)
+    g = g.to(tl.float32)
     if NEED_DSHIFT:
         tl.store(part_shift_ptr + pid_p * D + offs_d, tl.sum(g, axis=0), mask=mask_d)
     if NEED_DSCALE:
@@ -126,40 +131,89 @@ def _upsample_sum_bwd_prep_kernel(
             b, oh, ow, offs_d, mask, D, NUM_MAPS,
         )
         tl.store(part_scale_ptr + pid_p * D + offs_d, tl.sum(g * u, axis=0), mask=mask_d)
-    if HAS_SCALE:
-        g = g * tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
-    tl.store(gu_ptr + idx, g, mask=mask)
+
+
+@triton.jit
+def _src(o, scale):
+    return scale * (o.to(tl.float32) + 0.5) - 0.5  # bilinear_tap's source index, before the clamp at 0
+
+
+@triton.jit
+def _reader_range(i, scale, n_in, n_out):
+    # [lo, hi) (int32): the output indices whose taps read input index i with a nonzero weight:
+    # src(o) in (i - 1, i + 1), and every o below for i = 0 and above for i = n_in - 1 (the clamped
+    # borders). The closed forms o > (i - 0.5) / scale - 0.5 and o >= (i + 1.5) / scale - 0.5 are
+    # rounded in fp32, so each bound is settled by evaluating src exactly as the forward does at the
+    # three candidates around the estimate. Empty (lo >= hi) where no output reads i (downsampling).
+    fi = i.to(tl.float32)
+    e = tl.floor((fi - 0.5) / scale - 0.5).to(tl.int32)  # lo = e + 1 in exact arithmetic
+    lo = e - 1 + (_src(e - 1, scale) <= fi - 1.0).to(tl.int32) + (_src(e, scale) <= fi - 1.0).to(tl.int32)
+    lo += (_src(e + 1, scale) <= fi - 1.0).to(tl.int32)
+    e = tl.floor((fi + 1.5) / scale - 0.5).to(tl.int32)  # hi = e or e + 1 in exact arithmetic
+    hi = e - 1 + (_src(e - 1, scale) < fi + 1.0).to(tl.int32) + (_src(e, scale) < fi + 1.0).to(tl.int32)
+    hi += (_src(e + 1, scale) < fi + 1.0).to(tl.int32)
+    lo = tl.where(i == 0, 0, tl.minimum(tl.maximum(lo, 0), n_out))
+    hi = tl.where(i == n_in - 1, n_out, tl.minimum(tl.maximum(hi, 0), n_out))
+    return lo, hi
 
 
 @triton.jit
 def _upsample_sum_bwd_kernel(
-    gz_ptr, gu_ptr,
-    h, w, scale_h, scale_w, n_in_pix, H, W, D, RH, RW,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    gz_ptr, g_ptr, scale_ptr,
+    h, w, scale_h, scale_w, n_in_pix, H, W, D,
+    HAS_SCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Adjoint of one map's upsampling: gz[b, ih, iw] = sum_{oh, ow} wy(oh, ih) wx(ow, iw) gu[b, oh, ow].
+    # Adjoint of one map's upsampling: gz[b, ih, iw] = scale * sum_{oh, ow} wy(oh, ih) wx(ow, iw) g[b, oh, ow]
+    # over the live taps only: oh in _reader_range(ih), ow in _reader_range(iw).
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_p = offs_p < n_in_pix
     mask_d = offs_d < D
-    mask = mask_p[:, None] & mask_d[None, :]
     iw = (offs_p % w).to(tl.int32)
     ih = ((offs_p // w) % h).to(tl.int32)
     b = offs_p // (w * h)
-    lo_h = bilinear_first_reader(ih, scale_h)  # the output window that can read each input pixel
-    lo_w = bilinear_first_reader(iw, scale_w)
+    lo_h, hi_h = _reader_range(ih, scale_h, h, H)
+    lo_w, hi_w = _reader_range(iw, scale_w, w, W)
+    n_h = tl.where(mask_p, hi_h - lo_h, 0)  # <= 0: nothing reads the pixel (downsampling)
+    n_w = tl.where(mask_p, hi_w - lo_w, 0)
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    for r in range(0, RH):
+    for r in range(0, tl.max(n_h, axis=0)):
         oh = lo_h + r
-        wy = bilinear_weight(oh, ih, scale_h, h, (oh < H) & mask_p)
+        live_h = r < n_h
+        wy = bilinear_weight(oh, ih, scale_h, h, live_h)
         row = (b * H + oh) * W
-        for c in range(0, RW):
+        for c in range(0, tl.max(n_w, axis=0)):
             ow = lo_w + c
-            wt = wy * bilinear_weight(ow, iw, scale_w, w, ow < W)
-            m = mask & (wt != 0.0)[:, None]
-            g = tl.load(gu_ptr + ((row + ow) * D)[:, None] + offs_d[None, :], mask=m, other=0.0)
-            acc += wt[:, None] * g
-    tl.store(gz_ptr + offs_p[:, None] * D + offs_d[None, :], acc.to(gz_ptr.dtype.element_ty), mask=mask)
+            live = live_h & (c < n_w)
+            wt = wy * bilinear_weight(ow, iw, scale_w, w, live)
+            g = tl.load(g_ptr + ((row + ow) * D)[:, None] + offs_d[None, :], mask=live[:, None] & mask_d[None, :],
+                        other=0.0)
+            acc += wt[:, None] * g.to(tl.float32)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+    tl.store(gz_ptr + offs_p[:, None] * D + offs_d[None, :], acc.to(gz_ptr.dtype.element_ty),
+             mask=mask_p[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _reader_range_kernel(lo_ptr, hi_ptr, n_in, n_out, scale, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo, hi = _reader_range(i, scale, n_in, n_out)
+    tl.store(lo_ptr + i, lo, mask=i < n_in)
+    tl.store(hi_ptr + i, hi, mask=i < n_in)
+
+
+def reader_ranges(n_in: int, n_out: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernel's [lo, hi) per input index of an axis n_in upsampled to n_out: two (n_in,) int32.
+
+    Example:
+        >>> reader_ranges(2, 4)  # output 0 reads input 1 with weight 0: not a reader
+        (tensor([0, 1], dtype=torch.int32), tensor([3, 4], dtype=torch.int32))
+    """
+    lo = empty(n_in, dtype=torch.int32, device=device)
+    hi = empty(n_in, dtype=torch.int32, device=device)
+    _reader_range_kernel[(triton.cdiv(n_in, 128),)](lo, hi, n_in, n_out, n_in / n_out, BLOCK=128)
+    return lo, hi
 
 
 def _map_args(maps: list[torch.Tensor], H: int, W: int) -> list:
@@ -225,32 +279,32 @@ def upsample_sum_bwd_triton(
     n_pix = B * H * W
     block_p, block_d = _blocks(D, grad)
     dscale = dshift = None
-    if relu or scale is not None or need_dscale or need_dshift:
+    gm = grad
+    if relu or need_dscale or need_dshift:
         n_blocks = triton.cdiv(n_pix, block_p)
-        gu = empty(B, H, W, D, dtype=torch.float32, device=grad.device)
-        part_shift = empty(n_blocks, D, dtype=torch.float32, device=grad.device) if need_dshift else gu
-        part_scale = empty(n_blocks, D, dtype=torch.float32, device=grad.device) if need_dscale else gu
+        if relu:
+            gm = empty(B, H, W, D, dtype=grad.dtype, device=grad.device)
+        part_shift = empty(n_blocks, D, dtype=torch.float32, device=grad.device) if need_dshift else grad
+        part_scale = empty(n_blocks, D, dtype=torch.float32, device=grad.device) if need_dscale else grad
         zs = [maps[min(i, len(maps) - 1)] for i in range(MAX_MAPS)] if need_dscale else [grad] * MAX_MAPS
         shapes = maps if need_dscale else [torch.empty(0, h, w, 0) for h, w in sizes]
         _upsample_sum_bwd_prep_kernel[(n_blocks, triton.cdiv(D, block_d))](
-            gu, part_shift, part_scale, grad, out if relu else grad, scale if scale is not None else grad,
+            gm, part_shift, part_scale, grad, out if relu else grad,
             *zs, *_map_args(shapes, H, W), n_pix, H, W, D,
-            NUM_MAPS=len(sizes), HAS_SCALE=scale is not None, RELU=relu,
-            NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, BLOCK_P=block_p, BLOCK_D=block_d,
+            NUM_MAPS=len(sizes), RELU=relu, NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift,
+            BLOCK_P=block_p, BLOCK_D=block_d,
         )
         if need_dshift:
             dshift = part_shift.sum(0)
         if need_dscale:
             dscale = part_scale.sum(0)
-    else:
-        gu = grad
     grads = []
     for h, w in sizes:
         gz = empty(B, h, w, D, dtype=grad.dtype, device=grad.device)
         n_in = B * h * w
         _upsample_sum_bwd_kernel[(triton.cdiv(n_in, block_p), triton.cdiv(D, block_d))](
-            gz, gu, h, w, h / H, w / W, n_in, H, W, D, bilinear_window(h, H), bilinear_window(w, W),
-            BLOCK_P=block_p, BLOCK_D=block_d,
+            gz, gm, scale if scale is not None else grad, h, w, h / H, w / W, n_in, H, W, D,
+            HAS_SCALE=scale is not None, BLOCK_P=block_p, BLOCK_D=block_d,
         )
         grads.append(gz)
     return grads, dscale, dshift
