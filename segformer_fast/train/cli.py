@@ -71,18 +71,37 @@ def _train_config(args):
     if fixed:
         flags = ", ".join("--model-override" if k == "model_overrides" else "--" + k.replace("_", "-") for k in fixed)
         raise ValueError(f"--resume continues the saved run with its own settings; {flags} cannot change "
-                         "(--steps, --val-every, --save-every, --out, --workers and --no-progress can). "
+                         "(--steps, --val-every, --save-every, --out, --workers, --log-every, --tensorboard and "
+                         "--no-progress can). "
                          "Start a new run with --weights to change them")
     resumable = {k: v for k, v in given.items() if k in RESUMABLE}
     return dataclasses.replace(saved, **resumable, out=args.out or args.resume)  # keeps writing where it was
 
 
 def _cmd_train(args) -> int:
-    from .trainer import train
+    import sys
+
+    from .log import tensorboard_writer_class
+    from .trainer import TrainingInterrupted, train
 
     apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
     cfg = _train_config(args)
-    result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    if cfg.tensorboard:
+        try:
+            tensorboard_writer_class()
+        except ImportError as exc:
+            print(f"segformer-fast train: error: {exc}", file=sys.stderr)
+            return 2
+    try:
+        result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    except TrainingInterrupted as exc:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
+        if int(os.environ.get("RANK", "0")) == 0:
+            again = f"; continue with: segformer-fast train --resume {exc.out}" if exc.checkpoint is not None else ""
+            print(f"{exc}{again}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before the first step: no checkpoint was written", file=sys.stderr)
+        return 130
     m = result["metrics"]
     if m is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"final: mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f} (step {result['step']}); "
@@ -211,7 +230,8 @@ def register(subparsers) -> None:
     p.add_argument("--val-every", type=int, default=UNSET, help=f"validate every N steps (default {d.val_every})")
     p.add_argument("--save-every", type=int, default=UNSET, help="checkpoint every N steps (default: --val-every)")
     p.add_argument("--out", default=None,
-                   help=f"output folder for checkpoints and metrics (default {d.out}, or the --resume folder)")
+                   help=f"output folder for checkpoints, metrics.json, log.jsonl and curves.png (default {d.out}, "
+                        "or the --resume folder)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run checkpointed in DIR")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after STEP (checkpointing) while keeping the schedule of --steps; resume later")
@@ -223,6 +243,10 @@ def register(subparsers) -> None:
                    help=f"synthetic validation images (default {d.synthetic_val})")
     p.add_argument("--seed", type=int, default=UNSET, help="seed of data order, augmentation and init")
     p.add_argument("--workers", type=int, default=UNSET, help=f"data loader processes (default {d.workers})")
+    p.add_argument("--log-every", type=int, default=UNSET,
+                   help=f"write loss, lr, images/s and memory to OUT/log.jsonl every N steps (default {d.log_every})")
+    p.add_argument("--tensorboard", action="store_true", default=UNSET,
+                   help="also write the logged scalars to OUT/tensorboard (needs the tensorboard package)")
     add_runtime_args(p, device=False)  # one process per GPU: torchrun's LOCAL_RANK, else cuda when present
     p.add_argument("--no-progress", dest="progress", action="store_false", default=UNSET, help="no progress bar")
     p.add_argument("--overwrite", action="store_true",

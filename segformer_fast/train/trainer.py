@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,17 +31,34 @@ from .build import (build_model, classifier_names, is_setr, load_into, memory_mo
                     save_model)
 from .checkpoint import (JSON_NAME, MANIFEST_NAME, capture_rng, flatten_optimizer, read_checkpoint, restore_rng,
                          run_checkpoint_files, unflatten_optimizer, write_checkpoint)
+from .log import CURVES_NAME, LOG_NAME, TENSORBOARD_DIR, StepLog, tensorboard_writer_class, write_curves
 from .metrics import metrics_from_confusion
 
 __all__ = ["TrainConfig", "train", "build_datasets", "PolyWithWarmup", "param_groups", "NonFiniteLossError",
-           "check_config", "RUN_FILES"]
+           "TrainingInterrupted", "check_config", "RUN_FILES"]
 
-RESUMABLE = ("steps", "val_every", "save_every", "out", "workers", "progress", "log_every")
-RUN_FILES = (JSON_NAME, MANIFEST_NAME, "metrics.json", "model.safetensors")  # besides checkpoint-*.safetensors
+RESUMABLE = ("steps", "val_every", "save_every", "out", "workers", "progress", "log_every", "tensorboard")
+# besides checkpoint-*.safetensors (and tensorboard/, whose old events a new run purges instead)
+RUN_FILES = (JSON_NAME, MANIFEST_NAME, "metrics.json", "model.safetensors", LOG_NAME, CURVES_NAME)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite: the run diverged and was stopped."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run. ``step``: the last step trained; ``checkpoint``: the step of the
+    checkpoint in ``out`` that ``train(resume=out)`` continues from (None when there is none)."""
+
+    def __init__(self, step: int, checkpoint: int | None, out: str):
+        self.step, self.checkpoint, self.out = step, checkpoint, out
+        if checkpoint == step:
+            text = f"interrupted at step {step}: checkpoint saved to {out}"
+        elif checkpoint is not None:
+            text = f"interrupted at step {step}: the checkpoint of step {checkpoint} in {out} is kept"
+        else:
+            text = f"interrupted at step {step}: no checkpoint was written"
+        super().__init__(text)
 
 
 @dataclass
@@ -78,6 +97,7 @@ class TrainConfig:
     synthetic_size: int = 96
     log_every: int = 10
     progress: bool = True
+    tensorboard: bool = False
 
     def resolved_lr(self) -> float:
         # 6e-5 is the paper's fine-tuning rate from ImageNet weights; the synthetic data trains from
@@ -107,7 +127,17 @@ class TrainConfig:
 
 class PolyWithWarmup:
     """LR factor at step t: linear warmup from ``warmup_ratio`` to 1 over ``warmup`` steps, then
-    (1 - t / total) ** power (mmsegmentation's poly schedule, min lr 0)."""
+    (1 - t / total) ** power (mmsegmentation's poly schedule, min lr 0).
+
+    A closed form of t, driven by ``LambdaLR``, rather than torch's ``SequentialLR(LinearLR,
+    PolynomialLR)``, which cannot give the same rates: (1) here the poly factor spans the whole run
+    and multiplies the warmup (mmseg's warmup scales the regular rate), whereas SequentialLR starts
+    the poly decay at the end of the warmup, so every rate after it would differ; (2) a resumed run
+    may extend ``--steps``: setting ``total`` makes the rate at step t that of a run planned for the
+    new total, while PolynomialLR's chainable form multiplies the previous rate by a ratio of
+    consecutive factors, so it would continue from the old curve and, once the old run reached its
+    end (rate 0), stay at 0 for every added step.
+    """
 
     def __init__(self, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = 1e-6):
         self.total, self.warmup, self.power, self.warmup_ratio = total, warmup, power, warmup_ratio
@@ -187,17 +217,58 @@ class StepBatches:
                 yield [(self._index(base + j), base + j) for j in range(self.batch)]
 
 
-def _memory_text(device: torch.device) -> str:
+def _memory_bytes(device: torch.device) -> int:
+    """CUDA: the most bytes allocated so far; CPU: the process's resident set (its peak where /proc is missing)."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
+        return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         import resource
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return f"{rss / 2**30:.2f}GiB"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # data workers share the terminal's process group: Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _Interrupts:
+    """SIGINT during training: the first one asks the loop to stop after the step in progress (whose
+    checkpoint it then writes); while validating, or on a second SIGINT, KeyboardInterrupt is raised at
+    once. Installed only over Python's default handler, in the main thread."""
+
+    def __init__(self):
+        self.requested, self.immediate, self.while_validating, self._previous = False, False, False, None
+
+    def _handle(self, signum, frame):
+        first, self.requested = not self.requested, True
+        if first and self.immediate:
+            self.while_validating = True
+            raise KeyboardInterrupt
+        if not first:
+            self.while_validating = False
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether any rank was interrupted (every rank must stop at the same step)."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -283,7 +354,7 @@ def _replaced_files(out: str, continuing: bool, overwrite: bool) -> list[str]:
     if not existing:
         return []
     if not overwrite:
-        shown = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
+        shown = ", ".join(existing[:8]) + (f" and {len(existing) - 8} more" if len(existing) > 8 else "")
         raise FileExistsError(f"{out!r} already holds a run ({shown}); pass --overwrite (overwrite=True) to replace "
                               f"it, --resume {out} to continue it, or another --out")
     ours = run_checkpoint_files(out) + [n for n in RUN_FILES if n != MANIFEST_NAME] + [MANIFEST_NAME]
@@ -333,6 +404,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
     elif cfg is None:
         raise TypeError("train() needs a TrainConfig, or resume=DIR to continue a saved run")
     check_config(cfg)
+    writer_class = tensorboard_writer_class() if cfg.tensorboard else None  # before anything is trained
     modes = memory_modes(cfg.model)
     if cfg.memory not in modes:
         raise ValueError(f"memory must be one of {modes} for {cfg.model}, got {cfg.memory!r}")
@@ -350,7 +422,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
 
     setr_model = is_setr(cfg.model)
     overrides = {"drop_path_rate": cfg.resolved_drop_path(), **(cfg.model_overrides or {})}
-    model = build_model(cfg.model, num_classes, cfg.backend, cfg.memory, overrides, img_size=cfg.crop)
+    model = build_model(cfg.model, num_classes, cfg.backend, cfg.memory, overrides, img_size=cfg.crop,
+                        id2label=getattr(train_set, "class_names", None))  # the dataset's names: config.id2label
     # mmsegmentation's decode-head init: classifier N(0, 0.01), so training starts from near-uniform
     # class probabilities instead of the He-initialised classifier's large logits.
     for name in classifier_names(model):
@@ -376,7 +449,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
     optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.head_lr_mult, cfg.weight_decay), lr=lr,
                                   weight_decay=cfg.weight_decay)
     warmup = cfg.warmup if cfg.warmup is not None else max(1, min(1500, cfg.steps // 20))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(cfg.steps, warmup, cfg.power))
+    schedule = PolyWithWarmup(cfg.steps, warmup, cfg.power)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     amp_dtype = _amp_dtype(cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
@@ -388,6 +462,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
         scheduler.load_state_dict(saved["scheduler"])
         for fn in scheduler.lr_lambdas:  # a resumed run may extend --steps: decay towards the new end
             fn.total = cfg.steps
+        for group, fn, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+            group["lr"] = base * fn(scheduler.last_epoch)  # from the first resumed step on (LambdaLR's formula)
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         history = saved.get("history", [])
@@ -401,7 +477,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
     loader = torch.utils.data.DataLoader(
         _Augmented(train_set, transform, cfg.seed), batch_sampler=sampler, num_workers=cfg.workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint if cfg.workers else None,
     )
     batches = iter(loader)
     if saved is not None:
@@ -433,27 +509,42 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
     def validate(step, elapsed, loss):
         model.eval()
         indices = range(rank, len(val_set), world)
-        conf = evaluate_dataset(model, val_set, scale=scale, device=device, indices=indices, batch=cfg.val_batch)
+        interrupts.immediate = world == 1  # its step is complete: Ctrl-C need not wait for the validation
+        try:
+            conf = evaluate_dataset(model, val_set, scale=scale, device=device, indices=indices,
+                                    batch=cfg.val_batch)
+        finally:
+            interrupts.immediate = False
         model.train()
         if world > 1:
             conf = conf.to(device)
             dist.all_reduce(conf)
-        m = metrics_from_confusion(conf.cpu())
+        m = metrics_from_confusion(conf.cpu(), model.config.class_names)
         history.append({"step": step, "time_s": round(elapsed, 2), "loss": loss, "miou": m["miou"],
-                        "pixel_accuracy": m["pixel_accuracy"], "per_class_iou": m["per_class_iou"]})
+                        "pixel_accuracy": m["pixel_accuracy"], "per_class_iou": m["per_class_iou"],
+                        "per_class_iou_by_name": m["per_class_iou_by_name"]})
         if main:
             from ..utils.atomic import atomic_write_json
 
             atomic_write_json(os.path.join(cfg.out, "metrics.json"), {"config": cfg.to_json(), "history": history})
+            write_curves(os.path.join(cfg.out, CURVES_NAME), steplog.records, history)
+            if writer is not None:
+                writer.add_scalar("val/miou", m["miou"], step)
+                writer.add_scalar("val/pixel_accuracy", m["pixel_accuracy"], step)
+                writer.flush()
             per_class = " ".join(f"{v:.2f}" if not math.isnan(v) else "-" for v in m["per_class_iou"][:20])
             log(f"step {step}: val mIoU {m['miou']:.4f}  pixel acc {m['pixel_accuracy']:.4f}  "
                 f"({elapsed:.0f}s)  per-class IoU {per_class}{' ...' if num_classes > 20 else ''}")
         return m
 
+    steplog, writer = None, None
     if main:  # --overwrite: the previous run goes once this one is set up (a bad setting above keeps it)
         for path in replaced:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        steplog = StepLog(cfg.out, start, source=resume)
+        if writer_class is not None:  # events of steps from `start` on, left by an earlier run here, are hidden
+            writer = writer_class(os.path.join(cfg.out, TENSORBOARD_DIR), purge_step=start)
     label = cfg.model.upper() if setr_model else f"SegFormer-{cfg.model.upper()}"
     log(f"training {label} on {cfg.data} ({len(train_set)} train / {len(val_set)} val, "
         f"{num_classes} classes), crop {cfg.crop}, batch {cfg.batch}x{cfg.accum}x{world}, lr {lr:g}, "
@@ -483,56 +574,96 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
         raise NonFiniteLossError(f"training diverged: the loss is {value} at step {bad_step}; stopped there and "
                                  f"{kept}. Lower --lr (now {lr:g}) or use --amp bf16")
 
-    try:
-        for step in range(start, end):
-            loss_sum = torch.zeros((), device=device)
-            for a in range(cfg.accum):
-                images, labels = next(batches)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                sync = a == cfg.accum - 1 or world == 1
-                ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        if setr_model:  # main + 0.4 x auxiliary CE, fused with the upsampling
-                            loss = net(images, labels=labels).loss / cfg.accum
-                        else:
-                            logits = net(images)
-                            loss = model.loss(logits.float(), labels) / cfg.accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            done = step + 1
-            # the unscaled loss: GradScaler's overflowing (scaled) fp16 gradients are skipped steps, not divergence
-            newly = ~torch.isfinite(loss_sum) & (first_bad == never)
-            first_bad = torch.where(newly, torch.full_like(first_bad, done), first_bad)
-            bad_loss = torch.where(newly, loss_sum.float(), bad_loss)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            images_seen += cfg.batch * cfg.accum * world
-            logged = done % cfg.log_every == 0 or done == cfg.steps  # the same steps whether interrupted or not
-            validating = done % cfg.val_every == 0 or done == cfg.steps
-            saving = done % save_every == 0 or done == end
-            if logged or validating or saving:
+    interrupts = _Interrupts()
+
+    def interrupted(trained: int, consistent: bool) -> TrainingInterrupted:
+        # consistent: `trained` steps are complete and nothing of the next one has run, so it can be checkpointed
+        if consistent:
+            try:
                 stop_if_diverged()
-            if logged or done == end:
-                if world > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                if logged:
-                    loss_value = float(loss_sum)
-                    loss_avg = loss_value if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_value
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{images_seen / (now - t_rate):.1f}",
-                                mem=_memory_text(device), refresh=False)
-                images_seen, t_rate = 0, now
-            bar.update(1)
-            if validating:
-                metrics = validate(done, elapsed0 + time.perf_counter() - t0, loss_avg)
-            if saving:
-                checkpoint(done)
+                if last_saved != trained:
+                    checkpoint(trained)
+            except KeyboardInterrupt:  # a second Ctrl-C while saving: the last checkpoint written stays
+                pass
+        return TrainingInterrupted(trained, last_saved, cfg.out)
+
+    trained = start
+    try:
+        with interrupts:
+            for step in range(start, end):
+                loss_sum = torch.zeros((), device=device)
+                for a in range(cfg.accum):
+                    images, labels = next(batches)
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    sync = a == cfg.accum - 1 or world == 1
+                    ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                    with ctx:
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            if setr_model:  # main + 0.4 x auxiliary CE, fused with the upsampling
+                                loss = net(images, labels=labels).loss / cfg.accum
+                            else:
+                                logits = net(images)
+                                loss = model.loss(logits.float(), labels) / cfg.accum
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                done = step + 1
+                # the unscaled loss: GradScaler's overflowing (scaled) fp16 gradients are skipped steps, not divergence
+                newly = ~torch.isfinite(loss_sum) & (first_bad == never)
+                first_bad = torch.where(newly, torch.full_like(first_bad, done), first_bad)
+                bad_loss = torch.where(newly, loss_sum.float(), bad_loss)
+                step_lrs = [g["lr"] for g in optimizer.param_groups]  # this step's; scheduler.step() sets the next
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                trained = done
+                images_seen += cfg.batch * cfg.accum * world
+                logged = done % cfg.log_every == 0 or done == cfg.steps  # the same steps whether interrupted or not
+                validating = done % cfg.val_every == 0 or done == cfg.steps
+                saving = done % save_every == 0 or done == end
+                if logged or validating or saving:
+                    stop_if_diverged()
+                if logged or done == end:
+                    if world > 1:
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= world
+                    now = time.perf_counter()
+                    rate, memory = images_seen / (now - t_rate), _memory_bytes(device)
+                    if logged:
+                        loss_value = float(loss_sum)
+                        loss_avg = loss_value if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_value
+                        epoch = done * cfg.batch * cfg.accum * world / len(train_set)
+                        record = {"step": done, "epoch": round(epoch, 4), "loss": loss_value, "loss_avg": loss_avg,
+                                  "lr": lr * schedule(step), "lr_groups": step_lrs, "images_per_s": round(rate, 3),
+                                  "memory": memory, "time": round(elapsed0 + now - t0, 3)}
+                        if steplog is not None:
+                            steplog.write(record)
+                        if writer is not None:
+                            for key in ("loss", "loss_avg", "lr", "images_per_s", "epoch"):
+                                writer.add_scalar(f"train/{key}", record[key], done)
+                            writer.add_scalar("train/memory_gib", memory / 2**30, done)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{rate:.1f}", mem=f"{memory / 2**30:.2f}GiB",
+                                    refresh=False)
+                    images_seen, t_rate = 0, now
+                bar.update(1)
+                if validating:
+                    metrics = validate(done, elapsed0 + time.perf_counter() - t0, loss_avg)
+                if saving:
+                    checkpoint(done)
+                if validating or saving:  # the throughput counts training time only
+                    images_seen, t_rate = 0, time.perf_counter()
+                if done < end and interrupts.agreed(world, device):
+                    raise interrupted(done, consistent=True)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # while validating (its step is complete), or a second Ctrl-C (anywhere)
+        raise interrupted(trained, consistent=interrupts.while_validating) from None
     finally:
         bar.close()
+        if steplog is not None:
+            steplog.close()
+        if writer is not None:
+            writer.close()
     if main and end == cfg.steps:
         save_model(model, os.path.join(cfg.out, "model.safetensors"))
         log(f"wrote {os.path.join(cfg.out, 'model.safetensors')}")
