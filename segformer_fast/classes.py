@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .train.synthetic import SYNTHETIC_CLASSES
-
 __all__ = ["ADE20K_CLASSES", "CITYSCAPES_CLASSES", "SYNTHETIC_CLASSES", "DATASET_CLASSES", "class_names",
-           "id2label_of"]
+           "model_class_names", "id2label_of"]
 
 # ADE20K / SceneParse150 in training-id order (label k + 1 in the annotation PNGs is class k after
 # reduce_zero_label), as mmsegmentation's ADE20KDataset and Hugging Face's ADE20K checkpoints name them.
@@ -49,12 +47,18 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
 
-# Names by dataset layout ("ade", "cityscapes", as ``train.datasets`` calls them) and "synthetic".
-DATASET_CLASSES: dict[str, tuple[str, ...]] = {
-    "ade": ADE20K_CLASSES,
-    "cityscapes": CITYSCAPES_CLASSES,
-    "synthetic": SYNTHETIC_CLASSES,
-}
+
+def __getattr__(name: str):
+    """``SYNTHETIC_CLASSES`` (the synthetic dataset's own tuple) and ``DATASET_CLASSES`` (names by
+    dataset layout, "ade", "cityscapes" as ``train.datasets`` calls them, and "synthetic"), made on
+    first use: importing ``train.synthetic`` here would import ``train``, which imports this module."""
+    if name not in ("SYNTHETIC_CLASSES", "DATASET_CLASSES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .train.synthetic import SYNTHETIC_CLASSES
+
+    table = {"ade": ADE20K_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "synthetic": SYNTHETIC_CLASSES}
+    globals().update(SYNTHETIC_CLASSES=SYNTHETIC_CLASSES, DATASET_CLASSES=table)
+    return globals()[name]
 
 
 def class_names(source=None, num_classes: int | None = None) -> tuple[str, ...]:
@@ -90,6 +94,22 @@ def class_names(source=None, num_classes: int | None = None) -> tuple[str, ...]:
     if num_classes is None:
         num_classes = max(names, default=-1) + 1
     return tuple(str(names[k]) if k in names else f"class {k}" for k in range(num_classes))
+
+
+def model_class_names(model, dataset=None) -> tuple[str, ...]:
+    """Names for a model's outputs: its ``config.id2label``, else ``dataset``'s ``class_names`` when
+    they name as many classes, else "class 0", "class 1", ...
+
+    Example:
+        >>> model_class_names(segformer_fast.segformer("b0", num_classes=6), SyntheticSegmentation("val", 4))[1]
+        'h-stripes'
+    """
+    k = model.config.num_classes
+    if model.config.id2label is None:
+        names = getattr(dataset, "class_names", None)
+        if names is not None and len(names) == k:
+            return class_names(names, k)
+    return class_names(model.config, k)
 
 
 def id2label_of(names) -> dict[int, str] | None:
