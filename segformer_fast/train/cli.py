@@ -162,6 +162,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from ..classes import model_class_names
     from .datasets import SegmentationFolder
     from .inference import evaluate
     from .synthetic import SyntheticSegmentation
@@ -170,19 +171,22 @@ def _cmd_evaluate(args) -> int:
     k = model.config.num_classes
     if args.data == "synthetic":
         dataset = SyntheticSegmentation("val", args.synthetic_val, (args.synthetic_size,) * 2, seed=args.seed)
-        scale, names = args.scale, dataset.class_names
+        scale = args.scale
     else:
         dataset = SegmentationFolder(args.data, args.split, args.layout, k)
-        scale, names = args.scale if args.scale is not None else dataset.scale, None
+        scale = args.scale if args.scale is not None else dataset.scale
     if dataset.num_classes != k:
         raise ValueError(f"the dataset has {dataset.num_classes} classes but the model {args.weights!r} predicts {k}")
-    m = evaluate(model, dataset, scale=scale, scales=args.scales, flip=args.flip, window=args.window, stride=stride,
-                 device=device, progress=not args.no_progress, batch=1 if args.window else 8)
-    print(m.format(names))
+    names = model_class_names(model, dataset)  # the model's id2label, else the dataset's names, else "class k"
+    m = evaluate(model, dataset, class_names=names, scale=scale, scales=args.scales, flip=args.flip,
+                 window=args.window, stride=stride, device=device, progress=not args.no_progress,
+                 batch=1 if args.window else 8)
+    print(m.format())
     if args.json:
         from ..utils.atomic import atomic_write_json
 
-        atomic_write_json(args.json, dict(m))  # strict JSON: NaN (a class absent from the data) is null
+        # strict JSON: NaN (a class absent from the data) is null; per-class IoU as a list and by name
+        atomic_write_json(args.json, dict(m))
         print(f"wrote {args.json}")
     return 0
 
