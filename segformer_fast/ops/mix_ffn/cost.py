@@ -1,0 +1,64 @@
+"""Roofline cost model of mix_ffn (fc1 -> dwconv3x3_gelu -> fc2, save_hidden=True), see
+segformer_fast/ops/cost.py.
+
+Shapes: x (B, H*W, C), hidden = 4C typically; T = B*H*W tokens. The matmuls are cuBLAS (torch),
+each modelled as reading its operands once and writing its result once (tall-skinny GEMMs with
+K <= 2048: the weight stays in L2, the activations stream once); the conv + GELU is the
+dwconv3x3_gelu op's model.
+
+MODELLED: the git blob of op.py this model describes; benchmarks/roofline.py reports the model as
+stale when it changes (then update the model and MODELLED, and regenerate the report).
+"""
+
+from __future__ import annotations
+
+from ..cost import BF16, FP32, Cost, Part
+from ..dwconv3x3_gelu.cost import roofline as dwconv_roofline
+
+__all__ = ["roofline", "MODELLED"]
+
+MODELLED = {"op.py": "d0a428c333610d8a0447edee114b176f4872a1c3"}
+
+
+def _gemm(name: str, m: int, n: int, k: int, read: float, write: float, note: str = "") -> Part:
+    return Part(f"torch: {name}", read + write, gemm_flops=2 * m * n * k, note=note or "cuBLAS, operands once")
+
+
+def roofline(B: int, H: int, W: int, C: int, hidden: int, dtype_bytes: int = BF16) -> dict[str, Cost]:
+    """{"forward": Cost, "backward": Cost} of one Mix-FFN on (B, H*W, C) tokens."""
+    T = B * H * W
+    x, h = T * C * dtype_bytes, T * hidden * dtype_bytes  # bytes of x (or out, gx) and of h (or y, gy, gh)
+    w = C * hidden * dtype_bytes  # one fc weight
+    conv = dwconv_roofline(B, H, W, hidden, dtype_bytes)
+    mm = 2 * T * C * hidden  # one fc's flops
+
+    fwd = Cost(
+        gemm_flops=2 * mm, other_flops=conv["forward"].other_flops,
+        min_bytes=x + 2 * w + x + h,  # x, weights in; out and h (kept for backward) out
+        exps=conv["forward"].exps,
+        notes="x read; out and fc1's output h (kept for backward) written; fc1, fc2 and the conv + GELU",
+        parts=(
+            _gemm("fc1 (h = x W1^T + b1)", T, hidden, C, x + w, h),
+            *conv["forward"].parts,
+            _gemm("fc2 (out = y W2^T + b2)", T, C, hidden, h + w, x),
+        ),
+    )
+    wgrad = 2 * C * hidden * FP32  # gw1, gw2 kept fp32 by the caller (mixed precision)
+    bwd = Cost(
+        gemm_flops=4 * mm, other_flops=conv["forward"].other_flops + conv["backward"].other_flops,
+        min_bytes=2 * x + h + 2 * w + x + wgrad,  # x, gout, h, weights in; gx, fp32 weight grads out
+        exps=conv["backward"].exps,
+        notes="x, h, grad out read; grad x and fp32 weight grads written; y recomputed from h for fc2's weight grad",
+        parts=(
+            *(Part(p.name + " (y recomputed)", p.bytes, p.gemm_flops, p.other_flops, p.note)
+              for p in conv["forward"].parts),
+            _gemm("gW2 = gout^T y", C, hidden, T, x + h, C * hidden * dtype_bytes),
+            Part("torch: gb2 = gout.sum", x, other_flops=T * C),
+            _gemm("gy = gout W2", T, hidden, C, x + w, h),
+            *conv["backward"].parts,
+            _gemm("gx = gh W1", T, C, hidden, h + w, x),
+            _gemm("gW1 = gh^T x", hidden, C, T, h + x, C * hidden * dtype_bytes),
+            Part("torch: gb1 = gh.sum", h, other_flops=T * hidden),
+        ),
+    )
+    return {"forward": fwd, "backward": bwd}

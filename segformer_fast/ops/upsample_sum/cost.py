@@ -1,0 +1,64 @@
+"""Roofline cost model of upsample_sum (the Triton path), see segformer_fast/ops/cost.py.
+
+The call modelled is the training decoder's: maps (B, h_i, w_i, D) channels-last summed at (H, W),
+no affine, no ReLU, so the backward has no prep pass (the gradient goes straight to the adjoint
+kernels).
+
+MODELLED: the git blobs of the files this model describes; benchmarks/roofline.py reports the model
+as stale when they change (then update the model and MODELLED, and regenerate the report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..cost import BF16, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part
+
+__all__ = ["roofline", "MODELLED"]
+
+MODELLED = {"triton_kernels.py": "c959f531c9ac6b663d5e0fa0b863680644c3bb8c",
+            "op.py": "4b57c1002321900563282cd4010f03b53cae640d"}
+
+
+def _readers(n_in: int, n_out: int) -> int:
+    # The longest run of output indices that read one interior input index with a nonzero weight:
+    # src(o) in (i - 1, i + 1), 2 n_out / n_in of them (1 when the sizes are equal: a copy).
+    return 1 if n_in == n_out else -(-2 * n_out // n_in)
+
+
+def roofline(B: int, D: int, H: int, W: int, sizes: Sequence[tuple[int, int]],
+             dtype_bytes: int = BF16) -> dict[str, Cost]:
+    """{"forward": Cost, "backward": Cost} of one call summing maps of ``sizes`` [(h_i, w_i)] at (H, W)."""
+    n = len(sizes)
+    out = B * H * W * D  # output elements
+    ins = [B * h * w * D for h, w in sizes]
+    io_bytes = (out + sum(ins)) * dtype_bytes
+    fwd_flops = out * (n * LERP2D_FLOPS + (n - 1))
+    upsampled = sum((h, w) != (H, W) for h, w in sizes)  # a map already at (H, W) is a copy
+    fwd = Cost(
+        gemm_flops=0.0, other_flops=out * (upsampled * LERP_MIN_FLOPS + (n - 1)), min_bytes=io_bytes,
+        notes=f"{n} maps read, the sum written; a separable bilinear sample per upsampled map per output",
+        parts=(
+            # one program per (BLOCK_P output pixels, BLOCK_D channels), grid axis 1 (channel blocks) slowest:
+            # each pass reads its channel slice of every map; neighbouring output pixels share taps, and the
+            # programs in flight span several low-resolution rows, so the tap re-reads are assumed to hit L2
+            Part("_upsample_sum_fwd_kernel", io_bytes, other_flops=fwd_flops,
+                 note="maps once (tap re-reads in cache), output once; the full 4-tap sample even for a same-size map"),
+        ),
+    )
+    parts = []
+    for (h, w), n_in in zip(sizes, ins):
+        r_h, r_w = _readers(h, H), _readers(w, W)
+        # one launch per map over its input pixels: each loops over the longest reader range of its tile,
+        # rows x columns (shorter ranges masked; per lane the bf16 -> fp32 cast and an FMA). Counted: the whole
+        # (B, H, W, D) gradient read again by each map's launch (it is far larger than L2); the overlaps of
+        # neighbouring input pixels' ranges within one launch are assumed to hit L2
+        parts.append(Part(f"_upsample_sum_bwd_kernel ({h}x{w})", (out + n_in) * dtype_bytes,
+                          other_flops=n_in * r_h * r_w * 3,
+                          note=f"{r_h}x{r_w} live taps per input pixel; reads the full gradient"))
+    bwd = Cost(
+        gemm_flops=0.0, other_flops=out * upsampled * LERP_MIN_FLOPS, min_bytes=io_bytes,
+        notes=f"the gradient read once, {n} map gradients written; a separable bilinear adjoint per upsampled map",
+        parts=tuple(parts),
+    )
+    return {"forward": fwd, "backward": bwd}
