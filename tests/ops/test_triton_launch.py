@@ -119,3 +119,70 @@ def test_public_op_with_triton_backend_refuses_bfloat16():
     with pytest.raises(TypeError, match="bfloat16 arithmetic is wrong"):
         upsample_cross_entropy(logits, torch.randint(0, 5, (1, 6, 8)), backend="triton")
     upsample_cross_entropy(logits.half(), torch.randint(0, 5, (1, 6, 8)), backend="triton")  # fp16 still runs
+
+
+def _tuner(n=3):
+    from segformer_fast.ops.triton_launch import Autotuner, LaunchConfig
+
+    return Autotuner("test_kernel", [LaunchConfig({"BLOCK": 32 * (i + 1)}, num_warps=4) for i in range(n)])
+
+
+def test_autotuner_runs_the_declared_default_where_nothing_is_timed(monkeypatch):
+    import segformer_fast.ops.triton_launch as tl
+
+    tuner = _tuner()
+    calls = []
+    monkeypatch.setattr(tl, "_time_launch", lambda launch, cfg: calls.append(cfg) or 1.0)
+    assert tuner.pick(torch.zeros(4), lambda c: None) is tuner.default  # a CPU tensor (the interpreter)
+    assert tuner.pick(torch.zeros(4, device="meta"), lambda c: None) is tuner.default  # compiled ahead of time
+    assert calls == [] and tuner.chosen == {}
+
+
+def test_autotuner_times_once_per_key_not_per_image_size(monkeypatch):
+    import segformer_fast.ops.triton_launch as tl
+
+    tuner = _tuner()
+    timed = []
+    fastest = {32: 3.0, 64: 1.0, 96: 2.0}  # the second config is fastest
+
+    def fake_time(launch, cfg):
+        timed.append(cfg)
+        launch(cfg)
+        return fastest[cfg.meta["BLOCK"]]
+
+    monkeypatch.setattr(tl, "_time_launch", fake_time)
+    monkeypatch.setattr(tl, "_timing_device", lambda t: "NVIDIA H200")
+    monkeypatch.delenv(tl.AUTOTUNE_ENV, raising=False)
+    launched = []
+    for hw in (64, 96, 128):  # three image sizes, one layer shape: timed once
+        x = torch.zeros(1, 32, hw, hw)
+        cfg = tuner.pick(x, launched.append, key=(32,))
+        assert cfg.meta["BLOCK"] == 64
+    assert len(timed) == 3 and launched == list(tuner.configs)
+    tuner.pick(torch.zeros(1, 32, 8, 8, dtype=torch.float16), launched.append, key=(32,))  # another dtype: timed
+    tuner.pick(torch.zeros(1, 64, 8, 8), launched.append, key=(64,))  # another layer shape: timed
+    assert len(timed) == 9 and len(tuner.chosen) == 3
+    monkeypatch.setenv(tl.AUTOTUNE_ENV, "0")
+    assert tuner.pick(torch.zeros(1, 16, 8, 8), launched.append, key=(16,)) is tuner.default
+    assert len(timed) == 9
+
+
+def test_autotuner_never_picks_a_config_that_fails(monkeypatch):
+    import math
+
+    import segformer_fast.ops.triton_launch as tl
+
+    tuner = _tuner(2)
+    monkeypatch.setattr(tl, "_timing_device", lambda t: "gpu")
+    monkeypatch.setattr(tl, "_time_launch", lambda launch, cfg: math.inf if cfg is tuner.default else 5.0)
+    assert tuner.pick(torch.zeros(2), lambda c: None) is tuner.configs[1]
+
+
+def test_launch_config_kwargs_and_validation():
+    from segformer_fast.ops.triton_launch import Autotuner, LaunchConfig
+
+    cfg = LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+    assert cfg.kwargs() == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    assert len({cfg, LaunchConfig({"BLOCK_N": 32, "BLOCK_M": 64}, 8, 2)}) == 1
+    with pytest.raises(ValueError, match="at least one configuration"):
+        Autotuner("empty", [])
