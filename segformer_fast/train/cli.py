@@ -139,6 +139,38 @@ def _model_for(args):
     return model, device, stride
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def _background(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a class id, 'auto' or 'none', got {text!r}")
+    return value
+
+
 def _cmd_predict(args) -> int:
     from .datasets import IMAGE_EXTENSIONS
     from .inference import predict_files
@@ -154,15 +186,16 @@ def _cmd_predict(args) -> int:
             raise FileNotFoundError(f"no such image or folder: {item}")
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {', '.join(args.images)}")
-    model, device, stride = _model_for(args)
-    written = predict_files(model, paths, args.out, args.scales, args.flip, args.window, stride, device,
-                            progress=not args.no_progress, overwrite=args.overwrite)
+    model, _, stride = _model_for(args)
+    written = predict_files(model, paths, args.out, args.scales, args.flip, args.window, stride, size=args.size,
+                            scale=args.scale, alpha=args.alpha, paint_background=not args.no_background_paint,
+                            background=args.background_class, progress=not args.no_progress,
+                            overwrite=args.overwrite)
     print(f"wrote {len(written)} files for {len(paths)} images to {args.out}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from ..classes import model_class_names
     from .datasets import SegmentationFolder
     from .inference import evaluate
     from .synthetic import SyntheticSegmentation
@@ -171,22 +204,19 @@ def _cmd_evaluate(args) -> int:
     k = model.config.num_classes
     if args.data == "synthetic":
         dataset = SyntheticSegmentation("val", args.synthetic_val, (args.synthetic_size,) * 2, seed=args.seed)
-        scale = args.scale
+        scale, names = args.scale, dataset.class_names
     else:
         dataset = SegmentationFolder(args.data, args.split, args.layout, k)
-        scale = args.scale if args.scale is not None else dataset.scale
+        scale, names = args.scale if args.scale is not None else dataset.scale, None
     if dataset.num_classes != k:
         raise ValueError(f"the dataset has {dataset.num_classes} classes but the model {args.weights!r} predicts {k}")
-    names = model_class_names(model, dataset)  # the model's id2label, else the dataset's names, else "class k"
-    m = evaluate(model, dataset, class_names=names, scale=scale, scales=args.scales, flip=args.flip,
-                 window=args.window, stride=stride, device=device, progress=not args.no_progress,
-                 batch=1 if args.window else 8)
-    print(m.format())
+    m = evaluate(model, dataset, scale=scale, scales=args.scales, flip=args.flip, window=args.window, stride=stride,
+                 device=device, progress=not args.no_progress, batch=1 if args.window else 8)
+    print(m.format(names))
     if args.json:
         from ..utils.atomic import atomic_write_json
 
-        # strict JSON: NaN (a class absent from the data) is null; per-class IoU as a list and by name
-        atomic_write_json(args.json, dict(m))
+        atomic_write_json(args.json, dict(m))  # strict JSON: NaN (a class absent from the data) is null
         print(f"wrote {args.json}")
     return 0
 
@@ -258,13 +288,30 @@ def register(subparsers) -> None:
                         "(without it, train refuses such a folder; other files there are never touched)")
     p.set_defaults(func=_cmd_train)
 
-    p = subparsers.add_parser("predict", help="segment images: label, colour and overlay PNGs",
-                              formatter_class=HelpFormatter)
+    p = subparsers.add_parser(
+        "predict", help="segment images: label, colour, overlay and legend PNGs",
+        description="Segment images. Per image: <stem>_label.png (palette PNG: pixel values are the class ids, "
+        "viewers show the colours), <stem>_color.png, <stem>_overlay.png (colours over the photo) and "
+        "<stem>_legend.png (colour and name of each class present; names from the model's id2label).",
+        formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace existing <stem>_label/_color/_overlay.png files in --out (default: refuse)")
+                   help="replace existing <stem>_label/_color/_overlay/_legend.png files in --out (default: refuse)")
     _inference_options(p)
+    resize = p.add_mutually_exclusive_group()
+    resize.add_argument("--size", type=_positive, default=None, metavar="SHORT",
+                        help="resize each image so its shorter side is SHORT before inference (aspect kept); "
+                             "labels come back at the image's size (default: the image's own size)")
+    resize.add_argument("--scale", type=_ints, default=None, metavar="LONG,SHORT",
+                        help="resize each image to fit LONG,SHORT, aspect kept, as evaluate --scale does "
+                             "(e.g. 2048,512 for ADE20K, 2048,1024 for Cityscapes)")
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="overlay colour weight, 0 (photo) to 1 (colours)")
+    p.add_argument("--no-background-paint", action="store_true",
+                   help="leave the background class unpainted in the overlay (the photo shows through)")
+    p.add_argument("--background-class", type=_background, default="auto", metavar="ID",
+                   help="class drawn in neutral grey: a class id, 'none', or 'auto' (a class named background; "
+                        "else 0 when the model has no class names, none when it has)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 

@@ -1,6 +1,9 @@
-"""Image and mask files: reading (Pillow), atomic PNG writing, class palettes and overlays.
+"""Image and mask files: reading (Pillow) and atomic PNG writing.
 
-Images are (H, W, 3) uint8 RGB numpy arrays; masks are (H, W) integer arrays of class ids.
+Images are (H, W, 3) uint8 RGB numpy arrays; masks are (H, W) integer arrays of class ids. The
+pictures of labels (palettes, colour maps, overlays, legends, palette label PNGs) live in
+:mod:`segformer_fast.visualize`; ``palette``, ``colorize``, ``overlay`` and ``save_label_png`` are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import os
 import numpy as np
 
 from ..utils.atomic import atomic_path
+from ..visualize import colorize, overlay, palette, save_label_png
 
-__all__ = ["read_image", "read_mask", "write_png", "palette", "colorize", "overlay"]
+__all__ = ["read_image", "read_mask", "write_png", "save_label_png", "palette", "colorize", "overlay"]
 
 
 def _pil():
@@ -69,7 +73,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write (H, W) ids (uint8, or uint16 when an id exceeds 255) or (H, W, 3) uint8 RGB atomically."""
+    """Write (H, W) ids (grey "L", or 16-bit "I;16" when an id exceeds 255) or (H, W, 3) uint8 RGB atomically.
+
+    Predicted label maps use :func:`save_label_png` instead: the same ids, with the colours attached.
+    """
     Image = _pil()
     arr = np.asarray(array)
     if arr.ndim == 2:
@@ -82,29 +89,3 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         arr = arr.astype(np.uint8)
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours: the bits of id + 1 spread over the high bits of R, G and B.
-
-    No class is black, which marks ignored pixels.
-    """
-    ids = np.arange(1, num_classes + 1, dtype=np.int64)
-    colours = np.zeros((num_classes, 3), dtype=np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            colours[:, channel] |= ((ids >> (3 * bit + channel)) & 1) << (7 - bit)
-    return colours.astype(np.uint8)
-
-
-def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(H, W) ids -> (H, W, 3) uint8 colours; out-of-range ids (the ignore label 255) are black."""
-    pal = np.concatenate([palette(num_classes), np.zeros((1, 3), np.uint8)])
-    ids = np.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-    return pal[ids]
-
-
-def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend (H, W, 3) uint8 colours over an (H, W, 3) uint8 image."""
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)

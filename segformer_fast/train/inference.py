@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.segformer import MIN_IMAGE_SIDE
 from .metrics import confusion_matrix, metrics_from_confusion
-from .transforms import EvalTransform, normalize
+from .transforms import EvalTransform, normalize, rescale_factor
 
 __all__ = ["predict_probs", "window_starts", "load_model", "predict_files", "evaluate_dataset", "evaluate"]
 
@@ -154,23 +154,70 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-OUTPUT_SUFFIXES = ("label", "color", "overlay")
+OUTPUT_SUFFIXES = ("label", "color", "overlay", "legend")
+
+
+def keep_ratio_size(hw: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) an (H, W) image is resized to for a (long, short) test scale, aspect kept (mmseg's
+    ``keep_ratio`` Resize, as ``evaluate --scale`` does).
+
+    Example:
+        >>> keep_ratio_size((375, 500), (2048, 512))
+        (512, 683)
+    """
+    if len(scale) != 2 or min(scale) <= 0:
+        raise ValueError(f"scale must be (long, short) positive sizes, got {tuple(scale)}")
+    factor = rescale_factor(tuple(hw), tuple(scale))
+    return max(1, int(hw[0] * factor + 0.5)), max(1, int(hw[1] * factor + 0.5))
 
 
 def predict_files(model, paths, out_dir: str, scales=(1.0,), flip: bool = False, window: int | None = None,
-                  stride: int | None = None, device="cpu", progress: bool = True, overwrite: bool = False) -> list[str]:
-    """Segment image files; write <stem>_label.png, <stem>_color.png, <stem>_overlay.png (atomically).
+                  stride: int | None = None, *, size: int | None = None, scale: tuple[int, int] | None = None,
+                  alpha: float = 0.5, paint_background: bool = True, background="auto", progress: bool = True,
+                  overwrite: bool = False) -> list[str]:
+    """Segment image files; write four pictures per image into ``out_dir``, atomically.
+
+    ``<stem>_label.png``: the class ids as a palette PNG (``np.array(Image.open(p))`` gives the ids;
+    viewers show the colours; 16-bit grey past 256 classes, see :func:`segformer_fast.visualize.save_label_png`);
+    ``<stem>_color.png``: the colour map; ``<stem>_overlay.png``: the colours blended over the photo;
+    ``<stem>_legend.png``: colour and name of each class present in that image (per image, so a
+    150-class model's key lists the handful of classes the image holds). Names come from the model's
+    ``config.id2label`` when it has one, else "class k".
 
     Args:
+        model: a SegFormer or SETR (or a patched Hugging Face model) in eval mode, on its device.
+        scales, flip, window, stride: as :func:`predict_probs`.
+        size: resize each image so its shorter side is ``size`` before inference (aspect kept).
+        scale: (long, short): resize each image to fit it, aspect kept, as ``evaluate --scale``.
+            With either, the labels come back at the image's own size. Not both.
+        alpha: overlay colour weight in [0, 1].
+        paint_background: False leaves background pixels of the overlay unpainted.
+        background: the class drawn neutral grey: "auto" (:func:`segformer_fast.visualize.background_class`
+            of the model's names: a class named background, else 0 without names, none with real
+            names), a class id, or None.
         overwrite: replace output files that already exist; without it, any existing one is a
             FileExistsError raised before anything is written.
     Returns the written paths.
     """
     from tqdm import tqdm
 
-    from .imageio import colorize, overlay, read_image, write_png
+    from ..prediction import predict_probs as predict_image
+    from ..classes import class_names
+    from ..visualize import background_class, colorize, legend, overlay, save_label_png
+    from .imageio import read_image, write_png
 
+    if size is not None and scale is not None:
+        raise ValueError("give size (the shorter side) or scale (long, short), not both")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     num_classes = model.config.num_classes
+    has_names = getattr(getattr(model, "config", None), "id2label", None) is not None
+    names = class_names(model, num_classes)
+    if background == "auto":
+        background = background_class(names if has_names else None)
+    elif background is not None and not 0 <= background < num_classes:
+        raise ValueError(f"background class {background} is not one of the model's {num_classes} classes")
+    pictures = {"background": background, "names": names}
     written = []
     stems = [_stem(p) for p in paths]
     if len(set(stems)) != len(stems):
@@ -187,10 +234,18 @@ def predict_files(model, paths, out_dir: str, scales=(1.0,), flip: bool = False,
                               "pass --overwrite (overwrite=True) to replace them, or choose another --out")
     for path, stem in tqdm(list(zip(paths, stems)), desc="predict", disable=not progress):
         image = read_image(path)
-        x = normalize(torch.from_numpy(image).permute(2, 0, 1).float())[None].to(device)
-        labels = predict_probs(model, x, scales, flip, window, stride).argmax(1)[0].cpu().numpy()
-        colours = colorize(labels, num_classes)
-        for suffix, array in zip(OUTPUT_SUFFIXES, (labels, colours, overlay(image, colours))):
+        resize = keep_ratio_size(image.shape[:2], scale) if scale is not None else size
+        probs = predict_image(model, image, size=resize, window=window, stride=stride, scales=scales, flip=flip,
+                              batch_size=1)
+        labels = probs.argmax(0).numpy()
+        target = os.path.join(out_dir, f"{stem}_label.png")
+        save_label_png(target, labels, num_classes, **pictures)
+        written.append(target)
+        colours = colorize(labels, num_classes, **pictures)
+        for suffix, array in (("color", colours),
+                              ("overlay", overlay(image, labels, num_classes, alpha, paint_background=paint_background,
+                                                  **pictures)),
+                              ("legend", legend(labels, num_classes, **pictures))):
             target = os.path.join(out_dir, f"{stem}_{suffix}.png")
             write_png(target, array)
             written.append(target)
@@ -237,21 +292,7 @@ def evaluate_dataset(model, dataset, scale=None, scales=(1.0,), flip: bool = Fal
     return conf
 
 
-def evaluate(model, dataset, class_names=None, **kw):
-    """``metrics_from_confusion(evaluate_dataset(model, dataset, **kw))``, per-class IoU named.
-
-    Args:
-        class_names: the names to report; default the model's ``config.id2label``, else the
-            dataset's ``class_names``, else "class k" (:func:`segformer_fast.classes.model_class_names`).
-        **kw: as :func:`evaluate_dataset`.
-    Returns:
-        A ``SegMetrics`` with "class_names" and "per_class_iou_by_name" besides the numbers.
-
-    Example:
-        >>> print(evaluate(model, SyntheticSegmentation("val", 16)).format())
-    """
-    from ..classes import model_class_names
-
-    names = model_class_names(model, dataset) if class_names is None else class_names
-    return metrics_from_confusion(evaluate_dataset(model, dataset, **kw), names)
+def evaluate(model, dataset, **kw):
+    """``metrics_from_confusion(evaluate_dataset(model, dataset, **kw))``."""
+    return metrics_from_confusion(evaluate_dataset(model, dataset, **kw))
 

@@ -105,7 +105,8 @@ def test_predict_cli_writes_labels_colours_overlays(tmp_path, capsys):
     rc = main(["predict", str(tmp_path / "in"), "--weights", str(tmp_path / "w.safetensors"), "--out", str(out),
                "--window", "48", "--stride", "32", "--scales", "0.75,1.0", "--flip", "--no-progress"])
     assert rc == 0
-    assert sorted(os.listdir(out)) == sorted(f"{s}_{k}.png" for s in "ab" for k in ("label", "color", "overlay"))
+    kinds = ("label", "color", "overlay", "legend")
+    assert sorted(os.listdir(out)) == sorted(f"{s}_{k}.png" for s in "ab" for k in kinds)
     label = read_mask(out / "a_label.png")
     assert label.shape == (37, 61) and label.max() < 4
     colour = read_image(out / "a_color.png")

@@ -93,7 +93,7 @@ def test_predict_files_api_refuses_existing_outputs(tmp_path):
     write_png(image, np.zeros((64, 64, 3), np.uint8))
     model = sf.segformer("b0", num_classes=3).eval()
     out = tmp_path / "out"
-    assert len(predict_files(model, [str(image)], str(out), progress=False)) == 3
+    assert len(predict_files(model, [str(image)], str(out), progress=False)) == 4
     with pytest.raises(FileExistsError, match="dog_label.png"):
         predict_files(model, [str(image)], str(out), progress=False)
-    assert len(predict_files(model, [str(image)], str(out), progress=False, overwrite=True)) == 3
+    assert len(predict_files(model, [str(image)], str(out), progress=False, overwrite=True)) == 4
