@@ -250,3 +250,19 @@ def test_a_model_with_cityscapes_names_gets_the_cityscapes_colours(tmp_path):
     labels = read_mask(tmp_path / "street_label.png")
     assert len(np.unique(labels)) > 3
     np.testing.assert_array_equal(read_image(tmp_path / "street_color.png"), CITYSCAPES_PALETTE[labels])
+
+
+def test_readme_picture_script_runs(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "make_pictures.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    names = sorted(os.listdir(tmp_path))
+    assert names == [f"example_{w}.png" for w in ("label", "legend", "overlay", "photo")]
+    for name in names:
+        assert os.path.getsize(tmp_path / name) < 60 * 1024
+    with Image.open(tmp_path / "example_label.png") as im:
+        assert im.mode == "P" and im.size == (256, 256) and set(np.unique(np.array(im))) == set(range(6))
+    for name in names:  # the committed pictures are what the script makes
+        committed = os.path.join(ROOT, "docs", "images", name)
+        if os.path.exists(committed):
+            np.testing.assert_array_equal(read_image(committed), read_image(tmp_path / name))
