@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["BF16", "FP32", "INT64", "BOOL", "L2_BYTES", "EXP_FLOPS", "ERF_FLOPS", "LERP2D_FLOPS", "LERP_MIN_FLOPS",
+__all__ = ["BF16", "FP32", "INT64", "BOOL", "L2_BYTES", "SMS", "EXP_FLOPS", "ERF_FLOPS", "LERP2D_FLOPS", "LERP_MIN_FLOPS",
            "Part", "Cost",
            "cdiv", "next_pow2"]
 
 BF16, FP32, INT64, BOOL = 2, 4, 8, 1  # bytes per element
 L2_BYTES = 50 * 2**20  # H100/H200 L2: 50 MB; a re-read whose working set fits is assumed to hit
+SMS = 132  # H100/H200 SXM streaming multiprocessors (for the programs-per-SM notes)
 # One exp (tl.exp/exp2 -> MUFU.EX2): the SFU issues 16 per SM per clock against 128 fp32 FMA lanes,
 # so an exp displaces 8 FMAs = 16 flops of fp32 issue time.
 EXP_FLOPS = 16

@@ -12,7 +12,7 @@ as stale when they change (then update the model and MODELLED, and regenerate th
 
 from __future__ import annotations
 
-from ..cost import BF16, EXP_FLOPS, FP32, L2_BYTES, Cost, Part, cdiv
+from ..cost import BF16, EXP_FLOPS, FP32, L2_BYTES, SMS, Cost, Part, cdiv
 
 __all__ = ["roofline", "MODELLED"]
 
@@ -34,6 +34,9 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
     # K/V of one (b, h) are re-read by its n_qb query-block programs, which run back to back (grid axis 0)
     kv_bh = 2 * M * d * dtype_bytes
     kv_reads = 1 if kv_bh <= L2_BYTES // 2 else n_qb
+    bh = B * heads
+    q_grid = f"grid {n_qb}x{bh} = {n_qb * bh} programs ({n_qb * bh / SMS:.1f} per SM)"
+    k_grid = f"grid {n_kb}x{bh} = {n_kb * bh} programs ({n_kb * bh / SMS:.1f} per SM)"
 
     fwd = Cost(
         gemm_flops=2 * mm, other_flops=S * (4 + EXP_FLOPS), min_bytes=2 * q + 2 * kv + rows, exps=S,
@@ -42,7 +45,7 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
             # one program per (BLOCK_N queries, b*h); online softmax over key blocks; K/V re-reads hit L2
             Part("_sr_attention_fwd_kernel", 2 * q + 2 * kv * kv_reads + rows, gemm_flops=2 * mm,
                  other_flops=S * (5 + EXP_FLOPS) + B * heads * N * n_kb * (EXP_FLOPS + 3) + B * N * C * n_kb,
-                 note=f"K/V per (b,h) {kv_bh / 2**10:.0f} KiB, re-read by {n_qb} query blocks from L2"),
+                 note=f"{q_grid}; K/V per (b,h) {kv_bh / 2**10:.0f} KiB, re-read by {n_qb} query blocks from L2"),
         ),
     )
 
@@ -59,18 +62,18 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
         parts=(
             Part("_sr_attention_fwd_kernel (O from lse)", 2 * q + 2 * kv * kv_reads + rows, gemm_flops=2 * mm,
                  other_flops=S * (3 + EXP_FLOPS),
-                 note="O recomputed: the op keeps x and lse, not O"),
+                 note=f"O recomputed: the op keeps x and lse, not O; {q_grid}"),
             # (do.float() * out.float()).view(...).sum(-1).transpose(1, 2).contiguous(): five torch passes
             Part("torch: Delta = rowsum(dO * O)",
                  B * N * C * (2 * (dtype_bytes + FP32) + 3 * FP32 + FP32) + 3 * rows, other_flops=2 * B * N * C,
                  note="fp32 copies of dO and O, their product, the head sums, a transpose copy"),
             Part("_sr_attention_bwd_dkdv_kernel", 2 * kv + (2 * q + 2 * rows) * qdo_reads + 2 * kv,
                  gemm_flops=4 * mm, other_flops=S * (5 + EXP_FLOPS),
-                 note=f"q/dO/lse/Delta requested {n_kb}x per (b,h) ({n_kb * (2 * q + 2 * rows) / 1e9:.2f} GB "
-                      f"from L2), DRAM {qdo_reads}x"),
+                 note=f"{k_grid}; q/dO/lse/Delta requested {n_kb}x per (b,h) "
+                      f"({n_kb * (2 * q + 2 * rows) / 1e9:.2f} GB from L2 per call), DRAM {qdo_reads}x"),
             Part("_sr_attention_bwd_dq_kernel", 2 * q + 2 * rows + 2 * kv * kv_reads + q,
                  gemm_flops=3 * mm, other_flops=S * (5 + EXP_FLOPS),
-                 note="recomputes S and P again (3 exps per score in the whole backward)"),
+                 note=f"{q_grid}; recomputes S and P again (3 exps per score in the whole backward)"),
         ),
     )
     return {"forward": fwd, "backward": bwd}

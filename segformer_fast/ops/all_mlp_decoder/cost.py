@@ -1,0 +1,106 @@
+"""Roofline cost model of the training decoder (all_mlp_decoder_train), see segformer_fast/ops/cost.py.
+
+Shapes: features (B, C_i, h_i, w_i) in the autocast dtype, NCHW-contiguous (the encoder stages end
+with ``.contiguous()``), finest first at (H, W) = (h_1, w_1); decoder width D, K classes, element-wise
+dropout p. T = B*H*W pixels, E = T*D values of the fused map u. The GEMMs are cuBLAS, each modelled
+as reading its operands once and writing its result once; upsample_sum is its own model; every
+other pass is an ATen elementwise or reduction kernel, counted as it reads and writes.
+
+MODELLED: the git blob of op.py this model describes; benchmarks/roofline.py reports the model as
+stale when it changes (then update the model and MODELLED, and regenerate the report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..cost import BF16, BOOL, FP32, LERP_MIN_FLOPS, Cost, Part
+from ..upsample_sum.cost import roofline as upsample_sum_roofline
+
+__all__ = ["roofline", "MODELLED"]
+
+MODELLED = {"op.py": "e45493c9098df52aeb61fa12ef0c5eece058b24a"}
+PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
+
+
+def _gemm(name: str, m: int, n: int, k: int, read: float, write: float) -> Part:
+    return Part(f"torch: {name}", read + write, gemm_flops=2 * m * n * k, note="cuBLAS, operands once")
+
+
+def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tuple[int, int]], D: int, K: int,
+             p: float = 0.0, dtype_bytes: int = BF16) -> dict[str, Cost]:
+    """{"forward": Cost, "backward": Cost} of one training call; ``channels`` C_i and ``sizes`` (h_i, w_i)."""
+    T, E = B * H * W, B * H * W * D
+    db = dtype_bytes
+    pix = [B * h * w for h, w in sizes]
+    feat = [n * c for n, c in zip(pix, channels)]  # elements of each feature map
+    stage_mm = sum(2 * n * c * D for n, c in zip(pix, channels))  # flops of the stage GEMMs (one pass)
+    cls_mm = 2 * T * D * K
+    up = upsample_sum_roofline(B, D, H, W, sizes, db)
+    upsampled = sum((h, w) != (H, W) for h, w in sizes)
+    up_min = E * (upsampled * LERP_MIN_FLOPS + len(sizes) - 1)
+    # ATen's in-place dropout (F.dropout(inplace=True) does not take the fused kernel): a noise tensor in
+    # u's dtype, bernoulli_, div_(1 - p), then u.mul_(noise)
+    dropout = (Part("torch: dropout (noise, bernoulli_, div_, mul_)", E * (db + 2 * db + 3 * db),
+                    other_flops=E * (PHILOX_FLOPS + 2), note="in place: unfused ATen path"),) if p > 0 else ()
+
+    def stages(tag: str) -> list[Part]:
+        parts = []
+        for i, (n, c, f) in enumerate(zip(pix, channels, feat)):
+            # c.permute(0, 2, 3, 1).reshape(-1, C) of an NCHW-contiguous map is a copy
+            parts.append(Part(f"torch: stage {i + 1} NCHW -> NHWC copy{tag}", 2 * f * db))
+            parts.append(_gemm(f"stage {i + 1} z = A c + a{tag}", n, D, c, f * db + D * c * db, n * D * db))
+        return parts
+
+    fwd_parts = [
+        *stages(""),
+        *up["forward"].parts,
+        # u2.float() (a fp32 copy), then var_mean over the pixels (one pass)
+        Part("torch: u.float(), var_mean", E * (db + FP32 + FP32), other_flops=E * 3),
+        # _relu_dropout in place on u: mul_(scale), add_(shift), relu_()
+        Part("torch: BN affine, ReLU (3 in-place passes)", E * 3 * 2 * db, other_flops=E * 3),
+        *dropout,
+        _gemm("classifier", T, K, D, E * db + K * D * db, T * K * db),
+    ]
+    fwd = Cost(
+        gemm_flops=stage_mm + cls_mm, other_flops=up_min + E * (2 + 3),
+        min_bytes=sum(feat) * db + T * K * db,  # features in, logits out (the statistics are (D,))
+        notes=("features read, logits written; stage GEMMs, upsample-sum, BN statistics and affine, classifier "
+               "(the batch statistics need all of u before any of it is normalised: short of recomputing u, "
+               f"an implementation also writes and reads it once more, {2 * E * db / 1e9:.2f} GB, not counted)"),
+        parts=tuple(fwd_parts),
+    )
+    bwd_parts = [
+        *stages(" (recomputed)"),
+        *(Part(q.name + " (u recomputed)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in up["forward"].parts),
+        # xhat = u.to(fp32, copy=True).sub_(mean).mul_(invstd)
+        Part("torch: xhat (fp32 copy, sub_, mul_)", E * (db + FP32 + 4 * FP32), other_flops=E * 2),
+        Part("torch: d recomputed: BN affine, ReLU", E * 3 * 2 * db, other_flops=E * 3),
+        *(Part(q.name + " (redrawn)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in dropout),
+        _gemm("dWc = gl^T d", K, D, T, T * K * db + E * db, K * D * db),
+        Part("torch: dbc = gl.sum", T * K * db, other_flops=T * K),
+        _gemm("g = gl Wc", T, D, K, T * K * db + K * D * db, E * db),
+        # .mul_(1 / (1 - p)), d <= 0 (a bool map), masked_fill_, .float()
+        Part("torch: dropout scale, ReLU mask, .float()", E * (2 * db + (db + BOOL) + (db + BOOL + db) + (db + FP32)),
+             other_flops=E * 3),
+        # batch_norm_backward: g.sum, (g * xhat), .sum, g.sub_, xhat.mul_, g.sub_(xhat), g.mul_(scale), all fp32
+        Part("torch: BatchNorm backward (7 fp32 passes)", E * FP32 * (1 + 3 + 1 + 2 + 2 + 3 + 2), other_flops=E * 8),
+        Part("torch: gu.to(dtype)", E * (FP32 + db)),
+        *up["backward"].parts,
+    ]
+    for i, (n, c, f) in enumerate(zip(pix, channels, feat)):
+        bwd_parts += [
+            _gemm(f"stage {i + 1} grad c = gz A", n, c, D, n * D * db + D * c * db, f * db),
+            Part(f"torch: stage {i + 1} NCHW -> NHWC copy (for grad A)", 2 * f * db),
+            _gemm(f"stage {i + 1} grad A = gz^T c", D, c, n, n * D * db + f * db, D * c * db),
+            Part(f"torch: stage {i + 1} grad a = gz.sum", n * D * db, other_flops=n * D),
+        ]
+    bwd = Cost(
+        gemm_flops=3 * stage_mm + 2 * cls_mm, other_flops=up_min + E * (2 + 3 + 8) + up["backward"].other_flops,
+        # features and the logits' gradient in; the features' gradients out (the weight gradients are small)
+        min_bytes=2 * sum(feat) * db + T * K * db,
+        notes="features + grad logits read, grad features written; u recomputed from the features, classifier and "
+              "stage GEMM backward, BN backward, the upsample adjoint",
+        parts=tuple(bwd_parts),
+    )
+    return {"forward": fwd, "backward": bwd}
