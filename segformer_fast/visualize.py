@@ -209,7 +209,8 @@ def legend(labels, num_classes: int, names=None, *, background: int | None = 0, 
     font = _font(max(8, row_height * 3 // 5))
     pad, swatch = row_height // 4, row_height - 4
     text_x = pad + swatch + row_height // 3
-    width = text_x + max(int(np.ceil(font.getlength(text))) for _, text in rows) + pad
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = text_x + max(draw.textbbox((0, 0), text, font=font)[2] for _, text in rows) + pad
     picture = Image.new("RGB", (width, 2 * pad + len(rows) * row_height), "white")
     draw = ImageDraw.Draw(picture)
     for i, (colour, text) in enumerate(rows):
@@ -217,7 +218,8 @@ def legend(labels, num_classes: int, names=None, *, background: int | None = 0, 
         if colour is not None:
             draw.rectangle([pad, top + 2, pad + swatch - 1, top + 1 + swatch], fill=tuple(int(c) for c in colour),
                            outline=(128, 128, 128))
-        draw.text((text_x, top + row_height / 2), text, fill="black", font=font, anchor="lm")
+        box = draw.textbbox((0, 0), text, font=font)  # no anchor=: Pillow's bitmap font lacks anchors
+        draw.text((text_x, top + (row_height - box[3] - box[1]) // 2), text, fill="black", font=font)
     return np.asarray(picture, dtype=np.uint8).copy()
 
 

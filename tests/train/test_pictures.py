@@ -148,6 +148,18 @@ def test_legend_has_one_row_per_class_present():
     assert legend([1, 3], 6).shape[0] == 2 * pad + 2 * row  # a list of ids works too
 
 
+def test_legend_with_the_bitmap_font_of_pillow_without_freetype(monkeypatch):
+    from PIL import ImageFont
+
+    import segformer_fast.visualize as visualize
+
+    if not hasattr(ImageFont, "load_default_imagefont"):
+        pytest.skip("this Pillow has no separate bitmap default font (before 10.1)")
+    monkeypatch.setattr(visualize, "_font", lambda size: ImageFont.load_default_imagefont())
+    key = legend(np.array([0, 2, 5]), 6, ["background", "cat"])
+    assert key.shape[0] == 2 * 5 + 3 * 20 and (key[:, 27:] < 64).all(-1).any()  # rows, and text right of the swatches
+
+
 def test_predict_files_writes_the_four_pictures(tmp_path):
     model = PointwiseModel(4, {0: "sky", 1: "background", 2: "tree", 3: "car"}).eval()
     photo = _photo((23, 31), seed=3)
