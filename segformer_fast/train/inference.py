@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.segformer import MIN_IMAGE_SIDE
 from .metrics import confusion_matrix, metrics_from_confusion
-from .transforms import EvalTransform, normalize, rescale_factor
+from .transforms import EvalTransform, rescale_factor
 
 __all__ = ["predict_probs", "window_starts", "load_model", "predict_files", "evaluate_dataset", "evaluate"]
 
