@@ -60,6 +60,8 @@ class Impl:
         fallback: the backend that runs instead when a condition fails (declared, shown by explain);
             None means such a call is an error when this backend is asked for.
         note: what it is, for the explanation.
+        name: its name in the spec when it is not the backend's (a second implementation in one
+            backend, e.g. the attention core's "aten" next to "torch"); resolve() takes it as a request.
     """
 
     backend: str
@@ -70,6 +72,12 @@ class Impl:
     conditions: tuple[Callable[[torch.Tensor, dict], Optional[str]], ...] = ()
     fallback: Optional[str] = None
     note: str = ""
+    name: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """Its name in the spec: ``name``, else its backend."""
+        return self.name or self.backend
 
 
 @dataclass(frozen=True)
@@ -93,20 +101,32 @@ class OpSpec:
 
     Args:
         name: the op's name ("upsample_sum", ...).
-        impls: its implementations, one per backend.
+        impls: its implementations, one per backend (or per name, see Impl.name).
         prefer: device type -> backends in auto's order of preference (measured fastest first);
             device types not listed use ``prefer["*"]``, else ("torch",) (the default: a torch-only op).
+        prefer_gpu: (compute capability major, minor) -> auto's order on that CUDA GPU, overriding
+            ``prefer["cuda"]``; filled from measurements on that GPU only (a GPU not listed: ``prefer``).
     """
 
-    def __init__(self, name: str, impls: Sequence[Impl], prefer: Optional[dict[str, tuple[str, ...]]] = None):
+    def __init__(self, name: str, impls: Sequence[Impl], prefer: Optional[dict[str, tuple[str, ...]]] = None,
+                 prefer_gpu: Optional[dict[tuple[int, int], tuple[str, ...]]] = None):
         self.name = name
-        self.impls = {i.backend: i for i in impls}
+        self.impls = {i.key: i for i in impls}
         self.prefer = prefer or {}
+        self.prefer_gpu = prefer_gpu if prefer_gpu is not None else {}
         self._cache: dict[tuple, _Resolution] = {}
 
-    def order(self, device_type: str) -> tuple[str, ...]:
-        """Auto's order of preference for tensors of ``device_type``."""
+    def order(self, device_type: str, capability: Optional[tuple[int, int]] = None) -> tuple[str, ...]:
+        """Auto's order of preference for tensors of ``device_type`` (on a CUDA GPU of ``capability``)."""
+        if device_type == "cuda" and capability in self.prefer_gpu:
+            return self.prefer_gpu[capability]
         return self.prefer.get(device_type, self.prefer.get("*", ("torch",)))
+
+    def _capability(self, x: torch.Tensor) -> Optional[tuple[int, int]]:
+        # only looked up when this spec has a per-GPU table (a device query per call otherwise saved)
+        if not self.prefer_gpu or x.device.type != "cuda":
+            return None
+        return tuple(torch.cuda.get_device_capability(x.device))
 
     def __repr__(self) -> str:
         return f"OpSpec({self.name!r}, backends={tuple(self.impls)})"
@@ -152,23 +172,25 @@ class OpSpec:
         explicitly named backend cannot run (unless it declares a fallback). ``use_env=False``: "auto"
         ignores SEGFORMER_FAST_BACKEND (for a sub-choice inside an implementation already chosen)."""
         environ = os.environ  # the cache key: everything a resolution depends on, read cheaply (a few us per call)
+        capability = self._capability(x)
         key = (backend, use_env and backend == "auto" and environ.get(ENV_VAR), x.device.type, x.dtype,
-               tuple(facts.items()), environ.get("TRITON_INTERPRET"), environ.get(STANDIN_ENV))
+               tuple(facts.items()), environ.get("TRITON_INTERPRET"), environ.get(STANDIN_ENV), capability)
         res = self._cache.get(key)
         if res is None:
             env = default_backend() if backend == "auto" and use_env else "auto"
-            res = self._resolve(backend, env, x, facts)
+            res = self._resolve(backend, env, x, facts, capability)
             self._cache[key] = res
         if _RECORDERS:
             for rec in _RECORDERS:
                 rec.append((self.name, backend, res.decisions))
         return res.impl
 
-    def _resolve(self, backend: str, env: str, x: torch.Tensor, facts: dict) -> _Resolution:
-        name = validate_backend(backend, check_available=False)
+    def _resolve(self, backend: str, env: str, x: torch.Tensor, facts: dict,
+                 capability: Optional[tuple[int, int]] = None) -> _Resolution:
+        name = backend if backend in self.impls else validate_backend(backend, check_available=False)
         verdicts = {b: self.why_not(i, x, facts) for b, i in self.impls.items()}
 
-        order = self.order(x.device.type)
+        order = self.order(x.device.type, capability)
         not_chosen = (f"backend={name!r} was asked for" if name != "auto"
                       else f"a preferred backend runs first on {x.device.type} {order}")
 
@@ -202,7 +224,8 @@ class OpSpec:
             raise NoImplementationError(f"{self.name} has no {name!r} implementation; it has {tuple(self.impls)}")
         if verdicts[name] is None:
             return done(name, f"asked for (backend={name!r})")
-        if available_backends()[name].available and runs_on(name, x.device.type) and x.dtype not in impl.dtypes:
+        gated_on_dtype = available_backends()[impl.backend].available and runs_on(impl.backend, x.device.type)
+        if gated_on_dtype and x.dtype not in impl.dtypes:
             takes = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
             others = [b for b, v in verdicts.items() if v is None]
             raise TypeError(f"{self.name}: backend {name!r} does not take {str(x.dtype).replace('torch.', '')}: it takes "
@@ -210,7 +233,7 @@ class OpSpec:
         if self._gate(impl, x) is None and impl.fallback is not None and verdicts.get(impl.fallback) is None:
             # the gate passed, so the verdict is the failed condition's reason
             return done(impl.fallback, f"declared fallback of {name}: {verdicts[name]}")
-        status = available_backends()[name]
+        status = available_backends()[impl.backend]
         if not status.available:
             raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
         raise ValueError(f"{self.name}: backend {name!r} cannot run here: {verdicts[name]}")

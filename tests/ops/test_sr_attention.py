@@ -224,3 +224,166 @@ def test_fp64_on_the_cuda_backend_is_a_clear_error(cuda_standin):
     x = torch.randn(1, 16, 64, dtype=torch.float64, device=dev)
     with pytest.raises(TypeError, match="float64.*float32, float16, bfloat16"):
         sr_attention(x, (4, 4), 2, **weights(m), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention core alone
+
+
+def _core_inputs(b, n, m, c, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(b, rows, c, generator=g, dtype=torch.float64) for rows in (n, m, m, n))
+    return q, k, v, do
+
+
+def _core_reference(q, k, v, do, heads, scale):
+    """fp64 O, lse and dq, dk, dv by autograd through the explicit softmax (the oracle's formulation)."""
+    qh, kh, vh = (sr_op._heads(t.detach().requires_grad_(), heads) for t in (q, k, v))
+    s = (qh @ kh.transpose(-1, -2)) * scale  # (B, h, N, M)
+    o = sr_op._tokens(s.softmax(-1) @ vh)
+    grads = torch.autograd.grad(o, [qh, kh, vh], do)
+    return o.detach(), torch.logsumexp(s, -1).detach(), [sr_op._tokens(t) for t in grads]
+
+
+# ---------------------------------------------------------------------------------------------
+# the ATen core (CUDA flash / memory-efficient attention). No GPU here: the glue (head layouts, the
+# lse layouts, the argument order, the flash-or-efficient choice) runs against CPU stand-ins that
+# take the real ops' signatures and compute with ATen's CPU flash attention, emulating the CUDA
+# ops' outputs (efficient attention's lse padded to a multiple of 32). What the CUDA kernels
+# themselves compute, and whether they accept these strides, is not covered here.
+
+
+class _AtenOnCpu:
+    """CPU stand-ins for the four CUDA ops, with their schemas' Python signatures; records the calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _scaled_dot_product_flash_attention(self, query, key, value, dropout_p=0.0, is_causal=False,
+                                            return_debug_mask=False, *, scale=None):
+        assert dropout_p == 0.0 and not is_causal and not return_debug_mask and query.dtype != torch.float32
+        self.calls.append("flash")
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
+        return o, lse, None, None, query.shape[2], key.shape[2], torch.zeros(()), torch.zeros(()), None
+
+    def _scaled_dot_product_flash_attention_backward(self, grad_out, query, key, value, out, logsumexp, cum_seq_q,
+                                                     cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed,
+                                                     philox_offset, *, scale=None):
+        assert cum_seq_q is None and cum_seq_k is None and (max_q, max_k) == (query.shape[2], key.shape[2])
+        assert logsumexp.shape == query.shape[:3] and logsumexp.dtype == torch.float32
+        self.calls.append("flash_backward")
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, scale=scale)
+
+    def _scaled_dot_product_efficient_attention(self, query, key, value, attn_bias, compute_log_sumexp,
+                                                dropout_p=0.0, is_causal=False, *, scale=None):
+        assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0 and not is_causal
+        self.calls.append("efficient")
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
+        b, h, n = lse.shape
+        pad = torch.full((b, h, -(-n // 32) * 32), float("inf"))
+        pad[..., :n] = lse
+        return o, pad, torch.zeros(()), torch.zeros(())
+
+    def _scaled_dot_product_efficient_attention_backward(self, grad_out_, query, key, value, attn_bias, out,
+                                                         logsumexp, philox_seed, philox_offset, dropout_p,
+                                                         grad_input_mask, is_causal=False, *, scale=None):
+        n = query.shape[2]
+        assert attn_bias is None and list(grad_input_mask) == [True, True, True, False]
+        assert logsumexp.shape[-1] % 32 == 0 and logsumexp.shape[-1] >= n and torch.isinf(logsumexp[..., n:]).all()
+        self.calls.append("efficient_backward")
+        return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out_, query, key, value, out, logsumexp[..., :n].contiguous(), dropout_p, is_causal, scale=scale),
+            None)
+
+
+@pytest.fixture
+def aten_on_cpu(monkeypatch):
+    fake = _AtenOnCpu()
+    monkeypatch.setattr(sr_op, "_aten", fake)
+    monkeypatch.setattr(sr_op, "_gpu_capability", lambda device: (9, 0))
+    return fake
+
+
+def test_aten_stand_ins_have_the_real_signatures():
+    """The stand-ins take the argument names of this torch's ops, which are the ones the glue passes."""
+    import inspect
+
+    for op in sr_op._ATEN_ARGS:
+        assert sr_op._aten_schema_error(op) is None, sr_op._aten_schema_error(op)
+        params = tuple(inspect.signature(getattr(_AtenOnCpu(), op)).parameters)
+        assert params == sr_op._ATEN_ARGS[op], op
+
+
+@pytest.mark.parametrize("dtype, kernel", [(torch.float32, "efficient"), (torch.float16, "flash")], ids=str)
+@pytest.mark.parametrize("b, n, m, c, heads", [(1, 63, 13, 64, 2), (3, 35, 33, 48, 1)])
+def test_aten_core_glue(aten_on_cpu, dtype, kernel, b, n, m, c, heads):
+    """O, lse and every gradient through the ATen core's glue match the fp64 oracle (stand-in kernels)."""
+    scale = (c // heads) ** -0.5
+    q, k, v, do = _core_inputs(b, n, m, c, dtype)
+    o_ref, lse_ref, refs = _core_reference(q, k, v, do, heads, scale)
+    low = [t.to(dtype) for t in (q, k, v)]
+    o, lse = sr_op._aten_core_fwd(*low, heads, scale, None)
+    assert lse.shape == (b, heads, n) and lse.dtype == torch.float32 and lse.is_contiguous()
+    grads = sr_op._aten_core_bwd(do.to(dtype), *low, o, lse, heads, scale)
+    assert aten_on_cpu.calls == [kernel, kernel + "_backward"]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, r in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *refs)):
+        assert a.shape == r.shape, name
+        err = (a.double() - r).abs().max().item()
+        assert err <= tol * max(1.0, r.abs().max().item()), f"{name}: {err:.3g}"
+
+
+def test_aten_core_in_the_layer(aten_on_cpu, monkeypatch):
+    """The whole layer's forward and backward with the aten core (stand-ins) vs the torch core."""
+    import dataclasses
+
+    # the CUDA-device condition lifted, so that the CPU stand-ins run through the spec
+    monkeypatch.setitem(sr_op.CORE.impls, "aten", dataclasses.replace(sr_op.CORE.impls["aten"], conditions=()))
+    monkeypatch.setattr(sr_op.CORE, "_cache", {})
+    m, x, w = _args(sr=2, b=3)
+    wd = sr_op._weights_like(x, [w.get(k) for k in sr_op._WEIGHT_NAMES])
+    y, lse = sr_op._fwd(x, (5, 7), 2, 2, wd, 1e-5, "torch", "aten")
+    y_ref, lse_ref = sr_op._fwd(x, (5, 7), 2, 2, wd, 1e-5, "torch", "torch")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-6)
+    dy = torch.randn_like(y)
+    dx, g = sr_op._bwd(dy, x, lse, (5, 7), 2, 2, wd, 1e-5, "torch", "aten")
+    dx_ref, g_ref = sr_op._bwd(dy, x, lse_ref, (5, 7), 2, 2, wd, 1e-5, "torch", "torch")
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert "efficient_backward" in aten_on_cpu.calls
+
+
+def test_aten_core_conditions(monkeypatch):
+    from segformer_fast import explain
+
+    q = torch.randn(1, 4, 64)
+    rows = {bk: (runs, why) for _, _, bk, runs, why in explain("sr_attention.core", q, head_dim=32).rows()}
+    assert not rows["aten"][0] and "CUDA tensors" in rows["aten"][1]
+    with pytest.raises(ValueError, match="aten.*CUDA tensors"):
+        sr_op.CORE.resolve("aten", q, head_dim=32)
+    from types import SimpleNamespace
+
+    cuda_q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # what the condition reads
+    monkeypatch.setattr(sr_op, "_gpu_capability", lambda device: (9, 0))
+    assert sr_op._aten_core_condition(cuda_q, {"head_dim": 32}) is None
+    assert "multiple of 8" in sr_op._aten_core_condition(cuda_q, {"head_dim": 20})
+    sr_op._aten_schema_error.cache_clear()
+    monkeypatch.setitem(sr_op._ATEN_ARGS, "_scaled_dot_product_efficient_attention", ("query", "key"))
+    try:
+        reason = sr_op._aten_core_condition(cuda_q, {"head_dim": 32})  # fp32: memory-efficient attention
+        assert "_scaled_dot_product_efficient_attention in torch" in reason and "this core passes" in reason
+    finally:
+        sr_op._aten_schema_error.cache_clear()
+
+
+def test_per_gpu_core_preference(monkeypatch):
+    """Auto follows CORE_GPU_PREFERENCE for a listed GPU, the default order for any other one."""
+    spec = sr_op.CORE
+    assert spec.prefer_gpu is sr_op.CORE_GPU_PREFERENCE and not sr_op.CORE_GPU_PREFERENCE  # filled by measurements
+    monkeypatch.setitem(sr_op.CORE_GPU_PREFERENCE, (9, 0), ("aten", "triton", "torch"))
+    assert spec.order("cuda", (9, 0)) == ("aten", "triton", "torch")
+    assert spec.order("cuda", (8, 0)) == spec.order("cuda") == ("triton", "torch")
+    assert spec.order("cpu", (9, 0)) == ("triton", "torch")

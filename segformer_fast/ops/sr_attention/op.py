@@ -31,6 +31,11 @@ Implementations (``backend``):
 - ``cuda``: the patch gather / scatter and a fused bias + LayerNorm (forward and backward) from
   csrc/sr_attention/sr_attention.cu, the matmuls on cuBLAS via torch, the attention core in Triton
   when present (head dim 32/64), else the torch core.
+
+Attention cores (the ``sr_attention.core`` spec): ``torch`` and ``triton`` as above, and ``aten``:
+ATen's CUDA flash attention (fp16/bf16) or memory-efficient attention (fp32), forward and backward,
+any head dim that is a multiple of 8. Auto takes triton then torch, or on a GPU listed in
+CORE_GPU_PREFERENCE (filled from measurements only) the order measured there.
 """
 
 from __future__ import annotations
@@ -155,23 +160,124 @@ def _torch_core_fwd_lse(q, k, v, num_heads, scale, lse):
     return o, (lse2 if lse is None else lse)
 
 
+# ATen's CUDA attention kernels as a core: flash attention (fp16/bf16, head dim <= 256, sm_80+) or
+# memory-efficient attention (fp32, fp16, bf16), forward with the row log-sum-exp and backward from
+# it. Both take (B, h, L, d) views with unit stride along d (our token layouts' _heads views) and
+# return O in (B, L, h, d) memory, so _tokens is a view. lse: flash's is (B, h, N) fp32; efficient
+# attention's is (B, h, ceil(N / 32) * 32) fp32, padded (+inf here) both ways. Both natural log of
+# sum(exp(scale * q.k)), the convention of our lse. No dropout, no mask, so the RNG tensors and the
+# varlen cumulative lengths are unused: zero-dim / None placeholders.
+_aten = torch.ops.aten  # the ops are looked up through this name at call time (tests put CPU stand-ins here)
+_LSE_ALIGN = 32
+# The argument names of each op as this glue calls it (torch 2.11, the GPU machine's, and 2.13 agree);
+# a torch whose schema differs is refused with the difference instead of being called wrongly.
+_ATEN_ARGS = {
+    "_scaled_dot_product_flash_attention": (
+        "query", "key", "value", "dropout_p", "is_causal", "return_debug_mask", "scale"),
+    "_scaled_dot_product_flash_attention_backward": (
+        "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+        "dropout_p", "is_causal", "philox_seed", "philox_offset", "scale"),
+    "_scaled_dot_product_efficient_attention": (
+        "query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "scale"),
+    "_scaled_dot_product_efficient_attention_backward": (
+        "grad_out_", "query", "key", "value", "attn_bias", "out", "logsumexp", "philox_seed", "philox_offset",
+        "dropout_p", "grad_input_mask", "is_causal", "scale"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_schema_error(op: str) -> Optional[str]:
+    """None when this torch's aten::<op> takes the arguments the glue passes, else what differs."""
+    try:
+        schema = getattr(torch.ops.aten, op).default._schema
+    except (AttributeError, RuntimeError):
+        return f"torch {torch.__version__} has no aten::{op}"
+    got = tuple(a.name for a in schema.arguments)
+    if got != _ATEN_ARGS[op]:
+        return f"aten::{op} in torch {torch.__version__} takes {got}; this core passes {_ATEN_ARGS[op]}"
+    return None
+
+
+def _gpu_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _aten_flash(q: torch.Tensor, head_dim: int) -> bool:
+    """Flash attention (else memory-efficient attention) for this call, forward and backward alike."""
+    return (q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+            and _gpu_capability(q.device) >= (8, 0))
+
+
+def _aten_core_condition(q: torch.Tensor, facts: dict) -> Optional[str]:
+    if q.device.type != "cuda":
+        return ("ATen's flash / memory-efficient attention kernels take CUDA tensors (on the CPU the torch core "
+                "runs ATen's CPU flash attention)")
+    d = facts["head_dim"]
+    if d % 8:
+        return f"head dim {d} is not a multiple of 8 (ATen's flash / memory-efficient attention kernels)"
+    ops = (("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
+           if _aten_flash(q, d) else
+           ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"))
+    return _aten_schema_error(ops[0]) or _aten_schema_error(ops[1])
+
+
+def _rng_placeholder() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)  # philox seed / offset: read only with dropout_p > 0
+
+
+def _aten_core_fwd(q, k, v, num_heads, scale, lse):
+    qh, kh, vh = _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads)
+    if _aten_flash(q, qh.shape[3]):
+        o, lse2 = _aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, False, False, scale=scale)[:2]
+    else:
+        o, lse2 = _aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, 0.0, False, scale=scale)[:2]
+        lse2 = lse2[..., : q.shape[1]]  # (B, h, N) of the padded (B, h, ceil(N/32)*32)
+    return _tokens(o), (lse2.contiguous() if lse is None else lse)
+
+
+def _aten_core_bwd(do, q, k, v, o, lse, num_heads, scale):
+    qh, kh, vh, oh, doh = (_heads(t, num_heads) for t in (q, k, v, o, do))
+    n, m = q.shape[1], k.shape[1]
+    if _aten_flash(q, qh.shape[3]):
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
+            doh, qh, kh, vh, oh, lse, None, None, n, m, 0.0, False, _rng_placeholder(), _rng_placeholder(),
+            scale=scale)
+    else:
+        b, h, _ = lse.shape
+        lse_pad = lse.new_full((b, h, -(-n // _LSE_ALIGN) * _LSE_ALIGN), float("inf"))  # the layout it returned
+        lse_pad[..., :n] = lse
+        dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
+            doh, qh, kh, vh, None, oh, lse_pad, _rng_placeholder(), _rng_placeholder(), 0.0,
+            [True, True, True, False], False, scale=scale)
+    return _tokens(dq), _tokens(dk), _tokens(dv)
+
+
+# Auto's core order per CUDA GPU, (major, minor) -> order, e.g. (9, 0): ("aten", "triton", "torch").
+# Filled from measurements on that GPU only (benchmarks/test_bench_sr_attention.py); a GPU not
+# listed gets the spec's default order, triton then torch (the aten core only when asked for).
+CORE_GPU_PREFERENCE: dict[tuple[int, int], tuple[str, ...]] = {}
+
 CORE = register(OpSpec("sr_attention.core", [
     Impl("torch", _torch_core_fwd_lse, _torch_core_bwd,
          note="ATen's flash-attention kernels on the CPU, else query-chunked PyTorch with bounded score tiles"),
     Impl("triton", _triton_core_fwd, _triton_core_bwd, conditions=(_triton_core_condition,), fallback="torch",
          note="flash-style Triton kernels (triton_kernels.py)"),
-], prefer={"*": ("triton", "torch")}))
+    Impl("torch", _aten_core_fwd, _aten_core_bwd, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+         conditions=(_aten_core_condition,), name="aten",
+         note="ATen's CUDA flash attention (fp16/bf16) or memory-efficient attention (fp32), forward and backward"),
+], prefer={"*": ("triton", "torch")}, prefer_gpu=CORE_GPU_PREFERENCE))
 
 
 def _core(request: str, q: torch.Tensor, num_heads: int) -> Impl:
-    # "torch"; "triton" (its declared fallback: torch); "auto": the best core present, whatever the environment says
+    # "torch"; "triton" (its declared fallback: torch); "aten"; "auto": the best core present (the per-GPU
+    # table, else triton then torch), whatever the environment says
     return CORE.resolve(request, q, use_env=False, head_dim=q.shape[2] // num_heads)
 
 
 def attention_core_fwd(q, k, v, num_heads: int, scale: float, core: str = "torch", lse=None):
     """Flash-style attention on token layouts. q: (B, N, C); k, v: (B, M, C) -> o (B, N, C), lse (B, h, N) fp32.
 
-    ``core``: "torch", "triton" or "auto" (the ``sr_attention.core`` spec). With ``lse`` given (the
+    ``core``: "torch", "triton", "aten" or "auto" (the ``sr_attention.core`` spec). With ``lse`` given (the
     triton core) O is recomputed from it; the torch core recomputes both.
     """
     return _core(core, q, num_heads).forward(q, k, v, num_heads, scale, lse)
