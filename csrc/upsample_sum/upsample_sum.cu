@@ -6,7 +6,8 @@
 // common/bilinear.h), summed, then affine and ReLU. Backward: a prep kernel masks and scales the
 // gradient into an fp32 workspace and writes per-chunk partial sums for dscale/dshift (block tree
 // reduction, then a fixed-order sum over chunks); the adjoint of each map's upsampling is a gather
-// over the window of output pixels that read each input pixel. No atomics: results are deterministic.
+// over the output pixels that read each input pixel, a row range times a column range computed in
+// closed form (reader_range). No atomics: results are deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -118,29 +119,49 @@ __global__ void reduce_chunks_kernel(float* __restrict__ dst, const float* __res
   dst[d] = s;
 }
 
-// Adjoint of one map's upsampling: gz[b, ih, iw, d] = sum_{oh, ow} wy(oh, ih) wx(ow, iw) g[b, oh, ow, d].
+// The output indices [lo, hi) whose taps read input index i with a nonzero weight: src(o) in (i - 1, i + 1),
+// and every o below for i = 0 and above for i = n_in - 1 (the clamped borders). The closed forms
+// o > (i - 0.5) / scale - 0.5 and o >= (i + 1.5) / scale - 0.5 are rounded in fp32, so each bound is settled
+// by evaluating src as bilinear_tap does at the three candidates around the estimate (the Triton kernel's
+// _reader_range). Empty (lo >= hi) where no output reads i (downsampling).
+__device__ __forceinline__ float source_index(int64_t o, float scale) {
+  return scale * (static_cast<float>(o) + 0.5f) - 0.5f;  // bilinear_tap's, before the clamp at 0
+}
+
+__device__ __forceinline__ void reader_range(int64_t i, float scale, int64_t n_in, int64_t n_out, int64_t* lo,
+                                             int64_t* hi) {
+  const float fi = static_cast<float>(i);
+  int64_t e = static_cast<int64_t>(floorf((fi - 0.5f) / scale - 0.5f));  // lo = e + 1 in exact arithmetic
+  int64_t a = e - 1;
+  for (int64_t k = e - 1; k <= e + 1; ++k) a += source_index(k, scale) <= fi - 1.f;
+  e = static_cast<int64_t>(floorf((fi + 1.5f) / scale - 0.5f));  // hi = e or e + 1 in exact arithmetic
+  int64_t b = e - 1;
+  for (int64_t k = e - 1; k <= e + 1; ++k) b += source_index(k, scale) < fi + 1.f;
+  a = a < 0 ? 0 : (a > n_out ? n_out : a);
+  b = b < 0 ? 0 : (b > n_out ? n_out : b);
+  *lo = i == 0 ? 0 : a;
+  *hi = i == n_in - 1 ? n_out : b;
+}
+
+// Adjoint of one map's upsampling over the live taps only: gz[b, ih, iw, d] = sum_{oh, ow} wy(oh, ih)
+// wx(ow, iw) g[b, oh, ow, d], oh in reader_range(ih), ow in reader_range(iw).
 template <typename G, typename T>
 __global__ void upsample_sum_bwd_kernel(T* __restrict__ gz, const G* __restrict__ g, int64_t n_in_pix, int64_t h,
-                                        int64_t w, float sh, float sw, int64_t H, int64_t W, int64_t D, int64_t win_h,
-                                        int64_t win_w) {
+                                        int64_t w, float sh, float sw, int64_t H, int64_t W, int64_t D) {
   const int64_t total = n_in_pix * D;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = idx % D, p = idx / D;
     const int64_t iw = p % w, ih = (p / w) % h, b = p / (w * h);
-    const int64_t lo_h = bilinear_first_reader(ih, sh), lo_w = bilinear_first_reader(iw, sw);
-    const int64_t hi_h = lo_h + win_h < H ? lo_h + win_h : H;
-    const int64_t hi_w = lo_w + win_w < W ? lo_w + win_w : W;
+    int64_t lo_h, hi_h, lo_w, hi_w;
+    reader_range(ih, sh, h, H, &lo_h, &hi_h);
+    reader_range(iw, sw, w, W, &lo_w, &hi_w);
     float acc = 0.f;
     for (int64_t oh = lo_h; oh < hi_h; ++oh) {
       const float wy = bilinear_weight(oh, ih, sh, h);
-      if (wy == 0.f) continue;
       const G* row = g + (b * H + oh) * W * D + d;
       float racc = 0.f;
-      for (int64_t ow = lo_w; ow < hi_w; ++ow) {
-        const float wx = bilinear_weight(ow, iw, sw, w);
-        if (wx != 0.f) racc += wx * to_float<G>(row[ow * D]);
-      }
+      for (int64_t ow = lo_w; ow < hi_w; ++ow) racc += bilinear_weight(ow, iw, sw, w) * to_float<G>(row[ow * D]);
       acc += wy * racc;
     }
     gz[idx] = from_float<T>(acc);
@@ -199,14 +220,13 @@ int bwd_impl(void* const* grad_maps, const void* grad, const void* out, const Ma
   }
   for (int m = 0; m < ma.n; ++m) {
     const int64_t h = ma.h[m], w = ma.w[m], n_in = B * h * w;
-    const int64_t win_h = bilinear_window(h, H), win_w = bilinear_window(w, W);
     T* gz = static_cast<T*>(grad_maps[m]);
     if (prep) {
       upsample_sum_bwd_kernel<float, T><<<grid_for(n_in * D), kThreads, 0, stream>>>(
-          gz, workspace, n_in, h, w, ma.sh[m], ma.sw[m], H, W, D, win_h, win_w);
+          gz, workspace, n_in, h, w, ma.sh[m], ma.sw[m], H, W, D);
     } else {
       upsample_sum_bwd_kernel<T, T><<<grid_for(n_in * D), kThreads, 0, stream>>>(
-          gz, static_cast<const T*>(grad), n_in, h, w, ma.sh[m], ma.sw[m], H, W, D, win_h, win_w);
+          gz, static_cast<const T*>(grad), n_in, h, w, ma.sh[m], ma.sw[m], H, W, D);
     }
   }
   return static_cast<int>(cudaGetLastError());
