@@ -5,8 +5,8 @@ Labels are (H, W) integer arrays of class ids in 0..K-1; ids outside that range 
 
 Colours are deterministic: the Cityscapes palette when the 19 class names are Cityscapes', otherwise
 a neutral dark grey for the background class (if any) and well-separated colours for the others,
-stepping the hue by the golden ratio (each new class lands in the largest gap left between the hues
-before it) and cycling saturation and brightness over three levels. Ignored pixels are black.
+stepping the hue by the golden ratio (each new class lands in one of the largest gaps left between
+the hues before it) and cycling saturation and brightness over three levels. Ignored pixels are black.
 
 Example:
     >>> labels = model.predict("photo.jpg").numpy()
