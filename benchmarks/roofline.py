@@ -229,14 +229,14 @@ def markdown(data: dict, measured: bool = False) -> str:
         "",
         "## Per call",
         "",
-        "| op | dir | shape | calls | GEMM GFLOP | other GFLOP | min GB | bound ms (by) | as written GB | "
+        "| op | dir | shape | calls | GEMM GFLOP | other GFLOP | G exps | min GB | bound ms (by) | as written GB | "
         "as written GEMM / other GFLOP | predicted ms (by) | ratio | flag | launches ms |"
         + (" measured ms | of bound |" if measured else ""),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if measured else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if measured else ""),
     ]
     for r in data["rows"]:
         line = (f"| {r['op']} | {r['direction'][:3]} | {r['shape']} | {r['calls']} | {_g(r['gemm_flops'])} | "
-                f"{_g(r['other_flops'])} | {_g(r['min_bytes'])} | {r['bound_ms']:.3f} ({r['bound_by']}) | "
+                f"{_g(r['other_flops'])} | {_g(r['exps'])} | {_g(r['min_bytes'])} | {r['bound_ms']:.3f} ({r['bound_by']}) | "
                 f"{_g(r['kernel_bytes'])} | {_g(r['kernel_gemm_flops'])} / {_g(r['kernel_other_flops'])} | "
                 f"{r['predicted_ms']:.3f} ({r['predicted_by']}) | {r['ratio']:.2f} | {flag if r['flag'] else ''} | "
                 f"{r['launches_ms']:.3f} |")
@@ -374,7 +374,7 @@ def _time_ms(fn: Callable[[], Any], device, repeat: int, warmup: int) -> float:
 
 
 def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8, dtype=None,
-            repeat: int = 10, warmup: int = 3, ops=None) -> dict[str, Any]:
+            repeat: int = 10, warmup: int = 3, ops=None, deadline: float | None = None) -> dict[str, Any]:
     """:func:`report` plus, per row, the measured time of the modelled launches (median of ``repeat``,
     times the row's call count) and per op total, so ``bound_ms / measured_ms`` is the fraction of the
     bound achieved. A call that fails (e.g. out of memory) records its error and the rest go on.
@@ -384,9 +384,12 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
         model, image, batch: the shapes, as :func:`report`.
         dtype: the tensors' dtype (default bf16, the one the models price).
         ops: measure only these ops (default: all); the other rows carry no measured_ms.
+        deadline: a ``time.perf_counter()`` value; calls not started by then are skipped (measure_error says so).
     Returns:
         The report dict with ``measured_ms`` in each row and total; :func:`markdown` with measured=True shows it.
     """
+    import time
+
     import torch
 
     device = torch.device(device)
@@ -398,6 +401,10 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
     for call in segformer_calls(model, image, batch):
         if ops is not None and call.op not in ops:
             next(rows), next(rows)
+            continue
+        if deadline is not None and time.perf_counter() > deadline:
+            for _ in ("forward", "backward"):
+                next(rows)["measure_error"] = "skipped: time budget"
             continue
         try:
             run = _runners(call, device, dtype)
@@ -427,6 +434,18 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
     return data
 
 
+def write_measured(data: dict, out_dir: str) -> tuple[str, str]:
+    """Writes :func:`measure`'s report as ``roofline_<model>_<image>_bf16_measured.{json,md}`` in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = (pth.replace(f"_{DTYPE}.", f"_{DTYPE}_measured.")
+                          for pth in paths(data["model"], data["image"], out_dir))
+    for pth, text in ((json_path, json.dumps(data, indent=1) + "\n"), (md_path, markdown(data, measured=True))):
+        with open(pth, "w") as f:
+            f.write(text)
+    print(f"wrote {json_path} and {md_path}")
+    return json_path, md_path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="b2")
@@ -434,9 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out-dir", default=OUT_DIR)
     p.add_argument("--check", action="store_true", help="exit 1 if the files on disk are not what the models give")
+    p.add_argument("--measure", action="store_true",
+                   help="on a GPU: also time every call (measure()) and write *_measured.{json,md}")
     args = p.parse_args(argv)
     for message in stale_models():
         print(f"warning: {message}", file=sys.stderr)
+    if args.measure:
+        write_measured(measure("cuda", args.model, args.image, args.batch), args.out_dir)
+        return 0
     json_text, md_text = render(report(args.model, args.image, args.batch))
     json_path, md_path = paths(args.model, args.image, args.out_dir)
     if args.check:

@@ -115,7 +115,7 @@ def test_a_changed_kernel_file_is_named(monkeypatch):
     assert "segformer_fast/ops/dwconv3x3_gelu/triton_kernels.py changed" in msg and "cost.py" in msg
 
 
-def test_measure_adds_measured_columns(monkeypatch):
+def test_measure_adds_measured_columns(monkeypatch, tmp_path):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and no Triton interpreter")
@@ -132,3 +132,7 @@ def test_measure_adds_measured_columns(monkeypatch):
     for t in data["totals"]:
         (line,) = [x for x in md.splitlines() if x.startswith(f"| sr_attention | {t['direction']} |")]
         assert line.endswith(f" {t['measured_ms']:.3f} | {t['bound_ms'] / t['measured_ms']:.0%} |"), line
+    json_path, md_path = roofline.write_measured(data, str(tmp_path))
+    assert json_path.endswith("_bf16_measured.json") and open(md_path).read() == md
+    skipped = roofline.measure(device, dtype=torch.float32, repeat=1, warmup=0, deadline=0.0)
+    assert all(r["measure_error"] == "skipped: time budget" and "measured_ms" not in r for r in skipped["rows"])
