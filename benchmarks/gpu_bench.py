@@ -1,6 +1,6 @@
 """SegFormer on a GPU: our model, patched Hugging Face, Hugging Face eager and Hugging Face SDPA.
 
-    python -m benchmarks.gpu_bench --out DIR [--budget SECONDS] [--only SUBSTRING] [--dry-run]
+    python -m benchmarks.gpu_bench --out DIR [--budget SECONDS] [--only SUBSTRING] [--dry-run] [--roofline]
 
 Cases: MiT-B2 at 1024x1024 batch 8, B2 and B0 at 512x512 batch 1; inference (eval, no grad) and a
 training step (train mode, forward with labels and loss, backward; no optimizer); fp32 and bf16
@@ -20,6 +20,10 @@ first round of an inference case every provider's logits are compared with Huggi
 kernel failure) is recorded for that provider and case, and the run goes on. ``gpu_bench.json`` and
 ``gpu_bench.md`` in ``--out`` are rewritten after every case. Cases are skipped (and listed) once
 ``--budget`` seconds are spent.
+
+``--roofline`` then times each fused op at its roofline shapes (``benchmarks/roofline.py``
+``measure()``) in the budget left, into ``roofline_b2_1024_bf16_measured.{json,md}`` (a GPU only; gpu_check.sh
+does not pass it).
 
 ``--dry-run`` runs the same code on the CPU with B0 at 64x64, one timed round and no warm-up, so
 the script is exercised where there is no GPU (tests/test_gpu_check.py).
@@ -377,6 +381,21 @@ def write(record: dict, out_dir: str, t_start: float) -> None:
     atomic_write_text(os.path.join(out_dir, "gpu_bench.md"), to_markdown(record))
 
 
+def _roofline(device: torch.device, out_dir: str, deadline: float) -> None:
+    """--roofline: the fused ops timed at their roofline shapes; its own files, never the cases' status."""
+    if device.type != "cuda":
+        print("gpu_bench: --roofline needs a CUDA device; skipped", flush=True)
+        return
+    from benchmarks import roofline
+
+    try:
+        roofline.write_measured(roofline.measure(device, deadline=deadline - 5.0), out_dir)
+    except KeyboardInterrupt:
+        print("gpu_bench: roofline measurement interrupted (time limit)", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the cases' results stand
+        print(f"gpu_bench: roofline measurement failed: {_error_text(exc)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu"))
@@ -385,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="run only the cases whose id contains this")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     parser.add_argument("--dry-run", action="store_true", help="CPU, B0 at 64x64, one round: exercises the script")
+    parser.add_argument("--roofline", action="store_true",
+                        help="then, on a GPU, time each fused op against its roofline (benchmarks/roofline.py "
+                             "measure(): B2 1024x1024 batch 8) within the budget left -> roofline_*_measured.{json,md}")
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -465,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: interrupted; results so far written", flush=True)
         return 130
     write(record, args.out, t_start)
+    if args.roofline:
+        _roofline(device, args.out, deadline)
     errors = sum(r["status"] != "ok" for r in record["results"])
     print(f"gpu_bench: {len(record['results'])} results, {errors} errors, {len(record['skipped'])} cases skipped; "
           f"wrote {os.path.join(args.out, 'gpu_bench.json')} and gpu_bench.md", flush=True)
