@@ -176,8 +176,14 @@ def report(model: str = "b2", image: int = 1024, batch: int = 8) -> dict[str, An
         for direction in ("forward", "backward"):
             sel = [r for r in rows if r["op"] == op and r["direction"] == direction]
             bound, pred = sum(r["bound_ms"] for r in sel), sum(r["predicted_ms"] for r in sel)
+            by_part: dict[str, float] = {}
+            for r in sel:
+                for part in r["parts"]:
+                    by_part[part["name"]] = by_part.get(part["name"], 0.0) + part["ms"]
+            worst = max(by_part, key=by_part.get)
             totals.append({"op": op, "direction": direction, "bound_ms": _r(bound, 4), "predicted_ms": _r(pred, 4),
                            "launches_ms": _r(sum(r["launches_ms"] for r in sel), 4),
+                           "largest_launch": worst, "largest_launch_ms": _r(by_part[worst], 4),
                            "ratio": _r(pred / bound, 4), "flag": pred / bound > FLAG_RATIO})
     return {
         "model": model, "image": image, "batch": batch, "dtype": DTYPE,
@@ -214,13 +220,14 @@ def markdown(data: dict, measured: bool = False) -> str:
         "",
         "## Per op",
         "",
-        "| op | direction | bound ms | predicted ms | ratio | flag | launches ms |"
+        "| op | direction | bound ms | predicted ms | ratio | flag | launches ms | largest launch (ms) |"
         + (" measured ms | of bound |" if measured else ""),
-        "|---|---|---:|---:|---:|---|---:|" + ("---:|---:|" if measured else ""),
+        "|---|---|---:|---:|---:|---|---:|---|" + ("---:|---:|" if measured else ""),
     ]
     for t in data["totals"]:
         line = (f"| {t['op']} | {t['direction']} | {t['bound_ms']:.3f} | {t['predicted_ms']:.3f} | "
-                f"{t['ratio']:.2f} | {flag if t['flag'] else ''} | {t['launches_ms']:.3f} |")
+                f"{t['ratio']:.2f} | {flag if t['flag'] else ''} | {t['launches_ms']:.3f} | "
+                f"`{t['largest_launch']}` ({t['largest_launch_ms']:.3f}) |")
         if measured:
             m = t.get("measured_ms")
             line += f" {m:.3f} | {t['bound_ms'] / m:.0%} |" if m else " | |"

@@ -39,8 +39,9 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     up = upsample_sum_roofline(B, D, H, W, sizes, db)
     upsampled = sum((h, w) != (H, W) for h, w in sizes)
     up_min = E * (upsampled * LERP_MIN_FLOPS + len(sizes) - 1)
-    # ATen's in-place dropout (F.dropout(inplace=True) does not take the fused kernel): a noise tensor in
-    # u's dtype, bernoulli_, div_(1 - p), then u.mul_(noise)
+    # ATen's in-place dropout (F.dropout(inplace=True) does not take the fused kernel; the profiler shows
+    # dropout_ -> empty_like, bernoulli_, div_, mul_): a noise tensor in u's dtype, bernoulli_, div_(1 - p),
+    # then u.mul_(noise)
     dropout = (Part("torch: dropout (noise, bernoulli_, div_, mul_)", E * (db + 2 * db + 3 * db),
                     other_flops=E * (PHILOX_FLOPS + 2), note="in place: unfused ATen path"),) if p > 0 else ()
 
