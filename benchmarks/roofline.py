@@ -216,7 +216,10 @@ def markdown(data: dict, measured: bool = False) -> str:
         "own limit, one after the other (a pass that is cheap next to the op's total can still cost time). "
         f"Flag: predicted / bound > {data['flag_ratio']}. mix_ffn includes its dwconv3x3_gelu and all_mlp_decoder "
         "its upsample_sum (forward twice, backward once), which also have rows of their own. "
-        "Rows are summed over the calls (layers) of the step. GB = 1e9 bytes, GFLOP = 1e9 flops.",
+        "Rows are summed over the calls (layers) of the step. GB = 1e9 bytes, GFLOP = 1e9 flops. "
+        "After a kernel change: update its `cost.py` (and its MODELLED git blobs) and rerun the script, which "
+        "names every model whose files changed since it was written; tests/test_roofline.py checks this file "
+        "is current.",
         "",
         "## Per op",
         "",
@@ -243,7 +246,8 @@ def markdown(data: dict, measured: bool = False) -> str:
     ]
     for r in data["rows"]:
         line = (f"| {r['op']} | {r['direction'][:3]} | {r['shape']} | {r['calls']} | {_g(r['gemm_flops'])} | "
-                f"{_g(r['other_flops'])} | {_g(r['exps'])} | {_g(r['min_bytes'])} | {r['bound_ms']:.3f} ({r['bound_by']}) | "
+                f"{_g(r['other_flops'])} | {_g(r['exps'])} | {_g(r['min_bytes'])} | "
+                f"{r['bound_ms']:.3f} ({r['bound_by']}) | "
                 f"{_g(r['kernel_bytes'])} | {_g(r['kernel_gemm_flops'])} / {_g(r['kernel_other_flops'])} | "
                 f"{r['predicted_ms']:.3f} ({r['predicted_by']}) | {r['ratio']:.2f} | {flag if r['flag'] else ''} | "
                 f"{r['launches_ms']:.3f} |")
