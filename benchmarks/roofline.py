@@ -1,7 +1,7 @@
 """Roofline of every fused op at one model's training shapes, from the per-op cost models.
 
     python benchmarks/roofline.py [--model b2] [--image 1024] [--batch 8]
-                                  [--out-dir benchmarks/results/roofline] [--check]
+                                  [--out-dir benchmarks/results/roofline] [--check | --measure]
 
 For each fused op with Triton kernels (and the ops built on them), forward and backward separately,
 at the shapes one training step of the model calls it with (from ``segformer_fast.configs``; the
@@ -16,8 +16,9 @@ attention and the depthwise conv once per stage, summed over the stage's layers)
 - predicted / bound, flagged when above :data:`FLAG_RATIO`.
 
 ``--check`` exits 1 when the committed files differ from what the models give now (CI:
-tests/test_roofline.py). :func:`measure` times the same calls on a GPU and adds the measured time
-and the fraction of the bound achieved (benchmarks/gpu_bench.py ``--roofline``).
+tests/test_roofline.py). ``--measure`` (:func:`measure`) times the same calls on a GPU and writes
+``*_measured.{json,md}`` with the measured time and the fraction of the bound achieved (also
+benchmarks/gpu_bench.py ``--roofline``, after its cases).
 """
 
 from __future__ import annotations
