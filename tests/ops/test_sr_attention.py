@@ -227,7 +227,7 @@ def test_fp64_on_the_cuda_backend_is_a_clear_error(cuda_standin):
 
 
 # ---------------------------------------------------------------------------------------------
-# the attention core alone
+# the attention core alone: Triton's dot precision, Delta fused into the dQ kernel, dK/dV query splits
 
 
 def _core_inputs(b, n, m, c, dtype, seed=0):
@@ -243,6 +243,100 @@ def _core_reference(q, k, v, do, heads, scale):
     o = sr_op._tokens(s.softmax(-1) @ vh)
     grads = torch.autograd.grad(o, [qh, kh, vh], do)
     return o.detach(), torch.logsumexp(s, -1).detach(), [sr_op._tokens(t) for t in grads]
+
+
+def _check_triton_core_bwd(b, h, w, m, c, heads, dtype, splits):
+    from segformer_fast.ops.sr_attention.triton_kernels import sr_attention_bwd_triton
+
+    n, scale = h * w, (c // heads) ** -0.5
+    q, k, v, do = _core_inputs(b, n, m, c, dtype)
+    o, lse, refs = _core_reference(q, k, v, do, heads, scale)
+    low = [t.to(dtype) for t in (do, q, k, v, o)]
+    got = sr_attention_bwd_triton(*low, lse.float(), heads, scale, splits=splits)
+    if dtype == torch.float32:
+        for name, a, r in zip(("dq", "dk", "dv"), got, refs):
+            assert_close(name, a, r)
+        return
+    # fp16: within twice the error of the same gradients by PyTorch from the fp16-rounded inputs (chunked core,
+    # fp32 arithmetic), plus the fp16 rounding of the result itself
+    lows = sr_op._chunked_core_bwd(*(t.float() for t in low[:1] + low[1:]), lse.float(), heads, scale)
+    for name, a, lo, r in zip(("dq", "dk", "dv"), got, lows, refs):
+        err, err_torch = (a.double() - r).abs().max().item(), (lo.half().double() - r).abs().max().item()
+        bound = 2 * err_torch + 1e-3 * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{name}: fp16 error {err:.3g} > {bound:.3g} (PyTorch's: {err_torch:.3g})"
+
+
+# (B, H, W tokens, M keys, C, heads, splits): odd N; M not a multiple of BLOCK_K (32); splits that do not
+# divide the query blocks; the default split count (None: 1 at these sizes) and one split per query block.
+CORE_SHAPES = [
+    (1, 7, 9, 13, 64, 2, None),  # N = 63 < one query block
+    (3, 7, 9, 40, 32, 1, None),  # batch 3, M = 40: two key blocks, the second partial
+    (1, 17, 18, 13, 64, 2, 3),  # N = 306: 5 query blocks in 3 splits of 2, 2, 1 (the last one partial)
+    (2, 13, 17, 7, 64, 1, 4),  # N = 221: 4 query blocks, one per split
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", CORE_SHAPES, ids=lambda s: "B{}_{}x{}_M{}_C{}_h{}_splits{}".format(*s))
+def test_triton_core_backward_matches_reference(dtype, shape):
+    """dQ (with Delta computed in its kernel) and dK, dV (split over queries, partials summed) vs fp64 autograd."""
+    _skip_unless("triton")
+    _check_triton_core_bwd(*shape[:5], heads=shape[5], dtype=dtype, splits=shape[6])
+
+
+def test_dkdv_split_count():
+    from segformer_fast.ops.sr_attention.triton_kernels import BLOCK_Q, dkdv_splits, sr_attention_bwd_triton
+
+    assert dkdv_splits(65536, 1024, 8, 132) == 3  # B2 stage 1, batch 8: 256 key-block CTAs -> 768
+    assert dkdv_splits(16384, 1024, 16, 132) == 2  # stage 2: 512 -> 1024
+    assert dkdv_splits(4096, 1024, 40, 132) == 1  # stage 3: 1280 CTAs fill 132 SMs 4 times over alone
+    assert dkdv_splits(63, 13, 2, 132) == 1  # one query block: nothing to split
+    assert dkdv_splits(5 * BLOCK_Q, 13, 1, 132) == 1  # 5 query blocks, at least 4 per split
+    assert dkdv_splits(64 * 1000, 32, 1, 7) == 28  # few SMs: 28 CTAs wanted; 1000 blocks / 36 each -> 28 splits
+    for n in (9 * BLOCK_Q, 10 * BLOCK_Q, 37 * BLOCK_Q + 5):  # never an empty split, nor more than the query blocks
+        blocks = -(-n // BLOCK_Q)
+        for sms in range(1, 40):
+            got = dkdv_splits(n, 32, 1, sms)
+            assert 1 <= got <= blocks and (got - 1) * -(-blocks // got) < blocks, (n, sms, got)
+    q = torch.randn(1, 63, 64)
+    with pytest.raises(ValueError, match=r"splits=2 must be in \[1, 1\]"):
+        sr_attention_bwd_triton(q, q, q[:, :5], q[:, :5], q, torch.zeros(1, 1, 63), 1, 0.125, splits=2)
+
+
+def test_dot_precision_follows_allow_tf32(monkeypatch):
+    """fp32 dots are TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is set, read at each call, and
+    the launchers pass that to the kernels (the interpreter computes "tf32" dots exactly, so the choice is
+    checked here and the numbers by the correctness tests)."""
+    from segformer_fast.ops.sr_attention import triton_kernels as tk
+
+    _skip_unless("triton")
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["PRECISION"])
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    for name in ("_sr_attention_fwd_kernel", "_sr_attention_bwd_dq_kernel", "_sr_attention_bwd_dkdv_kernel"):
+        monkeypatch.setattr(tk, name, Spy(getattr(tk, name)))
+    q, k = torch.randn(1, 5, 32), torch.randn(1, 3, 32)
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: set back by hand
+    try:
+        for flag, fp32 in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            assert tk._dot_precision(torch.float32) == fp32
+            assert tk._dot_precision(torch.float16) == tk._dot_precision(torch.bfloat16) == "tf32"
+            seen.clear()
+            o, lse = tk.sr_attention_fwd_triton(q, k, k, 1, 0.2)
+            tk.sr_attention_bwd_triton(q, q, k, k, o, lse, 1, 0.2)
+            assert seen == [fp32] * 3, (flag, seen)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,14 @@ unit stride along C. Head h reads columns [h*d, (h+1)*d). lse is (B, h, N) fp32 
 Forward: one program per (query block, batch*head); an online softmax over key blocks (scores in
 the log2 domain, exp2), fp32 accumulators; writes O and the row log-sum-exp. With USE_LSE the
 max/normaliser tracking is skipped and P = exp(S - lse) is formed directly: the backward uses that
-to recompute O from the saved lse. Backward: Delta = rowsum(dO * O) is precomputed; one kernel per
-key block accumulates dK, dV over all query blocks, one per query block accumulates dQ over all key
-blocks, both recomputing P tile by tile. No atomics, no (N, M) buffer. Head dims 32 and 64.
+to recompute O from the saved lse. Backward: one kernel per query block accumulates dQ over all key
+blocks and computes Delta = rowsum(dO * O) (fp32) on the way; then one kernel per (key block, query
+split) accumulates dK, dV over its split's query blocks (fp32 partials summed afterwards when there
+is more than one split: the key blocks alone are too few CTAs for an H100 at M = 1024); both recompute
+P tile by tile. No atomics, no (N, M) buffer. Head dims 32 and 64.
+
+Precision: fp32 inputs use TF32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set (as
+PyTorch's own matmuls do), exact fp32 FMAs otherwise; fp16/bf16 dots accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import triton.language as tl
 from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes
 
-__all__ = ["TRITON_HEAD_DIMS", "launch_config", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
+__all__ = ["TRITON_HEAD_DIMS", "launch_config", "dkdv_splits", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
 
 TRITON_HEAD_DIMS = (32, 64)
 LOG2E = 1.4426950408889634
 BLOCK_Q = 64
 BLOCK_K = 32
+DEFAULT_SMS = 132  # when the SM count is unknown (no CUDA device): an H100/H200
+DKDV_CTAS_PER_SM = 4  # dK/dV CTAs wanted per SM before query splitting stops (4 warps each; not tuned on a GPU)
+DKDV_MIN_QUERY_BLOCKS = 4  # shortest query split, in BLOCK_Q blocks: fp32 partials stay small next to Q, dO
 
 
 @triton.jit
@@ -90,12 +98,13 @@ def _sr_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     N, M, HEADS,
     stride_qb, stride_qn, stride_kb, stride_km, stride_vb, stride_vm, stride_dob, stride_don,
-    stride_dkb, stride_dkm, stride_dvb, stride_dvm,
+    stride_dkb, stride_dkm, stride_dvb, stride_dvm, stride_split, rows_per_split,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)  # query split: rows [pid_s * rows_per_split, +rows_per_split) (a multiple of BLOCK_N)
     b = (pid_bh // HEADS).to(tl.int64)
     h = pid_bh % HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,7 +120,9 @@ def _sr_attention_bwd_dkdv_kernel(
     q_base = q_ptr + b * stride_qb + h * HEAD_DIM
     do_base = do_ptr + b * stride_dob + h * HEAD_DIM
     row_base = pid_bh.to(tl.int64) * N
-    for start in range(0, N, BLOCK_N):
+    q_lo = pid_s * rows_per_split
+    q_hi = tl.minimum(q_lo + rows_per_split, N)
+    for start in range(q_lo, q_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         row_ok = offs_n < N
         rows = offs_n.to(tl.int64)
@@ -127,6 +138,9 @@ def _sr_attention_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * sm_scale
+    split = pid_s.to(tl.int64) * stride_split  # 0 with one split (dK, dV written in place), else fp32 partials
+    dk_ptr += split
+    dv_ptr += split
     tl.store(dk_ptr + b * stride_dkb + h * HEAD_DIM + cols[:, None] * stride_dkm + offs_d[None, :],
              dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptr + b * stride_dvb + h * HEAD_DIM + cols[:, None] * stride_dvm + offs_d[None, :],
@@ -135,10 +149,10 @@ def _sr_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _sr_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,
     N, M, HEADS,
     stride_qb, stride_qn, stride_kb, stride_km, stride_vb, stride_vm, stride_dob, stride_don,
-    stride_dqb, stride_dqn,
+    stride_ob, stride_on, stride_dqb, stride_dqn,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -154,9 +168,13 @@ def _sr_attention_bwd_dq_kernel(
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * HEAD_DIM + rows[:, None] * stride_don + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
+    o = tl.load(o_ptr + b * stride_ob + h * HEAD_DIM + rows[:, None] * stride_on + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
     row_base = pid_bh.to(tl.int64) * N
     lse2 = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
+    # Delta = rowsum(dO * O) in fp32, here where dO is loaded anyway; written for the dK/dV kernel, launched after
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_N,)
+    tl.store(delta_ptr + row_base + rows, delta, mask=row_ok)
     dq = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + h * HEAD_DIM
     v_base = v_ptr + b * stride_vb + h * HEAD_DIM
@@ -183,8 +201,33 @@ def _check(name: str, t: torch.Tensor, b: int, c: int) -> None:
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots, not TF32
+def _dot_precision(dtype: torch.dtype) -> str:
+    """The dots' input precision: fp32 inputs use TF32 tensor cores when PyTorch's matmuls may
+    (``torch.backends.cuda.matmul.allow_tf32``, read at every call), else exact fp32 ("ieee", FMAs).
+    fp16/bf16 dots are tensor-core dots whatever the flag ("tf32" is Triton's default there)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS  # meta tensors (compiling ahead of time) and the interpreter: an H100/H200's count
+
+
+def dkdv_splits(n: int, m: int, bh: int, sms: int) -> int:
+    """How many query splits the dK/dV kernel runs: enough CTAs to fill ``sms`` SMs DKDV_CTAS_PER_SM
+    times over when the key blocks alone (cdiv(m, BLOCK_K) * bh CTAs) do not, each split at least
+    DKDV_MIN_QUERY_BLOCKS query blocks long, and no split empty. 1 means dK, dV written in place.
+
+    Example: B2 stage 1 at 1024x1024 batch 8 (N = 65536, M = 1024, bh = 8) on 132 SMs: 256 key-block
+    CTAs, 3 splits -> 768 CTAs.
+    """
+    ctas = triton.cdiv(m, BLOCK_K) * bh
+    q_blocks = triton.cdiv(n, BLOCK_Q)
+    want = min(triton.cdiv(DKDV_CTAS_PER_SM * sms, ctas), max(1, q_blocks // DKDV_MIN_QUERY_BLOCKS))
+    return triton.cdiv(q_blocks, triton.cdiv(q_blocks, max(1, want)))
 
 
 def launch_config() -> dict[str, int]:
@@ -217,33 +260,50 @@ def sr_attention_fwd_triton(q, k, v, num_heads: int, scale: float, lse=None):
         q, k, v, out, lse, n, m, num_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E,
-        USE_LSE=use_lse, HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=_precision(q.dtype),
+        USE_LSE=use_lse, HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
 
 
-def sr_attention_bwd_triton(do, q, k, v, out, lse, num_heads: int, scale: float):
-    """dQ (B, N, C) and dK, dV (B, M, C) written side by side into one (B, M, 2C) tensor, returned as views."""
+def sr_attention_bwd_triton(do, q, k, v, out, lse, num_heads: int, scale: float, splits: int | None = None):
+    """dQ (B, N, C) and dK, dV (B, M, C) written side by side into one (B, M, 2C) tensor, returned as views.
+
+    The dQ kernel runs first and writes Delta = rowsum(dO * O) (B, h, N) fp32 for the dK/dV kernel.
+    ``splits``: query splits of the dK/dV kernel (default :func:`dkdv_splits`); with more than one,
+    each split writes fp32 partial dK, dV (splits, B, M, 2C), summed over the split dim afterwards
+    (a fixed order: deterministic, no atomics).
+    """
     check_interpreter_dtypes("sr_attention", do, q, k, v, out)
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
     for name, t in (("do", do), ("out", out)):
         _check(name, t, b, c)
-    delta = (do.float() * out.float()).view(b, n, num_heads, d).sum(-1).transpose(1, 2).contiguous()  # (B, h, N)
+    if splits is None:
+        splits = dkdv_splits(n, m, b * num_heads, _sm_count(q.device))
+    q_blocks = triton.cdiv(n, BLOCK_Q)
+    if not 1 <= splits <= q_blocks:
+        raise ValueError(f"sr_attention (triton): splits={splits} must be in [1, {q_blocks}] (query blocks of N={n})")
+    rows_per_split = triton.cdiv(q_blocks, splits) * BLOCK_Q
+    splits = triton.cdiv(n, rows_per_split)  # no empty split
+    delta = empty(b, num_heads, n, dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq = empty(b, n, c, dtype=q.dtype, device=q.device)
     dkv = empty(b, m, 2 * c, dtype=k.dtype, device=k.device)
-    dk, dv = dkv[..., :c], dkv[..., c:]
-    prec = _precision(q.dtype)
+    part = dkv if splits == 1 else empty(splits, b, m, 2 * c, dtype=torch.float32, device=k.device)
+    dk, dv = part[..., :c], part[..., c:]  # (B, M, C) or (splits, B, M, C)
+    prec = _dot_precision(q.dtype)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    _sr_attention_bwd_dkdv_kernel[(triton.cdiv(m, BLOCK_K), b * num_heads)](
+    _sr_attention_bwd_dq_kernel[(q_blocks, b * num_heads)](
+        q, k, v, do, out, lse, delta, dq, n, m, num_heads, *common,
+        out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), scale, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=prec,
+    )
+    _sr_attention_bwd_dkdv_kernel[(triton.cdiv(m, BLOCK_K), b * num_heads, splits)](
         q, k, v, do, lse, delta, dk, dv, n, m, num_heads, *common,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E,
+        dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2), 0 if splits == 1 else part.stride(0),
+        rows_per_split, scale, scale * LOG2E,
         HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=prec,
     )
-    _sr_attention_bwd_dq_kernel[(triton.cdiv(n, BLOCK_Q), b * num_heads)](
-        q, k, v, do, lse, delta, dq, n, m, num_heads, *common,
-        dq.stride(0), dq.stride(1), scale, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=prec,
-    )
-    return dq, dk, dv
+    if splits > 1:
+        dkv.copy_(part.sum(0))  # (B, M, 2C): a fixed-order reduction over the splits
+    return dq, dkv[..., :c], dkv[..., c:]
