@@ -72,6 +72,11 @@ def test_attention_counts_its_matmuls(b2):
     mm = 2 * 8 * 256**2 * 32**2 * 64 * 3
     assert r[0]["gemm_flops"] == pytest.approx(5 * mm, rel=1e-5)
     assert r[0]["kernel_gemm_flops"] == pytest.approx(9 * mm, rel=1e-5)
+    # q, o, dO, dQ (8, 65536, 64) and k, v, dK, dV (8, 1024, 64) bf16, lse (8, 1, 65536) fp32, per layer
+    q, kv, lse = 8 * 256**2 * 64 * 2, 8 * 32**2 * 64 * 2, 8 * 256**2 * 4
+    assert r[0]["min_bytes"] == pytest.approx(3 * (4 * q + 4 * kv + lse), rel=1e-5)
+    fwd = [x for x in b2["rows"] if x["op"] == "sr_attention" and x["direction"] == "forward"][0]
+    assert fwd["min_bytes"] == pytest.approx(3 * (2 * q + 2 * kv + lse), rel=1e-5)
 
 
 def test_every_triton_op_has_a_cost_model(b2):

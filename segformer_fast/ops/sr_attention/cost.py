@@ -56,7 +56,7 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
     qdo_reads = 1 if qdo_bh <= L2_BYTES // 2 else n_kb
     bwd = Cost(
         gemm_flops=5 * mm, other_flops=S * (4 + EXP_FLOPS) + 2 * B * N * C,
-        min_bytes=4 * q + 2 * kv + rows + q + 2 * kv,  # q, o, dO, k, v, lse in; dQ, dK, dV out
+        min_bytes=3 * q + 2 * kv + rows + q + 2 * kv,  # q, o, dO, k, v, lse in; dQ, dK, dV out
         exps=S,
         notes="q, k, v, o, dO, lse read; dQ, dK, dV written (flash backward: 5 matmuls, one exp per score)",
         parts=(
