@@ -79,6 +79,19 @@ def test_attention_counts_its_matmuls(b2):
     assert fwd["min_bytes"] == pytest.approx(3 * (2 * q + 2 * kv + lse), rel=1e-5)
 
 
+def test_attention_splits_as_the_launcher():
+    # the cost model's copy of the dK/dV kernel's query splits (bf16 tiles) against the launcher's own
+    pytest.importorskip("triton")
+    from segformer_fast.ops.sr_attention import cost, triton_kernels as tk
+
+    shapes = ((65536, 1024, 8), (16384, 1024, 16), (4096, 1024, 40), (1024, 1024, 64), (300, 7, 3), (5000, 64, 1))
+    for n, m, bh in shapes:
+        s = tk.dkdv_splits(n, m, bh, 132)
+        rows = -(-(-(-n // tk.BLOCK_Q)) // s) * tk.BLOCK_Q  # the launcher's rows per split, then no empty split
+        assert cost.dkdv_splits(n, m, bh) == -(-n // rows), (
+            f"sr_attention/cost.py's dkdv_splits disagrees with the launcher's at {(n, m, bh)}: update the model")
+
+
 def test_every_triton_op_has_a_cost_model(b2):
     with_triton = {name.split(".")[0] for name, spec in specs().items() if "triton" in spec.impls}
     assert with_triton, "no op with Triton kernels registered"

@@ -16,9 +16,18 @@ from ..cost import BF16, EXP_FLOPS, FP32, L2_BYTES, SMS, Cost, Part, cdiv
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "4917ddbf432e42fdfe512c5fc3871ae36910f3cb",
+MODELLED = {"triton_kernels.py": "5f377787e8729499a8d7569d2b799b0bf01defee",
             "op.py": "aad2fa593b38bb7f18c9a682548a0ece5083fb31"}
 BLOCK_N, BLOCK_M = 64, 32  # launch_config(): query rows, key rows per tile
+DKDV_CTAS_PER_SM, DKDV_MIN_QUERY_BLOCKS = 4, 4  # triton_kernels' constants of dkdv_splits()
+
+
+def dkdv_splits(N: int, M: int, bh: int, sms: int = SMS) -> int:
+    """triton_kernels.dkdv_splits (the dK/dV kernel's query splits), then the launcher's no-empty-split rounding."""
+    q_blocks = cdiv(N, BLOCK_N)
+    want = min(cdiv(DKDV_CTAS_PER_SM * sms, cdiv(M, BLOCK_M) * bh), max(1, q_blocks // DKDV_MIN_QUERY_BLOCKS))
+    splits = cdiv(q_blocks, cdiv(q_blocks, max(1, want)))
+    return cdiv(N, cdiv(q_blocks, splits) * BLOCK_N)
 
 
 def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16) -> dict[str, Cost]:
@@ -36,7 +45,6 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
     kv_reads = 1 if kv_bh <= L2_BYTES // 2 else n_qb
     bh = B * heads
     q_grid = f"grid {n_qb}x{bh} = {n_qb * bh} programs ({n_qb * bh / SMS:.1f} per SM)"
-    k_grid = f"grid {n_kb}x{bh} = {n_kb * bh} programs ({n_kb * bh / SMS:.1f} per SM)"
 
     fwd = Cost(
         gemm_flops=2 * mm, other_flops=S * (4 + EXP_FLOPS), min_bytes=2 * q + 2 * kv + rows, exps=S,
@@ -49,11 +57,19 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
         ),
     )
 
-    # dK/dV: one program per (BLOCK_M keys, b*h) walks all N queries, re-reading q, dO, lse, Delta once per key
-    # block. The n_kb programs of one (b, h) are consecutive in launch order and stream the same rows in the
-    # same order, so the re-reads are assumed to hit L2 while one (b, h)'s rows fit in half of it
-    qdo_bh = N * d * 2 * dtype_bytes + N * 2 * FP32
-    qdo_reads = 1 if qdo_bh <= L2_BYTES // 2 else n_kb
+    # dK/dV: one program per (BLOCK_M keys, b*h, query split) walks its split's queries, re-reading q, dO, lse,
+    # Delta once per key block. The n_kb programs of one (b, h, split) are consecutive in launch order and stream
+    # the same rows in the same order, so the re-reads are assumed to hit L2 while those rows fit in half of it
+    splits = dkdv_splits(N, M, bh)
+    qdo_split = (N * d * 2 * dtype_bytes + N * 2 * FP32) / splits
+    qdo_reads = 1 if qdo_split <= L2_BYTES // 2 else n_kb
+    k_grid = f"grid {n_kb}x{bh}x{splits} = {n_kb * bh * splits} programs ({n_kb * bh * splits / SMS:.1f} per SM)"
+    # with more than one split, fp32 partial dK, dV per split, then part.sum(0) (fp32) and dkv.copy_ (to bf16)
+    dkdv_out = 2 * kv if splits == 1 else splits * 2 * kv * FP32 // dtype_bytes
+    reduce = () if splits == 1 else (
+        Part("torch: dK, dV partials part.sum(0), dkv.copy_",
+             splits * 2 * kv * FP32 // dtype_bytes + 2 * (2 * kv * FP32 // dtype_bytes) + 2 * kv,
+             other_flops=splits * 2 * B * M * C, note=f"{splits} query splits of fp32 partials"),)
     bwd = Cost(
         gemm_flops=5 * mm, other_flops=S * (4 + EXP_FLOPS) + 2 * B * N * C,
         min_bytes=3 * q + 2 * kv + rows + q + 2 * kv,  # q, o, dO, k, v, lse in; dQ, dK, dV out
@@ -63,17 +79,15 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
             Part("_sr_attention_fwd_kernel (O from lse)", 2 * q + 2 * kv * kv_reads + rows, gemm_flops=2 * mm,
                  other_flops=S * (3 + EXP_FLOPS),
                  note=f"O recomputed: the op keeps x and lse, not O; {q_grid}"),
-            # (do.float() * out.float()).view(...).sum(-1).transpose(1, 2).contiguous(): five torch passes
-            Part("torch: Delta = rowsum(dO * O)",
-                 B * N * C * (2 * (dtype_bytes + FP32) + 3 * FP32 + FP32) + 3 * rows, other_flops=2 * B * N * C,
-                 note="fp32 copies of dO and O, their product, the head sums, a transpose copy"),
-            Part("_sr_attention_bwd_dkdv_kernel", 2 * kv + (2 * q + 2 * rows) * qdo_reads + 2 * kv,
+            # runs first: q, dO, O, lse in (K/V re-reads in L2); Delta = rowsum(dO * O) out for dK/dV, and dQ
+            Part("_sr_attention_bwd_dq_kernel", 3 * q + 2 * rows + 2 * kv * kv_reads + q,
+                 gemm_flops=3 * mm, other_flops=S * (5 + EXP_FLOPS) + 2 * B * N * C,
+                 note=f"{q_grid}; writes Delta; recomputes S and P (3 exps per score in the whole backward)"),
+            Part("_sr_attention_bwd_dkdv_kernel", 2 * kv + (2 * q + 2 * rows) * qdo_reads + dkdv_out,
                  gemm_flops=4 * mm, other_flops=S * (5 + EXP_FLOPS),
                  note=f"{k_grid}; q/dO/lse/Delta requested {n_kb}x per (b,h) "
                       f"({n_kb * (2 * q + 2 * rows) / 1e9:.2f} GB from L2 per call), DRAM {qdo_reads}x"),
-            Part("_sr_attention_bwd_dq_kernel", 2 * q + 2 * rows + 2 * kv * kv_reads + q,
-                 gemm_flops=3 * mm, other_flops=S * (5 + EXP_FLOPS),
-                 note=f"{q_grid}; recomputes S and P again (3 exps per score in the whole backward)"),
+            *reduce,
         ),
     )
     return {"forward": fwd, "backward": bwd}

@@ -16,7 +16,7 @@ from ..cost import BF16, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "c959f531c9ac6b663d5e0fa0b863680644c3bb8c",
+MODELLED = {"triton_kernels.py": "a8270796582d991b0a61337cc09000cbd236865d",
             "op.py": "4b57c1002321900563282cd4010f03b53cae640d"}
 
 
