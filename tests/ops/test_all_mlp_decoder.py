@@ -63,3 +63,168 @@ def test_train_matches_reference_forward_and_gradients(backend):
     g = torch.randn_like(ref)
     for i, (x, y) in enumerate(zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g))):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=f"input {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton glue (BN statistics, BN + ReLU + dropout, their backward) against an fp64 oracle with the same mask
+
+_TRI_C, _TRI_D, _TRI_K = (6, 8, 10, 12), 40, 5  # D = 40: not a multiple of the interpreter's BLOCK_D (32)
+_TRI_SIZES = [(13, 17), (7, 9), (4, 5), (1, 2)]
+
+
+def _triton_or_skip():
+    status = available_backends()["triton"]
+    if not status.available:
+        pytest.skip(status.reason)
+    from segformer_fast.ops.all_mlp_decoder import triton_kernels
+
+    return triton_kernels
+
+
+def _oracle(feats, A, a, gamma, beta, wc, bc, keep, p, eps=1e-5):
+    """fp64 decoder from folded weights, dropout by ``keep`` (B, H, W, D): (logits, batch mean, unbiased var)."""
+    H, W = feats[0].shape[-2:]
+    u = 0
+    for c, Ai, ai in zip(feats, A, a):
+        z = torch.einsum("bchw,dc->bdhw", c, Ai) + ai.view(-1, 1, 1)
+        u = u + torch.nn.functional.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
+    var, mean = torch.var_mean(u, dim=(0, 2, 3), correction=0)
+    y = (u - mean.view(-1, 1, 1)) * torch.rsqrt(var + eps).view(-1, 1, 1) * gamma.view(-1, 1, 1) + beta.view(-1, 1, 1)
+    d = torch.relu(y)
+    if p > 0:
+        d = d * keep.permute(0, 3, 1, 2).to(d.dtype) / (1 - p)
+    logits = torch.einsum("bdhw,kd->bkhw", d, wc) + bc.view(-1, 1, 1)
+    n = u.numel() // u.shape[1]
+    return logits, mean, var * n / (n - 1)
+
+
+def _triton_case(B, dtype, p, dropout2d=False, nan=False):
+    kernels = _triton_or_skip()
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    leaves = dict(feats=[r(B, c, h, w) for c, (h, w) in zip(_TRI_C, _TRI_SIZES)],
+                  A=[r(_TRI_D, c, scale=c**-0.5) for c in _TRI_C], a=[r(_TRI_D, scale=0.3) for _ in _TRI_C],
+                  gamma=1 + r(_TRI_D, scale=0.2), beta=r(_TRI_D, scale=0.2), wc=r(_TRI_K, _TRI_D, scale=_TRI_D**-0.5),
+                  bc=r(_TRI_K, scale=0.1))
+    leaves["feats"][0][:, :, 3:5] += 2.0  # a shifted patch: some channels far from zero mean
+    if nan:
+        leaves["feats"][2][B - 1, 1, 2, 3] = float("nan")
+    flat = lambda t: [x for v in t.values() for x in (v if isinstance(v, list) else [v])]  # noqa: E731
+    low = {k: ([x.to(dtype) for x in v] if isinstance(v, list) else v.to(dtype)) for k, v in leaves.items()}
+    H, W = _TRI_SIZES[0]
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())  # the draw the op makes
+    keep = kernels.dropout_keep_mask(seed, B * H * W, _TRI_D, p, H * W, dropout2d).view(B, H, W, _TRI_D)
+
+    def run(t, fn):
+        ins = [x.detach().clone().requires_grad_() for x in flat(t)]
+        it = iter(ins)
+        parts = {k: ([next(it) for _ in v] if isinstance(v, list) else next(it)) for k, v in t.items()}
+        out, mean, var = fn(parts)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(out.dtype)
+        grads = torch.autograd.grad(out, ins, go, allow_unused=True)
+        return [out, mean, var, *grads]
+
+    def fast(t, glue="triton", p=p):
+        torch.manual_seed(123)
+        return all_mlp_decoder_train(t["feats"], t["A"], t["a"], t["gamma"], t["beta"], t["wc"], t["bc"], eps=1e-5,
+                                     p=p, dropout2d=dropout2d, backend="torch", glue=glue)
+
+    def oracle(t, p=p):
+        return _oracle(t["feats"], t["A"], t["a"], t["gamma"], t["beta"], t["wc"], t["bc"], keep, p)
+
+    f64 = {k: ([x.double() for x in v] if isinstance(v, list) else v.double()) for k, v in low.items()}
+    exact = run(f64, oracle)
+    if dtype == torch.float32:
+        return run(low, fast), exact, None
+    # PyTorch's own error in this dtype: the oracle run in it, and the torch glue (without dropout: its mask differs)
+    err = lambda xs, refs: [(x.double() - r).abs().max().item() for x, r in zip(xs, refs)]  # noqa: E731
+    torch_err = err(run(low, lambda t: fast(t, "torch", 0.0)), run(f64, lambda t: oracle(t, 0.0)))
+    return run(low, fast), exact, [max(a, b) for a, b in zip(err(run(low, oracle), exact), torch_err)]
+
+
+_NAMES = ["logits", "mean", "var"] + [f"feat{i}" for i in range(4)] + [f"A{i}" for i in range(4)] + \
+    [f"a{i}" for i in range(4)] + ["bn_weight", "bn_bias", "cls_weight", "cls_bias"]
+
+
+@pytest.mark.parametrize("B, dtype, p, dropout2d", [
+    (3, torch.float32, 0.1, False),
+    (1, torch.float32, 0.0, False),
+    (3, torch.float32, 0.1, True),
+    (3, torch.float16, 0.1, False),
+    (1, torch.float16, 0.0, False),
+], ids=["b3-fp32-p0.1", "b1-fp32-p0", "b3-fp32-p0.1-2d", "b3-fp16-p0.1", "b1-fp16-p0"])
+def test_triton_glue_matches_oracle_forward_and_every_gradient(B, dtype, p, dropout2d):
+    fast, exact, lowp = _triton_case(B, dtype, p, dropout2d)
+    assert len(fast) == len(_NAMES)
+    for name, x, ref, err_low in zip(_NAMES, fast, exact, lowp or [None] * len(fast)):
+        assert x is not None and x.dtype in (dtype, torch.float32), name
+        err = (x.double() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        if dtype == torch.float32:
+            assert err <= 1e-4 * scale + 1e-5, f"{name}: max error {err:.3g} (max |ref| {scale:.3g})"
+        else:  # fp16: within twice PyTorch's own fp16 error (the oracle in fp16, the torch glue in fp16)
+            assert err <= 2 * err_low + 2e-3 * scale, f"{name}: max error {err:.3g}, the fp16 oracle's {err_low:.3g}"
+
+
+def test_triton_glue_matches_torch_glue_without_dropout():
+    """p = 0: the Triton and torch glue agree (same upsample_sum backend, the torch one's arithmetic in fp32)."""
+    _triton_or_skip()
+    feats = [torch.randn(3, c, h, w) for c, (h, w) in zip(_TRI_C, _TRI_SIZES)]
+    A = [torch.randn(_TRI_D, c) * c**-0.5 for c in _TRI_C]
+    a = [torch.randn(_TRI_D) * 0.3 for _ in _TRI_C]
+    rest = [torch.rand(_TRI_D) + 0.5, torch.randn(_TRI_D) * 0.2, torch.randn(_TRI_K, _TRI_D) * 0.2, torch.randn(_TRI_K)]
+    outs = {}
+    for glue in ("torch", "triton"):
+        ins = [t.clone().requires_grad_() for t in feats + A + a + rest]
+        n = len(feats)
+        out, mean, var = all_mlp_decoder_train(ins[:n], ins[n:2 * n], ins[2 * n:3 * n], *ins[3 * n:], eps=1e-5,
+                                               backend="torch", glue=glue)
+        outs[glue] = [out, mean, var, *torch.autograd.grad(out, ins, torch.ones_like(out))]
+    for name, x, y in zip(_NAMES, outs["triton"], outs["torch"]):
+        # a_i's gradient is a sum of O(1) terms cancelling to ~0 (BatchNorm removes the mean): an absolute floor
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * max(y.abs().max().item(), 10.0),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_glue_propagates_nan():
+    fast, exact, _ = _triton_case(3, torch.float32, 0.1, nan=True)
+    assert exact[0].isnan().all()  # a NaN anywhere in u makes every batch statistic NaN
+    for name, x, ref in zip(_NAMES[:3], fast, exact):
+        assert torch.equal(x.isnan(), ref.isnan()), name
+
+
+def test_triton_stats_deterministic_and_exact_with_offset():
+    kernels = _triton_or_skip()
+    u = torch.randn(3 * 13 * 17, 40) * 0.01 + 1000.0  # E[u^2] - E[u]^2 would cancel without the shift
+    mean, var = kernels.bn_stats_triton(u)
+    var_ref, mean_ref = torch.var_mean(u.double(), 0, correction=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=1e-9)
+    mean2, var2 = kernels.bn_stats_triton(u)
+    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+
+
+def test_triton_dropout_mask_independent_of_blocks():
+    kernels = _triton_or_skip()
+    from segformer_fast.ops.triton_launch import force_gpu_launch_config
+
+    N, D, HW = 3 * 13 * 17, 40, 13 * 17
+    small = kernels.dropout_keep_mask(99, N, D, 0.3)
+    with force_gpu_launch_config():
+        big = kernels.dropout_keep_mask(99, N, D, 0.3)
+    assert torch.equal(small, big)
+    assert abs(small.float().mean().item() - 0.7) < 0.03
+    assert not torch.equal(small, kernels.dropout_keep_mask(100, N, D, 0.3))
+    per_image = kernels.dropout_keep_mask(99, N, D, 0.3, HW, dropout2d=True).view(3, HW, D)
+    assert torch.equal(per_image, per_image[:, :1].expand_as(per_image))  # one draw per image and channel
+
+
+def test_triton_glue_rejects_bad_input():
+    kernels = _triton_or_skip()
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        kernels.bn_stats_triton(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="dropout probability"):
+        kernels.bn_relu_dropout_fwd_triton(torch.randn(4, 8), torch.ones(8), torch.zeros(8), p=1.0)
+    with pytest.raises(ValueError, match="scale must be"):
+        kernels.bn_relu_dropout_fwd_triton(torch.randn(4, 8), torch.ones(7), torch.zeros(8))

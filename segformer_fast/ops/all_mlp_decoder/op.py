@@ -26,6 +26,17 @@ Distributed: with a process group, the batch statistics are the global batch's, 
 computes them (ops/math_utils.py), and backward all-reduces sum(g) and sum(g * xhat); the BN affine
 gradients stay local (DDP averages them). This op stays an autograd.Function, not a custom op: a
 process group is not a custom-op argument type on the torch versions supported.
+
+Implementations of the training glue (BN statistics, BN affine + ReLU + dropout and their backward;
+the GEMMs are cuBLAS and upsample_sum has its own backend in both):
+
+- "torch": ATen passes (fp32 copies of u); dropout by torch, its generator state kept and restored
+  for backward (under torch.compile the 1-byte mask is kept instead).
+- "triton" (triton_kernels.py, auto's choice on CUDA): one read of u for the statistics, one pass
+  for d; backward one reduction pass (which also writes d for the classifier's weight gradient)
+  and one elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
+  torch's default (CPU) generator, so torch.manual_seed reproduces a run and backward regenerates
+  the mask from the seed; its draws are not torch.nn.functional.dropout's.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
+from ...utils.distributed import all_reduce_sum, sync_batch_stats
 from ..math_utils import batch_norm_affine, batch_norm_backward, batch_stats, unbiased_var
 from ..upsample_sum.op import upsample_sum_nhwc
 
@@ -64,6 +76,7 @@ class _TrainCfg:
     dropout2d: bool
     backend: str
     group: object  # process group for SyncBatchNorm semantics, or None
+    glue: str = "torch"  # the implementation of BN / ReLU / dropout: "torch" or "triton"
 
 
 def _rng_state(device: torch.device):
@@ -101,6 +114,8 @@ class _DecoderTrainFunction(torch.autograd.Function):
         u = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend)  # (B, H, W, D)
         del z
         u2 = u.view(-1, D)
+        if cfg.glue == "triton":
+            return _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, (B, H, W, D, K))
         # fp32 statistics from the 16-bit u: its squares overflow fp16 once |u| passes 256
         mean, var, count = batch_stats(u2.float(), 0, cfg.group)
         if count <= 1:
@@ -133,31 +148,12 @@ class _DecoderTrainFunction(torch.autograd.Function):
         z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
         u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
         del z
-        xhat = u2.to(torch.float32, copy=True).sub_(mean).mul_(invstd)  # (B*H*W, D) fp32; u2 is reused below
-        scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
-        scale_drop = 1.0 / (1.0 - cfg.p) if 0 < cfg.p < 1 else 1.0
-        if kept is not None:  # compiled: relu(bn(u)) with the kept dropout mask and scale
-            d = _relu_dropout(u2, scale, shift, replace(cfg, p=0.0), (B, H, W, D))
-            d = d.mul_(scale_drop).masked_fill_(~kept, 0.0)
-        elif ctx.rng is None:
-            d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))
+        if cfg.glue == "triton":
+            gu, dgamma, dbeta, dwc, dbc = _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd,
+                                                           needs[3 * n : 3 * n + 4], (B, H, W, D, K))
         else:
-            on_cuda = u2.device.type == "cuda"
-            with torch.random.fork_rng(devices=[u2.device] if on_cuda else []):  # the caller's RNG is left as it was
-                torch.cuda.set_rng_state(ctx.rng, u2.device) if on_cuda else torch.set_rng_state(ctx.rng)
-                d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))  # the forward's d, mask included
-        gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(d.dtype)  # (B*H*W, K)
-        dwc = gl.t() @ d if needs[3 * n + 2] else None
-        dbc = gl.sum(0) if needs[3 * n + 3] else None
-        # dropout and ReLU: d > 0 exactly where the ReLU passed and dropout kept.
-        g = (gl @ wc.to(d.dtype)).mul_(scale_drop).masked_fill_(d <= 0, 0.0).float()  # (B*H*W, D)
-        del d, u2
-        gscale = invstd if gamma is None else gamma.float() * invstd
-        # BN backward: dL/du = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in place on g.
-        gu, dgamma, dbeta = batch_norm_backward(g, xhat, gscale, ctx.count, 0, cfg.group)
-        dgamma = dgamma if needs[3 * n] else None
-        dbeta = dbeta if needs[3 * n + 1] else None
-        del xhat
+            gu, dgamma, dbeta, dwc, dbc = _torch_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, kept,
+                                                          needs[3 * n : 3 * n + 4], (B, H, W, D, K))
         gu = gu.to(feats[0].dtype).view(B, H, W, D)
         sizes = [s for c in feats for s in (c.shape[2], c.shape[3])]
         gz = torch.ops.segformer_fast.upsample_sum_backward(gu, sizes, [], None, None, False, False, False, cfg.backend)
@@ -177,11 +173,106 @@ class _DecoderTrainFunction(torch.autograd.Function):
         return (None, *grad_feats, *grad_A, *grad_a, dgamma, dbeta, dwc, dbc)
 
 
+def _torch_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, kept, needs, shape):
+    """The glue's backward in ATen passes: (dL/du (N, D) fp32, dgamma, dbeta, dWc, dbc)."""
+    cfg = ctx.cfg
+    B, H, W, D, K = shape
+    xhat = u2.to(torch.float32, copy=True).sub_(mean).mul_(invstd)  # (B*H*W, D) fp32; u2 is reused below
+    scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
+    scale_drop = 1.0 / (1.0 - cfg.p) if 0 < cfg.p < 1 else 1.0
+    if kept is not None:  # compiled: relu(bn(u)) with the kept dropout mask and scale
+        d = _relu_dropout(u2, scale, shift, replace(cfg, p=0.0), (B, H, W, D))
+        d = d.mul_(scale_drop).masked_fill_(~kept, 0.0)
+    elif ctx.rng is None:
+        d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))
+    else:
+        on_cuda = u2.device.type == "cuda"
+        with torch.random.fork_rng(devices=[u2.device] if on_cuda else []):  # the caller's RNG is left as it was
+            torch.cuda.set_rng_state(ctx.rng, u2.device) if on_cuda else torch.set_rng_state(ctx.rng)
+            d = _relu_dropout(u2, scale, shift, cfg, (B, H, W, D))  # the forward's d, mask included
+    gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(d.dtype)  # (B*H*W, K)
+    dwc = gl.t() @ d if needs[2] else None
+    dbc = gl.sum(0) if needs[3] else None
+    # dropout and ReLU: d > 0 exactly where the ReLU passed and dropout kept.
+    g = (gl @ wc.to(d.dtype)).mul_(scale_drop).masked_fill_(d <= 0, 0.0).float()  # (B*H*W, D)
+    del d, u2
+    gscale = invstd if gamma is None else gamma.float() * invstd
+    # BN backward: dL/du = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in place on g.
+    gu, dgamma, dbeta = batch_norm_backward(g, xhat, gscale, ctx.count, 0, cfg.group)
+    return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc
+
+
+def _draw_seed() -> int:
+    """The dropout kernels' Philox seed, from torch's default (CPU) generator: torch.manual_seed reproduces
+    it, and no device synchronisation is needed to read it."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, shape):
+    """The forward after u in the Triton kernels: statistics in one read of u, then d in place on u."""
+    from .triton_kernels import bn_relu_dropout_fwd_triton, bn_stats_triton
+
+    B, H, W, D, K = shape
+    mean, var = bn_stats_triton(u2)
+    count = u2.shape[0]
+    if cfg.group is not None:
+        mean, var, count = sync_batch_stats(mean, var, count, cfg.group)
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {(B, D, H, W)}")
+    invstd = torch.rsqrt(var + cfg.eps)
+    scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
+    seed = _draw_seed() if cfg.p > 0 else 0
+    d = bn_relu_dropout_fwd_triton(u2, scale, shift, cfg.p, seed, H * W, cfg.dropout2d, out=u2)  # u is not kept
+    logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
+    ctx.cfg, ctx.count, ctx.seed, ctx.rng = cfg, count, seed, None
+    ctx.save_for_backward(*feats, *A, *a, gamma, beta, wc, mean, invstd, None)
+    var_unbiased = unbiased_var(var, count)
+    ctx.mark_non_differentiable(mean, var_unbiased)
+    return logits.view(B, H, W, K).permute(0, 3, 1, 2), mean, var_unbiased
+
+
+def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs, shape):
+    """The glue's backward in two Triton passes over the recomputed u: (dL/du (N, D) in u's dtype, dgamma,
+    dbeta, dWc, dbc)."""
+    from .triton_kernels import bn_relu_dropout_bwd_reduce_triton, bn_relu_dropout_bwd_triton
+
+    cfg = ctx.cfg
+    B, H, W, D, K = shape
+    scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
+    gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(u2.dtype)  # (B*H*W, K)
+    g = gl @ wc.to(u2.dtype)  # (B*H*W, D) dL/dd
+    args = (cfg.p, ctx.seed, H * W, cfg.dropout2d)
+    # pass 1: sum(gy), sum(gy * xhat) and the forward's d again (for dWc), one read of u and g
+    d, sum_g, sum_gx = bn_relu_dropout_bwd_reduce_triton(u2, g, mean, invstd, scale, shift, *args)
+    dwc = gl.t() @ d if needs[2] else None
+    dbc = gl.sum(0) if needs[3] else None
+    del d
+    dgamma, dbeta = sum_gx, sum_g  # this rank's: DDP averages them
+    if cfg.group is not None:
+        sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
+    gscale = invstd if gamma is None else gamma.float() * invstd
+    # pass 2: dL/du, in place on g
+    gu = bn_relu_dropout_bwd_triton(u2, g, mean, invstd, scale, shift, gscale, sum_g, sum_gx, ctx.count, *args, out=g)
+    return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc
+
+
+def _triton_condition(x: torch.Tensor, facts: dict) -> str | None:
+    if facts.get("compiling"):
+        return "under torch.compile the torch glue runs (it keeps the dropout mask a graph can hold)"
+    if facts.get("p", 0.0) >= 1.0:
+        return f"dropout p={facts['p']} drops everything; the kernels take p < 1"
+    return None
+
+
 SPEC = register(OpSpec("all_mlp_decoder", [
     Impl("torch", _DecoderTrainFunction.apply, _DecoderTrainFunction.backward,
          note="PyTorch GEMMs around the upsample_sum op (its own backend); training in an autograd.Function "
               "keeping the classifier input only"),
-]))
+    Impl("triton", _DecoderTrainFunction.apply, _DecoderTrainFunction.backward,
+         dtypes=(torch.float32, torch.float16, torch.bfloat16), conditions=(_triton_condition,), fallback="torch",
+         note="the BatchNorm statistics, BN + ReLU + dropout and their backward in Triton kernels "
+              "(triton_kernels.py); GEMMs cuBLAS, upsample_sum its own backend"),
+], prefer={"cuda": ("triton", "torch")}))
 
 
 def fold_weights(fuse_weight: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
@@ -209,7 +300,7 @@ def all_mlp_decoder_eval(features: Sequence[torch.Tensor], A: Sequence[torch.Ten
                          cls_bias: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
     """Eval decoder: features (B, C_i, H_i, W_i), finest first; folded weights A_i, a_i; the BatchNorm
     affine (D,) scale/shift; classifier (K, D), (K,). Returns (B, K, H_1, W_1), channels-last memory."""
-    SPEC.resolve("auto", features[0])
+    SPEC.resolve("torch", features[0])  # the BatchNorm is folded into upsample_sum's pass: no glue to choose
     H, W = features[0].shape[-2:]  # ints, or symbolic under torch.export
     z = [_stage(c, Ai, ai) for c, Ai, ai in zip(features, A, a)]
     y = upsample_sum_nhwc(z, (H, W), scale, shift, relu=True, backend=backend)  # (B, H, W, D)
@@ -220,16 +311,22 @@ def all_mlp_decoder_train(features: Sequence[torch.Tensor], A: Sequence[torch.Te
                           a: Sequence[torch.Tensor | None], bn_weight: torch.Tensor | None,
                           bn_bias: torch.Tensor | None, cls_weight: torch.Tensor, cls_bias: torch.Tensor | None, *,
                           eps: float, p: float = 0.0, dropout2d: bool = False, backend: str = "auto",
-                          group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          group=None, glue: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training decoder with batch statistics: returns (logits (B, K, H_1, W_1), the batch mean (D,),
     the unbiased batch variance (D,)); the caller updates its running statistics from the last two.
 
     Args:
         features, A, a: as :func:`all_mlp_decoder_eval`. bn_weight, bn_bias: the BatchNorm affine (D,).
         cls_weight, cls_bias: the classifier (K, D), (K,). eps: BatchNorm's. p, dropout2d: the dropout
-        before the classifier. backend: upsample_sum's. group: a process group for SyncBatchNorm
-        semantics, or None.
+        before the classifier. backend: upsample_sum's, and the glue's (BatchNorm, ReLU, dropout) where
+        it names one of this op's implementations ("torch", "triton"); else ("cpp", "cuda") the glue is
+        auto's choice (Triton on CUDA, torch on the CPU). group: a process group for SyncBatchNorm
+        semantics, or None. glue: the glue's implementation ("auto", "torch", "triton") when it should
+        differ from ``backend``'s (None: as above).
     """
+    if glue is None:
+        glue = backend if backend in SPEC.impls else "auto"
+    impl = SPEC.resolve(glue, features[0], compiling=torch.compiler.is_compiling(), p=float(p))
     cfg = _TrainCfg(n=len(features), size=tuple(features[0].shape[-2:]), eps=eps,
-                    p=float(p), dropout2d=dropout2d, backend=backend, group=group)
-    return SPEC.resolve("auto", features[0]).forward(cfg, *features, *A, *a, bn_weight, bn_bias, cls_weight, cls_bias)
+                    p=float(p), dropout2d=dropout2d, backend=backend, group=group, glue=impl.backend)
+    return impl.forward(cfg, *features, *A, *a, bn_weight, bn_bias, cls_weight, cls_bias)

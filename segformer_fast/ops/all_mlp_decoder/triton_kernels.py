@@ -1,0 +1,349 @@
+"""The training decoder's BatchNorm / ReLU / dropout glue as Triton kernels (u is (N, D), D contiguous).
+
+Around the fused pre-BN map u = upsample_sum(z_1..z_n) (N = B*H*W rows of D channels, channels-last,
+fp32/fp16/bf16), training-mode BatchNorm, ReLU and dropout before the classifier:
+
+    y = scale * u + shift,  scale = gamma * invstd,  shift = beta - mean * scale
+    d = dropout(relu(y))    (the classifier's input, in u's dtype)
+
+Forward, two reads of u and one write of d (unfused ATen: a fp32 copy of u, var_mean, three
+in-place passes and a four-pass dropout):
+
+- :func:`bn_stats_triton`: per-channel sum and sum of squares of (u - k), k = u[0] (a per-channel
+  shift against cancellation in E[x^2] - E[x]^2), fp32, one read of u. Each program sums its rows
+  in registers and writes one partial row; the partials are summed in a fixed order (torch.sum
+  over the program axis, no atomics), so the statistics are deterministic.
+- :func:`bn_relu_dropout_fwd_triton`: d = dropout(relu(scale * u + shift)) in one pass (in place
+  on u when asked), fp32 arithmetic and one rounding to u's dtype.
+
+Backward (u recomputed by the caller, g = dL/dd from the classifier GEMM), two passes:
+
+- :func:`bn_relu_dropout_bwd_reduce_triton`: gy = g * keep / (1 - p) * [y > 0] on the fly and
+  per-channel partial sums of gy and gy * xhat (xhat = (u - mean) * invstd), i.e. dL/dbeta and
+  dL/dgamma; the same pass writes d again for the classifier's weight gradient (it reads u anyway).
+- :func:`bn_relu_dropout_bwd_triton`: dL/du = gamma * invstd * (gy - sum(gy) / n - xhat * sum(gy xhat) / n)
+  in u's dtype (in place on g when asked). No fp32 copy of a full-size tensor anywhere.
+
+Dropout mask: generated in the kernels by Philox (``tl.rand4x(seed, offset)``) from a seed the caller
+draws from torch's generator, not a 1-byte mask from torch. The backward regenerates the forward's
+mask from the same seed in both passes, so nothing of size N*D is kept between forward and backward
+and no generator state is saved or restored; a torch mask would be written once (N*D bytes) and read
+three times (forward, both backward passes). One Philox call gives four uniforms, used for four
+consecutive channels: the draw of element (row, c) is number c % 4 of the call at counter
+key(row) * ceil(D / 4) + c // 4, with key(row) = row (element-wise dropout) or row // (H*W), the
+image (dropout2d: one draw per image and channel). The draw depends on (seed, row, c) only, never
+on the block sizes; :func:`dropout_keep_mask` writes the same mask for tests. An element is kept
+when its uniform is >= p.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...utils.debug import empty
+from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
+
+__all__ = ["dropout_keep_mask", "bn_stats_triton", "bn_relu_dropout_fwd_triton", "bn_relu_dropout_bwd_reduce_triton",
+           "bn_relu_dropout_bwd_triton", "launch_config"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _keep(seed, rows, col0, D, HW, p, DROPOUT2D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # (BLOCK_R, BLOCK_D) keep mask of rows (int64) x columns [col0, col0 + BLOCK_D), col0 a multiple of 4
+    key = rows // HW if DROPOUT2D else rows
+    groups = col0 // 4 + tl.arange(0, BLOCK_D // 4)
+    counter = key[:, None] * ((D + 3) // 4) + groups[None, :]  # (BLOCK_R, BLOCK_D // 4) int64
+    r0, r1, r2, r3 = tl.rand4x(seed, counter)
+    # (BLOCK_R, BLOCK_D // 4, 2, 2) -> channel 4 g + j takes draw j of call g (r0, r1, r2, r3 in order)
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    r = tl.reshape(r, (BLOCK_R, BLOCK_D))
+    return r >= p
+
+
+@triton.jit
+def _dropout_mask_kernel(mask_ptr, seed, N, D, HW, p, DROPOUT2D: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
+    m = (rows < N)[:, None] & (cols < D)[None, :]
+    keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+    tl.store(mask_ptr + rows[:, None] * D + cols[None, :], keep.to(tl.int8), mask=m)
+
+
+@triton.jit
+def _bn_stats_kernel(u_ptr, part_ptr, N, D, P, ROWS_PER_PROG, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # partial sums of (u - u[0]) and its square over ROWS_PER_PROG rows -> part[0, pid], part[1, pid]
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    k = tl.load(u_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,) the shift, row 0
+    s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    row0 = pid.to(tl.int64) * ROWS_PER_PROG
+    for r in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = row0 + r + tl.arange(0, BLOCK_R)
+        m = (rows < N)[:, None] & mask_d[None, :]
+        x = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.where(m, x - k[None, :], 0.0)
+        s1 += x
+        s2 += x * x
+    tl.store(part_ptr + pid.to(tl.int64) * D + cols, tl.sum(s1, axis=0), mask=mask_d)
+    tl.store(part_ptr + (P + pid).to(tl.int64) * D + cols, tl.sum(s2, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT: tl.constexpr):
+    # fp32 dropout(relu(scale * u + shift)) and where it is live (ReLU passed and kept); NaN stays NaN
+    y = u * scale[None, :] + shift[None, :]
+    live = ~(y <= 0.0)
+    y = tl.where(live, y, 0.0)
+    if HAS_DROPOUT:
+        live = live & keep
+        y = y * tl.where(keep, inv_keep, 0.0)  # a product, as torch's dropout: a dropped NaN stays NaN
+    return y, live
+
+
+@triton.jit
+def _bn_relu_dropout_fwd_kernel(u_ptr, d_ptr, scale_ptr, shift_ptr, seed, N, D, HW, p, inv_keep,
+                                HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    m = (rows < N)[:, None] & mask_d[None, :]
+    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    offs = rows[:, None] * D + cols[None, :]
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    keep = None
+    if HAS_DROPOUT:
+        keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+    d, _ = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
+    tl.store(d_ptr + offs, d.to(d_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bn_relu_dropout_bwd_reduce_kernel(u_ptr, g_ptr, d_ptr, part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+                                       seed, N, D, HW, P, ROWS_PER_PROG, p, inv_keep,
+                                       HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
+                                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # partial sums of gy and gy * xhat -> part[0, pid], part[1, pid]; d written again
+    pid = tl.program_id(0)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    mean = tl.load(mean_ptr + cols, mask=mask_d, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=mask_d, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    row0 = pid.to(tl.int64) * ROWS_PER_PROG
+    for r in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = row0 + r + tl.arange(0, BLOCK_R)
+        m = (rows < N)[:, None] & mask_d[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        keep = None
+        if HAS_DROPOUT:
+            keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+        d, live = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
+        tl.store(d_ptr + offs, d.to(d_ptr.dtype.element_ty), mask=m)
+        gy = tl.where(live & m, g * inv_keep, 0.0)
+        xhat = (u - mean[None, :]) * invstd[None, :]
+        s1 += gy
+        s2 += gy * xhat
+    tl.store(part_ptr + pid.to(tl.int64) * D + cols, tl.sum(s1, axis=0), mask=mask_d)
+    tl.store(part_ptr + (P + pid).to(tl.int64) * D + cols, tl.sum(s2, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _bn_relu_dropout_bwd_kernel(u_ptr, g_ptr, gu_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, gscale_ptr,
+                                c1_ptr, c2_ptr, seed, N, D, HW, p, inv_keep,
+                                HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # gu = gscale * (gy - c1 - xhat * c2), c1 = sum(gy) / n, c2 = sum(gy * xhat) / n
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    m = (rows < N)[:, None] & mask_d[None, :]
+    mean = tl.load(mean_ptr + cols, mask=mask_d, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=mask_d, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    gscale = tl.load(gscale_ptr + cols, mask=mask_d, other=0.0)
+    c1 = tl.load(c1_ptr + cols, mask=mask_d, other=0.0)
+    c2 = tl.load(c2_ptr + cols, mask=mask_d, other=0.0)
+    offs = rows[:, None] * D + cols[None, :]
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    keep = None
+    if HAS_DROPOUT:
+        keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+    _, live = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
+    gy = tl.where(live, g * inv_keep, 0.0)
+    xhat = (u - mean[None, :]) * invstd[None, :]
+    gu = gscale[None, :] * (gy - c1[None, :] - xhat * c2[None, :])
+    tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def launch_config(t: torch.Tensor) -> dict:
+    """Block sizes for u like ``t``: the GPU's, or small ones for the interpreter (fewer, smaller programs).
+
+    BLOCK_D is a multiple of 4 (four channels share one Philox call). REDUCE_PROGRAMS: about how many
+    row ranges the reductions split N into (their partials, summed afterwards).
+    """
+    if gpu_launch_config(t):
+        return dict(BLOCK_R=32, BLOCK_D=128, num_warps=8, REDUCE_PROGRAMS=256)
+    return dict(BLOCK_R=64, BLOCK_D=32, num_warps=1, REDUCE_PROGRAMS=4)
+
+
+def _check(op: str, u: torch.Tensor, *others: torch.Tensor) -> tuple[int, int]:
+    if u.dim() != 2 or not u.is_contiguous():
+        raise ValueError(f"{op}: u must be a contiguous (N, D) tensor, got shape {tuple(u.shape)} "
+                         f"(contiguous={u.is_contiguous()})")
+    if u.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{op} (triton): u must be float32, float16 or bfloat16, got {u.dtype}")
+    for t in others:
+        if t.shape != u.shape or not t.is_contiguous() or t.dtype != u.dtype:
+            raise ValueError(f"{op}: expected a contiguous {tuple(u.shape)} {u.dtype} tensor like u, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    check_interpreter_dtypes(op, u, *others)
+    N, D = u.shape
+    if N == 0 or D == 0:
+        raise ValueError(f"{op}: u is empty, shape {tuple(u.shape)}")
+    return N, D
+
+
+def _vec(t: torch.Tensor, D: int, name: str) -> torch.Tensor:
+    if t.shape != (D,):
+        raise ValueError(f"{name} must be ({D},), got {tuple(t.shape)}")
+    return t.to(torch.float32).contiguous()
+
+
+def _dropout_args(p: float, HW: int, dropout2d: bool) -> tuple[float, float]:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if dropout2d and HW <= 0:
+        raise ValueError(f"dropout2d needs the pixels per image, got HW={HW}")
+    return float(p), 1.0 / (1.0 - p)
+
+
+def _reduce_split(N: int, cfg: dict) -> tuple[int, int]:
+    """(programs along N, rows per program), rows per program a multiple of BLOCK_R."""
+    block_r = cfg["BLOCK_R"]
+    per = triton.cdiv(triton.cdiv(N, cfg["REDUCE_PROGRAMS"]), block_r) * block_r
+    return triton.cdiv(N, per), per
+
+
+def dropout_keep_mask(seed: int, N: int, D: int, p: float, HW: int = 1, dropout2d: bool = False,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (N, D) bool keep mask the kernels draw for ``seed`` (see the module docstring).
+
+    Example:
+        >>> keep = dropout_keep_mask(1234, 6, 40, 0.1)  # d = relu(y) * keep / (1 - p)
+    """
+    _dropout_args(p, HW, dropout2d)
+    probe = torch.empty(0, device=device)
+    cfg = launch_config(probe)
+    mask = torch.empty(N, D, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+    _dropout_mask_kernel[grid](mask, seed, N, D, max(HW, 1), p, DROPOUT2D=dropout2d,
+                               BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return mask.bool()
+
+
+def bn_stats_triton(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of u (N, D), fp32 (D,) each, from one read of u."""
+    N, D = _check("bn_stats", u)
+    cfg = launch_config(u)
+    P, per = _reduce_split(N, cfg)
+    part = empty(2, P, D, dtype=torch.float32, device=u.device)
+    grid = (P, triton.cdiv(D, cfg["BLOCK_D"]))
+    _bn_stats_kernel[grid](u, part, N, D, P, per, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
+                           num_warps=cfg["num_warps"])
+    s1, s2 = part.sum(1).div_(N)  # E[u - k], E[(u - k)^2], fixed order
+    mean = u[0].float() + s1
+    var = (s2 - s1 * s1).clamp_min_(0.0)
+    return mean, var
+
+
+def bn_relu_dropout_fwd_triton(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p: float = 0.0,
+                               seed: int = 0, HW: int = 1, dropout2d: bool = False,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    """d = dropout(relu(scale * u + shift)), (N, D) in u's dtype; ``out=u`` writes it in place.
+
+    Args:
+        u: (N, D) contiguous. scale, shift: (D,). p: the dropout probability (0: none). seed: the
+        Philox seed of the mask. HW: pixels per image (dropout2d's per-image draw). out: the output.
+    """
+    N, D = _check("bn_relu_dropout_fwd", u, *(() if out is None else (out,)))
+    p, inv_keep = _dropout_args(p, HW, dropout2d)
+    scale, shift = _vec(scale, D, "scale"), _vec(shift, D, "shift")
+    cfg = launch_config(u)
+    d = empty(N, D, dtype=u.dtype, device=u.device) if out is None else out
+    grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+    _bn_relu_dropout_fwd_kernel[grid](u, d, scale, shift, seed, N, D, max(HW, 1), p, inv_keep,
+                                      HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, BLOCK_R=cfg["BLOCK_R"],
+                                      BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return d
+
+
+def bn_relu_dropout_bwd_reduce_triton(u: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                                      scale: torch.Tensor, shift: torch.Tensor, p: float = 0.0, seed: int = 0,
+                                      HW: int = 1, dropout2d: bool = False
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass 1: (d (N, D) in u's dtype, sum(gy) (D,), sum(gy * xhat) (D,)), sums fp32.
+
+    g is dL/dd (N, D); gy = g * keep / (1 - p) * [scale * u + shift > 0] is dL/dy of the BN output y.
+    """
+    N, D = _check("bn_relu_dropout_bwd_reduce", u, g)
+    p, inv_keep = _dropout_args(p, HW, dropout2d)
+    mean, invstd = _vec(mean, D, "mean"), _vec(invstd, D, "invstd")
+    scale, shift = _vec(scale, D, "scale"), _vec(shift, D, "shift")
+    cfg = launch_config(u)
+    P, per = _reduce_split(N, cfg)
+    d = empty(N, D, dtype=u.dtype, device=u.device)
+    part = empty(2, P, D, dtype=torch.float32, device=u.device)
+    grid = (P, triton.cdiv(D, cfg["BLOCK_D"]))
+    _bn_relu_dropout_bwd_reduce_kernel[grid](u, g, d, part, mean, invstd, scale, shift, seed, N, D, max(HW, 1), P,
+                                             per, p, inv_keep, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
+                                             BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
+                                             num_warps=cfg["num_warps"])
+    sum_g, sum_gx = part.sum(1)
+    return d, sum_g, sum_gx
+
+
+def bn_relu_dropout_bwd_triton(u: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                               scale: torch.Tensor, shift: torch.Tensor, gscale: torch.Tensor, sum_g: torch.Tensor,
+                               sum_gx: torch.Tensor, count: int, p: float = 0.0, seed: int = 0, HW: int = 1,
+                               dropout2d: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Backward pass 2: dL/du = gscale * (gy - sum_g / count - xhat * sum_gx / count), (N, D) in u's dtype.
+
+    gscale: (D,) gamma * invstd; sum_g, sum_gx: pass 1's sums (all-reduced over a process group when
+    distributed), count: values per channel they cover. ``out=g`` writes in place.
+    """
+    N, D = _check("bn_relu_dropout_bwd", u, g, *(() if out is None else (out,)))
+    p, inv_keep = _dropout_args(p, HW, dropout2d)
+    vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"),
+                                              (gscale, "gscale"))]
+    c1, c2 = _vec(sum_g, D, "sum_g") / count, _vec(sum_gx, D, "sum_gx") / count
+    cfg = launch_config(u)
+    gu = empty(N, D, dtype=u.dtype, device=u.device) if out is None else out
+    grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+    _bn_relu_dropout_bwd_kernel[grid](u, g, gu, *vecs, c1, c2, seed, N, D, max(HW, 1), p, inv_keep,
+                                      HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, BLOCK_R=cfg["BLOCK_R"],
+                                      BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return gu
