@@ -3,8 +3,10 @@
 Shapes: features (B, C_i, h_i, w_i) in the autocast dtype, NCHW-contiguous (the encoder stages end
 with ``.contiguous()``), finest first at (H, W) = (h_1, w_1); decoder width D, K classes, element-wise
 dropout p. T = B*H*W pixels, E = T*D values of the fused map u. The GEMMs are cuBLAS, each modelled
-as reading its operands once and writing its result once; upsample_sum is its own model; every
-other pass is an ATen elementwise or reduction kernel, counted as it reads and writes.
+as reading its operands once and writing its result once; upsample_sum is its own model. The glue
+(BatchNorm statistics, BN + ReLU + dropout and their backward) is the Triton implementation
+(triton_kernels.py, auto's choice on CUDA and what benchmarks/roofline.py times); every other pass
+is an ATen elementwise or reduction kernel, counted as it reads and writes.
 
 MODELLED: the git blob of op.py this model describes; benchmarks/roofline.py reports the model as
 stale when it changes (then update the model and MODELLED, and regenerate the report).
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..cost import BF16, BOOL, FP32, LERP_MIN_FLOPS, Cost, Part
+from ..cost import BF16, FP32, LERP_MIN_FLOPS, Cost, Part
 from ..upsample_sum.cost import roofline as upsample_sum_roofline
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "e45493c9098df52aeb61fa12ef0c5eece058b24a"}
+MODELLED = {"op.py": "bc944ec98c8aa304c4dda463439cc26211a896cd", "triton_kernels.py": "2aa91cb89cf7a6dca104c3ceb280f7ffe5030180"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
+REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 
 
 def _gemm(name: str, m: int, n: int, k: int, read: float, write: float) -> Part:
@@ -39,11 +42,10 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     up = upsample_sum_roofline(B, D, H, W, sizes, db)
     upsampled = sum((h, w) != (H, W) for h, w in sizes)
     up_min = E * (upsampled * LERP_MIN_FLOPS + len(sizes) - 1)
-    # ATen's in-place dropout (F.dropout(inplace=True) does not take the fused kernel; the profiler shows
-    # dropout_ -> empty_like, bernoulli_, div_, mul_): a noise tensor in u's dtype, bernoulli_, div_(1 - p),
-    # then u.mul_(noise)
-    dropout = (Part("torch: dropout (noise, bernoulli_, div_, mul_)", E * (db + 2 * db + 3 * db),
-                    other_flops=E * (PHILOX_FLOPS + 2), note="in place: unfused ATen path"),) if p > 0 else ()
+    # the dropout mask is drawn in the kernels (Philox from a seed), in each of the three passes that need it
+    philox = E * PHILOX_FLOPS if p > 0 else 0
+    # the reductions' fp32 partials: (2, P, D) written, then read by torch's sum over P
+    partials = 2 * (2 * REDUCE_PROGRAMS * D * FP32) + 2 * D * FP32
 
     def stages(tag: str) -> list[Part]:
         parts = []
@@ -56,11 +58,10 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     fwd_parts = [
         *stages(""),
         *up["forward"].parts,
-        # u2.float() (a fp32 copy), then var_mean over the pixels (one pass)
-        Part("torch: u.float(), var_mean", E * (db + FP32 + FP32), other_flops=E * 3),
-        # _relu_dropout in place on u: mul_(scale), add_(shift), relu_()
-        Part("torch: BN affine, ReLU (3 in-place passes)", E * 3 * 2 * db, other_flops=E * 3),
-        *dropout,
+        # per-channel sums of (u - u[0]) and its square, fp32 partials summed in a fixed order
+        Part("triton: BN statistics (one read of u)", E * db + partials, other_flops=E * 3),
+        # d = dropout(relu(scale * u + shift)) in place on u
+        Part("triton: BN affine + ReLU + dropout (one pass)", E * 2 * db, other_flops=E * 4 + philox),
         _gemm("classifier", T, K, D, E * db + K * D * db, T * K * db),
     ]
     fwd = Cost(
@@ -74,19 +75,13 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     bwd_parts = [
         *stages(" (recomputed)"),
         *(Part(q.name + " (u recomputed)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in up["forward"].parts),
-        # xhat = u.to(fp32, copy=True).sub_(mean).mul_(invstd)
-        Part("torch: xhat (fp32 copy, sub_, mul_)", E * (db + FP32 + 4 * FP32), other_flops=E * 2),
-        Part("torch: d recomputed: BN affine, ReLU", E * 3 * 2 * db, other_flops=E * 3),
-        *(Part(q.name + " (redrawn)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in dropout),
+        _gemm("g = gl Wc", T, D, K, T * K * db + K * D * db, E * db),
+        # reads u and g; gy = g * keep / (1 - p) * [y > 0] on the fly; sums of gy and gy * xhat; writes d again
+        Part("triton: BN backward pass 1 (sums, d recomputed)", E * 3 * db + partials, other_flops=E * 10 + philox),
         _gemm("dWc = gl^T d", K, D, T, T * K * db + E * db, K * D * db),
         Part("torch: dbc = gl.sum", T * K * db, other_flops=T * K),
-        _gemm("g = gl Wc", T, D, K, T * K * db + K * D * db, E * db),
-        # .mul_(1 / (1 - p)), d <= 0 (a bool map), masked_fill_, .float()
-        Part("torch: dropout scale, ReLU mask, .float()", E * (2 * db + (db + BOOL) + (db + BOOL + db) + (db + FP32)),
-             other_flops=E * 3),
-        # batch_norm_backward: g.sum, (g * xhat), .sum, g.sub_, xhat.mul_, g.sub_(xhat), g.mul_(scale), all fp32
-        Part("torch: BatchNorm backward (7 fp32 passes)", E * FP32 * (1 + 3 + 1 + 2 + 2 + 3 + 2), other_flops=E * 8),
-        Part("torch: gu.to(dtype)", E * (FP32 + db)),
+        # reads u and g, writes dL/du in place on g, in u's dtype
+        Part("triton: BN backward pass 2 (dL/du)", E * 3 * db, other_flops=E * 10 + philox),
         *up["backward"].parts,
     ]
     for i, (n, c, f) in enumerate(zip(pix, channels, feat)):
