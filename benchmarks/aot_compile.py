@@ -105,6 +105,12 @@ def _cases(model: str, image: int, batch: int, dtype):
     import torch
 
     from segformer_fast.configs import SEGFORMER_VARIANTS
+    from segformer_fast.ops.all_mlp_decoder.triton_kernels import (
+        bn_relu_dropout_bwd_reduce_triton,
+        bn_relu_dropout_bwd_triton,
+        bn_relu_dropout_fwd_triton,
+        bn_stats_triton,
+    )
     from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_bwd, dwconv3x3_gelu_fwd
     from segformer_fast.ops.sr_attention.triton_kernels import sr_attention_bwd_triton, sr_attention_fwd_triton
     from segformer_fast.ops.upsample_cross_entropy.triton_kernels import (
@@ -154,13 +160,26 @@ def _cases(model: str, image: int, batch: int, dtype):
         ("upsample_sum", "bwd affine+ReLU, dscale/dshift", tag,
          partial(upsample_sum_bwd_triton, grad, hws, maps, out, scale, True, True, True)),
     ]
+    N, p = batch * H * H, cfg.decoder_dropout
+    u2, g2, v = t(N, D), t(N, D), t(D, dt=torch.float32)  # the training decoder's u, dL/dd; per-channel vectors
+    tag = f"u ({N}, {D}), dropout {p:g}"
+    drop = (p, 1234, H * H, cfg.decoder_dropout2d)  # p, seed, pixels per image, dropout2d
+    cases += [
+        ("all_mlp_decoder", "BN statistics", tag, partial(bn_stats_triton, u2)),
+        ("all_mlp_decoder", "BN + ReLU + dropout fwd", tag, partial(bn_relu_dropout_fwd_triton, u2, v, v, *drop, out=u2)),
+        ("all_mlp_decoder", "bwd pass 1 (sums, d)", tag,
+         partial(bn_relu_dropout_bwd_reduce_triton, u2, g2, v, v, v, v, *drop)),
+        ("all_mlp_decoder", "bwd pass 2 (dL/du)", tag,
+         partial(bn_relu_dropout_bwd_triton, u2, g2, v, v, v, v, v, v, v, N, *drop, out=g2)),
+    ]
     K = cfg.num_classes
     logits, labels = t(batch, H, H, K), t(batch, image, image, dt=torch.int64)
     coef, lse = t(batch, image, image, dt=torch.float32), t(batch, image, image, dt=torch.float32)
     tag = f"K={K}, {H}x{H} -> {image}x{image}"
     cases += [
         ("upsample_cross_entropy", "fwd", tag, partial(upsample_cross_entropy_fwd_triton, logits, labels, 255)),
-        ("upsample_cross_entropy", "bwd", tag, partial(upsample_cross_entropy_bwd_triton, coef, logits, labels, lse)),
+        ("upsample_cross_entropy", "bwd", tag,
+         partial(upsample_cross_entropy_bwd_triton, coef, logits, labels, lse, out_dtype=dtype)),  # as the op calls it
     ]
     return cases
 

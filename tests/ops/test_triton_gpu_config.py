@@ -232,5 +232,8 @@ def test_upsample_cross_entropy(monkeypatch, shape, dtype):
 
     want, cpu = tk.launch_config(K, gpu=True), tk.launch_config(K, gpu=False)
     assert want != cpu
+    want_bwd = {k: v for k, v in tk.bwd_launch_config(K, w, W, gpu=True).items() if k.startswith("BLOCK_") or k == "ROWS"}
+    assert want_bwd != tk.bwd_launch_config(K, w, W, gpu=False)
     for name, calls in launches.items():
-        assert len(calls) == 1 and calls[0] == want, (name, calls, want)
+        expected = want_bwd if name == "_upsample_cross_entropy_bwd_kernel" else want
+        assert len(calls) == 1 and calls[0] == expected, (name, calls, expected)

@@ -204,3 +204,149 @@ def test_saves_nothing_of_full_resolution_times_classes(backend):
     # the same check catches the literal composition, which keeps the upsampled logits
     _, big_ref = _full_res_saved(lambda: upsample_cross_entropy_reference(logits, labels), B * K * H * W // 4)
     assert (B, K, H, W) in big_ref
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton backward (row-streamed, column adjoint as a dot): every path of its program tiling.
+
+def _triton_check(B, K, h, w, H, W, dtype=torch.float32, reduction="mean", weighted=True, ignore=255, tol=2e-5):
+    if _skip_reason("triton"):
+        pytest.skip(_skip_reason("triton"))
+    logits, labels = make_inputs(B, K, h, w, H, W, dtype=dtype, ignore=ignore)
+    weight = torch.rand(K) + 0.1 if weighted else None
+    ref_in = logits.detach().float().requires_grad_()
+    want = upsample_cross_entropy_reference(ref_in, labels, ignore, weight, reduction)
+    got = upsample_cross_entropy(logits, labels, ignore, weight, reduction, backend="triton")
+    assert got.shape == want.shape and got.dtype == dtype
+    grad = torch.randn_like(want)
+    (g_want,) = torch.autograd.grad(want, ref_in, grad)
+    (g_got,) = torch.autograd.grad(got, logits, grad)
+    assert g_got.dtype == dtype and g_got.shape == logits.shape
+    assert rel_err(got, want) <= tol, f"loss differs by {rel_err(got, want):.2e}"
+    assert rel_err(g_got, g_want) <= tol, f"logits gradient differs by {rel_err(g_got, g_want):.2e}"
+
+
+# (B, K, h, w, H, W): 7x9 up to 28x36 (x4, two column blocks of the interpreter's 6), 13 -> 50 rows
+# (non-integer, four row bands), 6 -> 23 columns; K = 33 (three class blocks, the last nearly
+# empty) and 150 (SegFormer's ADE20K classes, ten blocks of 16) at a tiny size; labels smaller.
+TRITON_SHAPES = [(1, 33, 7, 9, 28, 36), (1, 5, 13, 6, 50, 23), (1, 150, 3, 2, 8, 9), (3, 6, 9, 7, 5, 4)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_triton_backward_matches_reference(shape):
+    _triton_check(*shape)
+
+
+@pytest.mark.parametrize("reduction,weighted", [("sum", False), ("none", True)])
+def test_triton_backward_reductions(reduction, weighted):
+    _triton_check(3, 5, 5, 7, 19, 27, reduction=reduction, weighted=weighted)
+
+
+def test_triton_backward_float16():
+    # fp16 logits are loaded and upcast; the gradient is accumulated in fp32 and rounded once to fp16.
+    _triton_check(1, 19, 7, 9, 28, 36, dtype=torch.float16, tol=2e-3)
+
+
+def test_triton_backward_gpu_tiles():
+    # The GPU configuration in the interpreter: 32 low-res rows per program.
+    from segformer_fast.ops.triton_launch import force_gpu_launch_config
+    from segformer_fast.ops.upsample_cross_entropy import triton_kernels as tk
+
+    assert tk.bwd_launch_config(150, 256, 1024, gpu=True) == {
+        "BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_K": 16, "COLS": 6, "ROWS": 32}
+    with force_gpu_launch_config():
+        _triton_check(1, 5, 34, 17, 34, 68, ignore=0)  # 3 column blocks, 2 row bands; class 0 ignored
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0, 3.846, 4.0, 7.5, 31.0, 75.0], ids=str)
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "interpreter"])
+def test_triton_backward_column_plan_fits(ratio, gpu):
+    # The launcher's bound: the output columns whose first tap is in any COLS + 1 consecutive
+    # low-res columns fit in BLOCK_C (the kernel computes exactly these, by PyTorch's tap rule).
+    from segformer_fast.ops.math_utils import bilinear_taps
+    from segformer_fast.ops.upsample_cross_entropy import triton_kernels as tk
+
+    for w in (2, 7, 13, 64, 257):
+        W = max(1, round(w * ratio))
+        cfg = tk.bwd_launch_config(150, w, W, gpu)
+        assert 1 <= cfg["COLS"] <= cfg["BLOCK_J"] - 2
+        i0 = bilinear_taps(w, W, 0, W, "cpu")[0]
+        for j_lo in range(-1, w, cfg["COLS"]):
+            n = int(((i0 >= j_lo) & (i0 <= j_lo + cfg["COLS"])).sum())
+            assert n <= cfg["BLOCK_C"], (w, W, j_lo, n, cfg)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_triton_backward_non_finite_at_tile_edges(value):
+    # Planted on a column-block edge (the interpreter's COLS = 6) and a row-band edge (ROWS = 4):
+    # non-finite exactly where the reference's are, and the rest of the gradient still right.
+    if _skip_reason("triton"):
+        pytest.skip(_skip_reason("triton"))
+    logits, labels = make_inputs(1, 5, 9, 14, 11, 56)
+    x = logits.detach().clone()
+    x[0, 2, 4, 6] = value
+    x[0, 0, 7, 12] = value
+    ref_in, fast_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(1, 11, 56)
+    (g_ref,) = torch.autograd.grad(upsample_cross_entropy_reference(ref_in, labels, reduction="none"), ref_in, grad)
+    (g,) = torch.autograd.grad(upsample_cross_entropy(fast_in, labels, reduction="none", backend="triton"), fast_in, grad)
+    bad = (lambda t: t.isnan()) if value != value else (lambda t: ~t.isfinite())
+    assert bad(g_ref).any() and torch.equal(bad(g), bad(g_ref))
+    ok = ~bad(g_ref)
+    assert rel_err(g[ok], g_ref[ok]) <= 2e-5
+
+
+def test_triton_backward_is_deterministic():
+    if _skip_reason("triton"):
+        pytest.skip(_skip_reason("triton"))
+    logits, labels = make_inputs(1, 5, 5, 7, 10, 28)
+    loss = upsample_cross_entropy(logits, labels, backend="triton")
+    (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(g1, g2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label values on CUDA: checked without a host sync (the asynchronous path, run here on the CPU).
+
+@pytest.fixture
+def label_reports():
+    uce_op._PENDING_LABEL_REPORTS.clear()
+    yield uce_op._PENDING_LABEL_REPORTS
+    uce_op._PENDING_LABEL_REPORTS.clear()
+
+
+def test_label_check_asynchronous_path(label_reports):
+    labels = torch.randint(0, 5, (2, 6, 7))
+    assert torch.equal(uce_op._check_label_values(labels, 5, 255, asynchronous=True), labels)
+    uce_op._raise_pending_label_error()  # good labels: nothing to raise
+    assert label_reports == []
+    bad = labels.clone()
+    bad[0, 0, 0] = 255  # ignored: fine
+    bad[1, 2, 3], bad[1, 4, 0] = 9, -3
+    safe = uce_op._check_label_values(bad, 5, 255, asynchronous=True)  # no error yet: queued
+    assert safe[1, 2, 3] == 255 and safe[1, 4, 0] == 255 and safe[0, 0, 0] == 255
+    assert torch.equal(safe[bad == labels], labels[bad == labels])
+    with pytest.raises(ValueError, match=r"label value 9 is outside \[0, 5\) and is not ignore_index=255 \(in the "
+                                         r"labels of an earlier call"):
+        uce_op._check_label_values(labels, 5, 255, asynchronous=True)  # the next call reports it
+    assert label_reports == []
+
+
+def test_label_check_waits_only_when_asked(label_reports):
+    class Pending:  # an event whose copy has not landed yet
+        done = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    event = Pending()
+    label_reports.append((event, torch.tensor([1, 7]), 5, 255))
+    uce_op._raise_pending_label_error()  # not landed: no wait, nothing raised
+    assert len(label_reports) == 1 and not event.done
+    with pytest.raises(ValueError, match="label value 7"):
+        uce_op._raise_pending_label_error(wait=True)
+    assert event.done and label_reports == []
