@@ -15,6 +15,10 @@ from .build import MODEL_NAMES
 __all__ = ["register"]
 
 UNSET = argparse.SUPPRESS  # train's options: absent from the namespace unless given, so --resume can tell
+# train's CPU threads unless --threads or OMP_NUM_THREADS says otherwise: on 2 cores shared with other
+# processes (load average 11), one thread trained B0 (64x64, batch 8) at 7.9 images/s and two at 1.2
+# (OpenMP's threads wait for each other whenever one of them is descheduled)
+TRAIN_THREADS = 1
 
 
 def _ints(text: str) -> tuple[int, int]:
@@ -84,6 +88,8 @@ def _cmd_train(args) -> int:
     from .log import tensorboard_writer_class
     from .trainer import TrainingInterrupted, train
 
+    if args.threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        args.threads = TRAIN_THREADS
     apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
     cfg = _train_config(args)
     if cfg.tensorboard:
@@ -251,7 +257,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=UNSET, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--lr", type=float, default=UNSET,
                    help="AdamW learning rate, decoder x10 (default 6e-5 with --weights or a dataset folder, "
-                        "1e-3 for synthetic data from scratch)")
+                        "2e-3 for synthetic data from scratch)")
     p.add_argument("--weight-decay", type=float, default=UNSET, help="AdamW weight decay (default 0.01)")
     p.add_argument("--warmup", type=int, default=UNSET, help="linear warmup steps (default steps/20, at most 1500)")
     p.add_argument("--amp", default=UNSET, choices=("none", "bf16", "fp16"), help="autocast dtype (fp16 uses GradScaler)")
@@ -282,6 +288,10 @@ def register(subparsers) -> None:
     p.add_argument("--tensorboard", action="store_true", default=UNSET,
                    help="also write the logged scalars to OUT/tensorboard (needs the tensorboard package)")
     add_runtime_args(p, device=False)  # one process per GPU: torchrun's LOCAL_RANK, else cuda when present
+    for action in p._actions:  # train's own default (TRAIN_THREADS), not the physical cores
+        if action.dest == "threads":
+            action.help = (f"torch CPU threads (default {TRAIN_THREADS}: on a CPU shared with other work, one thread "
+                           "trains faster than several; OMP_NUM_THREADS when set)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=UNSET, help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run's checkpoints, metrics.json and model.safetensors in --out "

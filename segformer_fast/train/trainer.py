@@ -63,15 +63,20 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run (saved in each checkpoint; see ``segformer-fast train --help``)."""
+    """Everything that defines a run (saved in each checkpoint; see ``segformer-fast train --help``).
+
+    The defaults train B0 from scratch on the synthetic data: 500 steps of batch 8 at 64x64, lr 2e-3.
+    `segformer-fast train` (one torch thread) took 8.0 min on 2 CPU cores shared with other work (load
+    average 10-12) and reached validation mIoU 0.624; 400 steps reached 0.567.
+    """
 
     model: str = "b0"
     data: str = "synthetic"
     layout: str = "auto"
     num_classes: int | None = None
-    crop: int = 96
+    crop: int = 64
     batch: int = 8
-    steps: int = 1000
+    steps: int = 500
     lr: float | None = None
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
@@ -94,17 +99,17 @@ class TrainConfig:
     workers: int = 1
     synthetic_train: int = 4000
     synthetic_val: int = 64
-    synthetic_size: int = 96
+    synthetic_size: int = 64
     log_every: int = 10
     progress: bool = True
     tensorboard: bool = False
 
     def resolved_lr(self) -> float:
         # 6e-5 is the paper's fine-tuning rate from ImageNet weights; the synthetic data trains from
-        # scratch in minutes, where a higher rate is needed.
+        # scratch in minutes, where a higher rate is needed (2e-3 learned faster than 1e-3 and 4e-3).
         if self.lr is not None:
             return self.lr
-        return 6e-5 if (self.weights or self.data != "synthetic") else 1e-3
+        return 6e-5 if (self.weights or self.data != "synthetic") else 2e-3
 
     def resolved_drop_path(self) -> float:
         # SegFormer's recipe uses stochastic depth 0.1; mmseg's SETR configs use none

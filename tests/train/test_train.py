@@ -45,7 +45,7 @@ def test_resume_restores_optimizer_and_schedule(tmp_path):
     assert len(meta["rng"]) == 1 and meta["config"]["accum"] == 2
     lrs = [g["lr"] for g in meta["optimizer"]["param_groups"]]
     assert max(lrs) == pytest.approx(10 * min(lrs))  # decoder x10
-    assert min(lrs) == pytest.approx(1e-3 * PolyWithWarmup(6, 2)(3))
+    assert min(lrs) == pytest.approx(cfg.resolved_lr() * PolyWithWarmup(6, 2)(3))
 
 
 def test_schedule_warmup_then_poly():
@@ -67,7 +67,7 @@ def test_step_batches_shard_ranks_and_cover_epochs():
 
 def test_short_synthetic_run_beats_chance(tmp_path):
     torch.set_num_threads(2)  # CPU training is deterministic for a fixed thread count
-    cfg = TrainConfig(data="synthetic", synthetic_size=64, synthetic_val=16, crop=64, batch=8, steps=100,
+    cfg = TrainConfig(data="synthetic", synthetic_size=64, synthetic_val=16, crop=64, batch=8, steps=100, lr=1e-3,
                       val_every=20, workers=0, out=str(tmp_path), progress=False)
     result = train(cfg, stop_at=60)  # the first 60 steps of a 100-step schedule
     m = result["metrics"]

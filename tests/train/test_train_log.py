@@ -18,6 +18,7 @@ from segformer_fast.train.log import TENSORBOARD_MISSING, read_log, write_curves
 from segformer_fast.train.trainer import PolyWithWarmup
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LR = tiny_train_config("unused").resolved_lr()  # the synthetic data's default rate
 
 
 def _tiny(out, **kw):
@@ -41,7 +42,7 @@ def test_log_jsonl_has_one_line_per_logged_step(tmp_path):
         assert r["epoch"] == pytest.approx(r["step"] / 8)  # batch 1, 8 images
         assert r["loss"] > 0 and r["images_per_s"] > 0 and r["memory"] > 2**20
         # the rate step `step` trained with (index step - 1), and the decoder's x10
-        assert r["lr"] == pytest.approx(1e-3 * _old_factor(r["step"] - 1, 6, 2))
+        assert r["lr"] == pytest.approx(LR * _old_factor(r["step"] - 1, 6, 2))
         assert min(r["lr_groups"]) == pytest.approx(r["lr"]) and max(r["lr_groups"]) == pytest.approx(10 * r["lr"])
     assert records[0]["loss_avg"] == records[0]["loss"]
     assert records[1]["loss_avg"] == pytest.approx(0.9 * records[0]["loss"] + 0.1 * records[1]["loss"])
@@ -173,6 +174,29 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert weights and all(torch.equal(resumed[k], straight[k]) for k in weights)
 
 
+
+def test_sigint_while_validating_stops_at_once_and_checkpoints_that_step(tmp_path, monkeypatch):
+    from segformer_fast.train import inference
+    from segformer_fast.train.trainer import TrainingInterrupted
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has a handler other than Python's default in this test process")
+
+    def interrupted_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the handler raises KeyboardInterrupt first
+        pytest.fail("the validation was not interrupted")
+
+    monkeypatch.setattr(inference, "evaluate_dataset", interrupted_evaluation)
+    torch.set_num_threads(1)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(_tiny(tmp_path, steps=6, val_every=3))
+    assert (info.value.step, info.value.checkpoint) == (3, 3)
+    assert str(info.value) == f"interrupted at step 3: checkpoint saved to {tmp_path}"
+    assert read_checkpoint(str(tmp_path))[1]["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def _lrs(optimizer, scheduler, steps):
     out = []
     for _ in range(steps):
@@ -186,16 +210,16 @@ def test_schedule_is_the_closed_form_and_a_resume_may_extend_it():
     from torch.optim.lr_scheduler import LambdaLR, LinearLR, PolynomialLR, SequentialLR
 
     def optimizer():
-        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
 
     opt = optimizer()
     sched = LambdaLR(opt, PolyWithWarmup(10, 3, power=0.9))
-    assert _lrs(opt, sched, 6) == pytest.approx([1e-3 * _old_factor(t, 10, 3, 0.9) for t in range(6)], rel=1e-12)
+    assert _lrs(opt, sched, 6) == pytest.approx([LR * _old_factor(t, 10, 3, 0.9) for t in range(6)], rel=1e-12)
     # torch's SequentialLR(LinearLR, PolynomialLR) starts the poly decay after the warmup: other rates
     opt4 = optimizer()
     seq = SequentialLR(opt4, [LinearLR(opt4, 1e-6, 1.0, total_iters=3), PolynomialLR(opt4, total_iters=7, power=0.9)],
                        milestones=[3])
-    ours, theirs = [1e-3 * _old_factor(t, 10, 3, 0.9) for t in range(10)], _lrs(opt4, seq, 10)
+    ours, theirs = [LR * _old_factor(t, 10, 3, 0.9) for t in range(10)], _lrs(opt4, seq, 10)
     assert theirs[:3] != pytest.approx(ours[:3]) and theirs[4:] != pytest.approx(ours[4:])
 
 
@@ -206,5 +230,5 @@ def test_a_resumed_run_extending_steps_decays_towards_the_new_end(tmp_path):
     records = read_log(tmp_path / "log.jsonl")
     expected = [_old_factor(t, 4, 2) for t in range(2)] + [_old_factor(t, 6, 2) for t in range(2, 6)]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert [r["lr"] for r in records] == pytest.approx([1e-3 * f for f in expected], rel=1e-12)
-    assert [min(r["lr_groups"]) for r in records] == pytest.approx([1e-3 * f for f in expected], rel=1e-12)
+    assert [r["lr"] for r in records] == pytest.approx([LR * f for f in expected], rel=1e-12)
+    assert [min(r["lr_groups"]) for r in records] == pytest.approx([LR * f for f in expected], rel=1e-12)
