@@ -121,6 +121,41 @@ def test_tanh_matches_reference(backend, shape):
     _check_against_reference(backend, shape, approximate="tanh")
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("backend", [TRITON])
+def test_triton_backward_is_one_pass_across_tile_seams(backend, approximate, monkeypatch):
+    """grad_x by the tile borders needs gz from the neighbouring tiles, recomputed as a halo: 3 x 2
+    row x column tiles (17 x 19 at ROWS=8, BLOCK_W=16), and the backward is one kernel launch that
+    allocates no per-element scratch (nothing as large as x besides grad_x)."""
+    from segformer_fast.ops.dwconv3x3_gelu import triton_kernels as tk
+
+    launched = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(tk, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_dwconv3x3_gelu_fwd_kernel", "_dwconv3x3_gelu_bwd_kernel"):
+        monkeypatch.setattr(tk, name, Spy(name))
+    allocated = []
+    empty = tk.empty
+    monkeypatch.setattr(tk, "empty", lambda *shape, **kw: allocated.append(shape) or empty(*shape, **kw))
+    b, h, w, c = 1, 17, 19, 5
+    ref, (x, weight, bias) = _inputs(b, h, w, c)
+    grad_y = torch.randn(b, h * w, c, dtype=torch.float64)
+    _, (gx_ref, gw_ref, gb_ref) = _reference_grads(ref, (h, w), approximate, grad_y)
+    gx, gw, gb = tk.dwconv3x3_gelu_bwd(grad_y.float(), x.detach(), (h, w), weight.detach(), bias.detach(), approximate)
+    assert launched == ["_dwconv3x3_gelu_bwd_kernel"]
+    assert allocated == [(b, h * w, c), (6, 10, c)]  # grad_x and the (tiles, 10, C) partial sums
+    _assert_close_fp32(gx, gx_ref)
+    _assert_close_fp32(gw, gw_ref, summed=True)
+    _assert_close_fp32(gb, gb_ref, summed=True)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_contiguous_input(backend):
     b, h, w, c = 3, 7, 9, 33
