@@ -55,16 +55,72 @@ def test_cross_entropy_arithmetic_by_hand(b2):
     assert fwd["bound_ms"] == pytest.approx(bound, rel=1e-3) and fwd["bound_by"] == "fp32"
     from segformer_fast.ops.upsample_cross_entropy import cost
 
-    if cost.MODELLED["triton_kernels.py"].startswith("3b6c51d65a"):  # the kernels these figures describe
-        # backward as written: every input pixel recomputes a 12x12 window of outputs over 3 class blocks of 64
-        lanes = B * h * h * (3 * 64) * 12 * 12
+    if cost.MODELLED["triton_kernels.py"].startswith("1723a3561d"):  # the kernels these figures describe
+        # backward as written: programs of 16 classes x 6 low-res columns (32 output columns) x 32 low-res rows;
+        # 8 bands, 43 column blocks, K padded to 160; each band past the first recomputes the 4 output rows of the
+        # low-res row above it
+        lanes = B * (H + 7 * 4) * 43 * 32 * 160
+        assert lanes == pytest.approx(1.85e9, rel=2e-3)  # the kernel docstring's exp-lane count
         kernel = next(p for p in bwd["parts"] if p["name"] == "_upsample_cross_entropy_bwd_kernel")
-        assert kernel["other_flops"] == pytest.approx(lanes * (11 + 1 + 16 + 2 + 1 + 1 + 2), rel=1e-5)
-        # coef + lse (fp32) and labels (int64) re-read by each of the 3 class-block passes (134 MB > L2)
-        assert kernel["bytes"] == pytest.approx(3 * P * 16 + L * 2 + L * 4, rel=1e-5)
+        lowres = B * (h + 2 * 8) * 43 * 32 * 160  # the low-res rows upsampled along the columns, 3 flops a lane
+        acc = B * (4 * (H + 7 * 4) + 4 * h) * 43 * 16 * 160  # (BLOCK_J, BLOCK_K) accumulators per row
+        assert kernel["other_flops"] == pytest.approx(lanes * (3 + 1 + 16 + 4 + 2) + lowres * 3 + acc, rel=1e-5)
+        # T = adj @ G: three tf32 dots (tf32x3) of 2 x 16 flops a lane, a tf32 flop priced as two bf16 ones
+        assert kernel["gemm_flops"] == pytest.approx(lanes * 3 * 2 * 16 * 2, rel=1e-5)
+        # logits once, coef + lse (fp32) and labels (int64) once, the gradient once in bf16: 449 MB
+        assert kernel["bytes"] == pytest.approx(L * 2 + P * 16 + L * 2, rel=1e-5)
+        assert kernel["bytes"] == pytest.approx(449e6, rel=2e-3)
+        assert not any("fp32 -> logits dtype" in p["name"] for p in bwd["parts"])  # no fp32 copy to cast
     pred = max(bwd["kernel_bytes"] / 4.8e12, bwd["kernel_other_flops"] / 67e12) * 1e3
     assert bwd["predicted_ms"] == pytest.approx(pred, rel=1e-3)
     assert bwd["ratio"] == pytest.approx(bwd["predicted_ms"] / bwd["bound_ms"], rel=1e-3) and bwd["flag"]
+
+
+def test_cross_entropy_tiles_as_the_launcher():
+    # the cost model's copy of the backward's GPU tiles against the launcher's own
+    pytest.importorskip("triton")
+    from segformer_fast.ops.upsample_cross_entropy import cost, triton_kernels as tk
+
+    for K, w, W in ((150, 256, 1024), (19, 128, 512), (3, 7, 9), (150, 64, 1024), (21, 100, 100), (5, 5, 200)):
+        assert cost.bwd_launch_config(K, w, W) == tk.bwd_launch_config(K, w, W, True), (
+            f"upsample_cross_entropy/cost.py's bwd_launch_config disagrees with the launcher's at {(K, w, W)}")
+
+
+def test_dwconv_backward_by_hand(b2):
+    # stage 1: (8, 256*256, 256) bf16, tiles of 8 rows x 16 columns: 8 * 32 * 16 tiles, 3 layers
+    E, tiles = 8 * 256 * 256 * 256, 8 * 32 * 16
+    rows = [r for r in b2["rows"] if r["op"] == "dwconv3x3_gelu" and r["direction"] == "backward"]
+    (kernel,) = [p for p in rows[0]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
+    # one pass: x, grad_y in and grad_x out once in bf16, the (tiles, 10, C) fp32 partials out; no gz scratch
+    assert kernel["bytes"] == pytest.approx(3 * (3 * E * 2 + tiles * 10 * 256 * 4), rel=1e-5)
+    assert len(rows[0]["parts"]) == 2  # the kernel and partial.sum(0): one launch, not two
+    # gz (9 taps + bias, GELU' = erf 20 + exp 16 + 8, * grad_y) at (8 + 2) rows x 3 columns per 8 rows: 3.75 times;
+    # the weight/bias sums (9 FMAs + 1) and grad_x (9 FMAs) once
+    assert kernel["other_flops"] == pytest.approx(3 * E * (3.75 * (19 + 44 + 1) + 19 + 18), rel=1e-5)
+    mix = [r for r in b2["rows"] if r["op"] == "mix_ffn" and r["direction"] == "backward"]
+    (in_mix,) = [p for p in mix[0]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
+    assert in_mix == kernel  # Mix-FFN's conv is the dwconv3x3_gelu model
+
+
+def test_upsample_sum_prep_pass_by_hand():
+    # the decoder's call has no prep pass; with ReLU and an affine (dscale, dshift) one pass reads the gradient,
+    # reads `out`, writes the masked gradient (bf16), gathers the maps again and writes (blocks, D) fp32 partials
+    from segformer_fast.ops.upsample_sum.cost import roofline as up
+
+    B, D, H, sizes = 3, 96, 20, [(20, 20), (10, 10), (5, 5)]
+    N, ins = B * H * H * D, sum(B * h * w * D for h, w in sizes)
+    plain = up(B, D, H, H, sizes)["backward"]
+    assert not any("prep" in p.name for p in plain.parts)
+    blocks = -(-B * H * H // (4096 // 128))  # BLOCK_P = 4096 // BLOCK_D, BLOCK_D = 128 for D = 96
+    both = up(B, D, H, H, sizes, relu=True, affine=True)["backward"]
+    (prep,) = [p for p in both.parts if p.name == "_upsample_sum_bwd_prep_kernel"]
+    assert prep.bytes == pytest.approx(3 * N * 2 + ins * 2 + 2 * blocks * D * 4)
+    relu = up(B, D, H, H, sizes, relu=True)["backward"]
+    assert [p.bytes for p in relu.parts if "prep" in p.name] == [3 * N * 2]
+    # each map's adjoint reads the (masked) gradient in its own dtype and writes its map, whatever the prep
+    assert [p.bytes for p in both.parts if p.name.startswith("_upsample_sum_bwd_kernel")] == [
+        (N + B * h * w * D) * 2 for h, w in sizes]
+    assert relu.min_bytes == plain.min_bytes + N * 2 and both.min_bytes == relu.min_bytes + ins * 2
 
 
 def test_attention_counts_its_matmuls(b2):

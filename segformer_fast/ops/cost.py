@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["BF16", "FP32", "INT64", "BOOL", "L2_BYTES", "SMS", "EXP_FLOPS", "ERF_FLOPS", "LERP2D_FLOPS", "LERP_MIN_FLOPS",
-           "Part", "Cost",
+           "TF32_GEMM_WEIGHT", "Part", "Cost",
            "cdiv", "next_pow2"]
 
 BF16, FP32, INT64, BOOL = 2, 4, 8, 1  # bytes per element
@@ -33,6 +33,9 @@ LERP2D_FLOPS = 11
 # The least a bilinear upsampling (or its adjoint) needs per output value: done separably, a 2-tap lerp
 # (3 flops) along one axis per output, the other axis's pass amortised over the upsampling factor (>= 1).
 LERP_MIN_FLOPS = 4
+# A tf32 tensor-core flop counted as this many bf16 ones (``gemm`` is priced at the bf16 rate): dense tf32 is half
+# of dense bf16 on H100/H200 SXM (NVIDIA datasheet: 495 against 989 TFLOP/s).
+TF32_GEMM_WEIGHT = 2
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,8 +1,9 @@
 """Roofline cost model of upsample_sum (the Triton path), see segformer_fast/ops/cost.py.
 
-The call modelled is the training decoder's: maps (B, h_i, w_i, D) channels-last summed at (H, W),
-no affine, no ReLU, so the backward has no prep pass (the gradient goes straight to the adjoint
-kernels).
+Maps (B, h_i, w_i, D) channels-last summed at (H, W). The training decoder's call (the default) has
+no affine and no ReLU, so its backward has no prep pass (the gradient goes straight to the adjoint
+kernels); ``relu`` and ``affine`` (a per-channel scale and shift, both with gradients) model the
+prep pass that the fused inference-style call needs.
 
 MODELLED: the git blobs of the files this model describes; benchmarks/roofline.py reports the model
 as stale when they change (then update the model and MODELLED, and regenerate the report).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..cost import BF16, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part
+from ..cost import BF16, FP32, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part, cdiv, next_pow2
 
 __all__ = ["roofline", "MODELLED"]
 
@@ -27,16 +28,20 @@ def _readers(n_in: int, n_out: int) -> int:
 
 
 def roofline(B: int, D: int, H: int, W: int, sizes: Sequence[tuple[int, int]],
-             dtype_bytes: int = BF16) -> dict[str, Cost]:
-    """{"forward": Cost, "backward": Cost} of one call summing maps of ``sizes`` [(h_i, w_i)] at (H, W)."""
+             dtype_bytes: int = BF16, relu: bool = False, affine: bool = False) -> dict[str, Cost]:
+    """{"forward": Cost, "backward": Cost} of one call summing maps of ``sizes`` [(h_i, w_i)] at (H, W).
+
+    ``affine``: out = scale * sum + shift with dscale and dshift wanted; ``relu``: then a ReLU.
+    """
     n = len(sizes)
     out = B * H * W * D  # output elements
     ins = [B * h * w * D for h, w in sizes]
     io_bytes = (out + sum(ins)) * dtype_bytes
-    fwd_flops = out * (n * LERP2D_FLOPS + (n - 1))
+    epilogue = 2 * affine + relu  # per output: the affine's FMA, the ReLU's max
+    fwd_flops = out * (n * LERP2D_FLOPS + (n - 1) + epilogue)
     upsampled = sum((h, w) != (H, W) for h, w in sizes)  # a map already at (H, W) is a copy
     fwd = Cost(
-        gemm_flops=0.0, other_flops=out * (upsampled * LERP_MIN_FLOPS + (n - 1)), min_bytes=io_bytes,
+        gemm_flops=0.0, other_flops=out * (upsampled * LERP_MIN_FLOPS + (n - 1) + epilogue), min_bytes=io_bytes,
         notes=f"{n} maps read, the sum written; a separable bilinear sample per upsampled map per output",
         parts=(
             # one program per (BLOCK_P output pixels, BLOCK_D channels), grid axis 1 (channel blocks) slowest:
@@ -47,6 +52,22 @@ def roofline(B: int, D: int, H: int, W: int, sizes: Sequence[tuple[int, int]],
         ),
     )
     parts = []
+    bwd_min = io_bytes + relu * out * dtype_bytes + affine * sum(ins) * dtype_bytes  # + out (ReLU mask), maps (dscale)
+    if relu or affine:
+        block_p = max(1, 4096 // min(128, next_pow2(D)))  # launch_config's tile on a GPU
+        partials = 2 * cdiv(B * H * W, block_p) * D * FP32  # (blocks, D) fp32 for dshift and for dscale
+        # the gradient read; with ReLU `out` read and the masked gradient written in its own dtype; with the
+        # affine the maps gathered again for u (tap re-reads in cache, as the forward) and the partials written,
+        # then read by torch's sums
+        prep_bytes = out * dtype_bytes * (1 + 2 * relu) + affine * (sum(ins) * dtype_bytes + partials)
+        does = (["the ReLU-masked gradient in its own dtype"] * relu
+                + ["(blocks, D) partials of dscale, dshift"] * affine)
+        parts.append(Part("_upsample_sum_bwd_prep_kernel", prep_bytes,
+                          other_flops=out * (relu + affine * (n * LERP2D_FLOPS + (n - 1) + 3)),
+                          note="writes " + " and ".join(does)))
+        if affine:
+            parts.append(Part("torch: part_shift.sum(0), part_scale.sum(0)", partials + 2 * D * FP32,
+                              other_flops=partials / FP32))
     for (h, w), n_in in zip(sizes, ins):
         r_h, r_w = _readers(h, H), _readers(w, W)
         # one launch per map over its input pixels: each loops over the longest reader range of its tile,
@@ -54,10 +75,12 @@ def roofline(B: int, D: int, H: int, W: int, sizes: Sequence[tuple[int, int]],
         # (B, H, W, D) gradient read again by each map's launch (it is far larger than L2); the overlaps of
         # neighbouring input pixels' ranges within one launch are assumed to hit L2
         parts.append(Part(f"_upsample_sum_bwd_kernel ({h}x{w})", (out + n_in) * dtype_bytes,
-                          other_flops=n_in * r_h * r_w * 3,
+                          other_flops=n_in * (r_h * r_w * 3 + affine),
                           note=f"{r_h}x{r_w} live taps per input pixel; reads the full gradient"))
     bwd = Cost(
-        gemm_flops=0.0, other_flops=out * upsampled * LERP_MIN_FLOPS, min_bytes=io_bytes,
+        gemm_flops=0.0, min_bytes=bwd_min,
+        other_flops=out * (upsampled * LERP_MIN_FLOPS + relu + affine * (upsampled * LERP_MIN_FLOPS + n + 2))
+        + affine * sum(ins),
         notes=f"the gradient read once, {n} map gradients written; a separable bilinear adjoint per upsampled map",
         parts=tuple(parts),
     )
