@@ -1,45 +1,51 @@
 """segformer_fast: fast, memory-lean SegFormer and SETR for PyTorch.
 
 Fused Triton / CUDA / C++ kernels behind torch.autograd, each with a pure-PyTorch reference beside it.
+
+The public names below load their modules on first use, so ``import segformer_fast`` is cheap and the
+``segformer-fast`` command answers ``--help`` without importing torch. When torch is already imported
+(any program that will run a model), the fused ops are registered with torch at import, so
+``torch.export.load`` finds them in a saved program.
 """
 
-from .backends import available_backends
-from .dispatch import explain
-from .tools.export import export_onnx
-from .configs import SEGFORMER_VARIANTS, LayerNormEps, SegFormerConfig, get_config
-from .io import CheckpointMismatchError, LoadReport, export_state_dict, from_pretrained, load_weights, save_weights
-from .models import SegFormer, segformer, segformer_loss_reference
-from .models.setr import SETR, setr, setr_loss
-from .io.setr_weights import load_setr_weights
-from .patch import is_patched, patch, unpatch
-from .prediction import predict, predict_probs
+import sys as _sys
+
+from .utils.lazy import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointMismatchError",
-    "LoadReport",
-    "export_onnx",
-    "export_state_dict",
-    "from_pretrained",
-    "load_weights",
-    "save_weights",
-    "SEGFORMER_VARIANTS",
-    "LayerNormEps",
-    "SegFormer",
-    "SegFormerConfig",
-    "available_backends",
-    "explain",
-    "get_config",
-    "is_patched",
-    "patch",
-    "unpatch",
-    "predict",
-    "predict_probs",
-    "segformer",
-    "segformer_loss_reference",
-    "SETR",
-    "setr",
-    "setr_loss",
-    "load_setr_weights",
-]
+_EXPORTS = {
+    "available_backends": ".backends",
+    "explain": ".dispatch",
+    "export_onnx": ".tools.export",
+    "SEGFORMER_VARIANTS": ".configs",
+    "LayerNormEps": ".configs",
+    "SegFormerConfig": ".configs",
+    "get_config": ".configs",
+    "CheckpointMismatchError": ".io",
+    "LoadReport": ".io",
+    "export_state_dict": ".io",
+    "from_pretrained": ".io",
+    "load_weights": ".io",
+    "save_weights": ".io",
+    "to_hf": ".io",
+    "SegFormer": ".models",
+    "segformer": ".models",
+    "segformer_loss_reference": ".models",
+    "SETR": ".models.setr",
+    "setr": ".models.setr",
+    "setr_loss": ".models.setr",
+    "load_setr_weights": ".io.setr_weights",
+    "is_patched": ".patch",
+    "patch": ".patch",
+    "unpatch": ".patch",
+    "predict": ".prediction",
+    "predict_probs": ".prediction",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _EXPORTS)
+
+if "torch" in _sys.modules:  # a program that runs models: register the custom ops now (cheap: torch is loaded)
+    from . import ops as _ops  # noqa: F401

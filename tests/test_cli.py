@@ -159,7 +159,7 @@ def test_bare_call_prints_help_and_succeeds():
     r = _cli()
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: segformer-fast")
-    for command in ("info", "benchmark", "memory", "train", "predict", "evaluate"):
+    for command in ("info", "benchmark", "memory", "train", "predict", "evaluate", "export"):
         assert f"    {command}" in r.stdout
 
 
@@ -172,16 +172,90 @@ def test_subcommand_help_shows_defaults(command, option):
     assert "(default:" in line.split("\n  --")[0]
 
 
-@pytest.mark.parametrize("argv", [["benchmark"], ["memory"], ["train"], ["predict", "x.png", "--out", "o", "--weights", "w"],
-                                  ["evaluate", "--data", "synthetic", "--weights", "w"]])
-def test_computing_subcommands_take_threads(argv):
+SUBCOMMANDS = [["info"], ["benchmark"], ["memory"], ["train"], ["predict", "x.png", "--out", "o", "--weights", "w"],
+               ["evaluate", "--data", "synthetic", "--weights", "w"], ["export", "--out", "m.onnx", "--weights", "w"]]
+
+
+@pytest.mark.parametrize("argv", SUBCOMMANDS, ids=[a[0] for a in SUBCOMMANDS])
+def test_every_subcommand_takes_device_threads_and_debug(argv):
     from segformer_fast.tools.cli import build_parser
 
-    args = build_parser().parse_args([*argv, "--threads", "3"])
-    assert args.threads == 3
+    args = build_parser().parse_args([*argv, "--threads", "3", "--device", "cpu", "--debug"])
+    assert (args.threads, args.device, args.debug) == (3, "cpu", True)
     r = _cli(argv[0], "--help")
-    assert "--threads THREADS" in r.stdout
-    assert ("--device DEVICE" in r.stdout) == (argv[0] in ("benchmark", "predict", "evaluate"))
+    for option in ("--threads THREADS", "--device DEVICE", "--debug"):
+        assert option in r.stdout, (argv[0], option)
+
+
+def test_help_imports_no_torch():
+    # --help must answer at once: building the whole parser (every subcommand) and importing the package
+    # must not import torch; the commands import it when they run
+    code = ("import sys, segformer_fast, segformer_fast.train; from segformer_fast.tools.cli import build_parser; "
+            "build_parser(); print(sorted(m for m in ('torch', 'numpy', 'triton') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_package_names_load_on_first_use():
+    code = ("import sys, segformer_fast as sf; assert 'torch' not in sys.modules; "
+            "assert 'segformer' in dir(sf) and 'predict' in sf.__all__; m = sf.segformer('b0', num_classes=3); "
+            "assert type(m).__name__ == 'SegFormer' and sf.ops.sr_attention is not None; "
+            "import segformer_fast.train as t; assert t.TrainConfig().steps > 0\n"
+            "try:\n    sf.no_such_name\nexcept AttributeError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "module 'segformer_fast' has no attribute 'no_such_name'"
+
+
+def test_ops_are_registered_when_torch_came_first():
+    # a program that imports torch, then segformer_fast, can torch.export.load a saved graph of our ops
+    code = "import torch, segformer_fast; print(hasattr(torch.ops.segformer_fast, 'sr_attention'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
+
+
+def test_device_without_cuda_is_a_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path needs a machine without it")
+    assert main(["info", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("segformer-fast info: error: --device cuda: no CUDA device is available"), err
+    assert main(["info", "--device", "tpu:x"]) == 2
+    assert "is not a device name" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path needs a machine without it")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        main(["info", "--device", "cuda", "--debug"])
+
+
+def test_export_writes_a_verified_onnx_graph_and_refuses_to_overwrite(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import segformer_fast as sf
+
+    weights = tmp_path / "b0.safetensors"
+    sf.save_weights(sf.segformer("b0", num_classes=3), weights)
+    out = tmp_path / "b0.onnx"
+    assert main(["export", "--weights", str(weights), "--out", str(out), "--size", "64", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "dynamic batch, height and width" in text
+    err = float(text.split("max |difference| of logits ")[1].split()[0])
+    assert err < 1e-3
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))  # dynamic B, H, W
+    before = out.read_bytes()
+    assert main(["export", "--weights", str(weights), "--out", str(out), "--size", "64"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
 
 
 def test_physical_cores_within_allowed_cpus():
@@ -204,6 +278,10 @@ def test_runtime_args_set_threads_and_warn_on_oversubscription(monkeypatch, caps
         apply_runtime_args(SimpleNamespace(command="benchmark", threads=None))
         assert torch.get_num_threads() == physical_cores()
         assert capsys.readouterr().err == ""
+        monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 3.0, 0.0, 0.0))
+        apply_runtime_args(SimpleNamespace(command="train", threads=None))
+        assert torch.get_num_threads() == 1  # every core busy elsewhere: one thread, which never waits on another
+        assert "(1 torch threads)" in capsys.readouterr().err
         monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.5, 0.0, 0.0))
         apply_runtime_args(SimpleNamespace(command="benchmark", threads=1))
         assert torch.get_num_threads() == 1
@@ -213,3 +291,15 @@ def test_runtime_args_set_threads_and_warn_on_oversubscription(monkeypatch, caps
             apply_runtime_args(SimpleNamespace(command="benchmark", threads=0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_default_threads_leave_the_cores_other_processes_use(monkeypatch):
+    import os
+
+    import segformer_fast.tools.runtime as rt
+
+    monkeypatch.setattr(rt, "physical_cores", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # 8 cores, 2 hyperthreads each
+    assert rt.default_threads(0.3) == 8
+    assert rt.default_threads(9.5) == 7  # 9 CPUs busy: 7 left
+    assert rt.default_threads(40.0) == 1

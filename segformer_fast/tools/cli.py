@@ -1,5 +1,8 @@
-"""The ``segformer-fast`` command: ``info`` and ``benchmark`` here, ``memory`` in memory_report, and ``train``,
-``predict`` and ``evaluate`` in train/cli."""
+"""The ``segformer-fast`` command: the parsers of ``info``, ``benchmark``, ``memory`` and ``export`` here,
+``train``, ``predict`` and ``evaluate`` in train/cli.
+
+Building the parser imports no torch (``segformer-fast --help`` answers at once); each command imports
+what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import os
 import platform
 import sys
 
-from .runtime import HelpFormatter, add_runtime_args, apply_runtime_args
+from .runtime import HelpFormatter, add_runtime_args, apply_runtime_args, resolve_device
 
 __all__ = ["main"]
 
@@ -31,11 +34,14 @@ def _cmd_info(args) -> int:
     from .. import __version__
     from ..backends import available_backends, default_backend
 
+    apply_runtime_args(args, warn=False)
+    device = resolve_device(args.device)
+
     print(f"segformer_fast {__version__}")
     print(f"python         {platform.python_version()} ({sys.platform})")
     print(f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
-    if torch.cuda.is_available():
-        print(f"device         {torch.cuda.get_device_name(0)} (cuda)")
+    if device.type == "cuda":
+        print(f"device         {torch.cuda.get_device_name(device)} ({device})")
     else:
         print(f"device         cpu ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)")
     print(f"default        backend={default_backend()!r} (SEGFORMER_FAST_BACKEND)")
@@ -53,7 +59,7 @@ def _cmd_benchmark(args) -> int:
     from .benchmark import build_providers, format_table, have_transformers, run_benchmark
 
     apply_runtime_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     hw = (args.size, args.width or args.size)
     providers = build_providers(
         args.model, num_classes=args.num_classes, backend=args.backend, compile=args.compile, device=device
@@ -103,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="torch version, device and which backends are available (and why not)",
                        formatter_class=HelpFormatter)
+    add_runtime_args(p, device_help="the device to describe (default: cuda when present)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
@@ -131,9 +138,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_benchmark)
-    from .memory_report import register as register_memory; register_memory(sub)  # memory
-    from ..train.cli import register as register_train; register_train(sub)  # train, predict, evaluate
+    _add_memory(sub)
+    from ..train.cli import register as register_train
+
+    register_train(sub)  # train, predict, evaluate, export
     return parser
+
+
+def _cmd_memory(args) -> int:
+    from .memory_report import run_memory_command
+
+    return run_memory_command(args)
+
+
+def _add_memory(sub) -> None:
+    from ..configs import MODEL_CHOICES
+    from ..utils.amp import AMP_CHOICES
+
+    p = sub.add_parser(
+        "memory",
+        help="saved-activation bytes per component and memory mode, and the largest training size for a budget",
+        description="Measure what one training forward keeps for backward, per component (patch embed, "
+        "attention, Mix-FFN, decoder, loss), for each memory mode next to the reference and Hugging Face, "
+        "and estimate the largest square training size that fits --budget from those measurements.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", default="b2", choices=MODEL_CHOICES,
+                   help="SegFormer variant or a SETR (setr-pup, setr-mla-b16, ...; no Hugging Face twin)")
+    p.add_argument("--size", type=int, default=1024, help="square image side")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 16GiB, for the largest-size estimate")
+    p.add_argument("--num-classes", type=int, default=150, help="classes (ADE20K has 150)")
+    p.add_argument("--backend", default="auto", help="backend of our model (auto, torch, triton, cuda, cpp)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
+                   help="run every model's forward and loss under torch.autocast with this dtype (none: fp32)")
+    add_runtime_args(p)
+    p.set_defaults(func=_cmd_memory)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -148,7 +189,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``segformer-fast``; a bad input ends with ``segformer-fast <cmd>: error: <message>`` and exit
-    status 2 (1 for a diverged training run) instead of a traceback. SEGFORMER_FAST_TRACEBACK=1 shows it."""
+    status 2 (1 for a diverged training run) instead of a traceback; ``--debug`` (or
+    SEGFORMER_FAST_TRACEBACK=1) shows the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # bare `segformer-fast`: say what there is
@@ -157,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as exc:
-        if os.environ.get("SEGFORMER_FAST_TRACEBACK", "0") == "1":
+        if getattr(args, "debug", False) or os.environ.get("SEGFORMER_FAST_TRACEBACK", "0") == "1":
             raise
         from ..train.trainer import NonFiniteLossError
 

@@ -10,14 +10,17 @@ write each op's reference math in ONNX operators. The graph takes
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from ..utils.atomic import atomic_path
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "verify_onnx"]
 
 
 class _LogitsOnly(nn.Module):
@@ -47,6 +50,22 @@ def _exportable(model: nn.Module) -> nn.Module:
         return _LogitsOnly(model)  # patched or not: the fused ops have ONNX translations
     raise TypeError(f"export_onnx supports segformer_fast.SegFormer, segformer_fast.SETR and transformers "
                     f"SegformerForSemanticSegmentation; got {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def _exporter_quiet():
+    """Silence what torch's exporter says about itself, not about the model: torchvision ops it skips
+    registering (log warnings) and its own deprecation warnings."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = True,
@@ -99,7 +118,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
     modes = [(m, m.training) for m in net.modules()]  # a Hugging Face model is exported itself: restore its modes
     net.eval()
     try:
-        with atomic_path(path, ".onnx") as tmp, torch.no_grad():
+        with atomic_path(path, ".onnx") as tmp, torch.no_grad(), _exporter_quiet():
             torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=(shapes,) if shapes else None,
                               custom_translation_table=onnx_translations(), verbose=False)
@@ -107,3 +126,32 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
         for m, training in modes:
             m.training = training
     return path
+
+
+def verify_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int] = (512, 512), seed: int = 0) -> float:
+    """Largest absolute difference between the logits of ``model`` and of the ONNX graph at ``path``
+    (onnxruntime, CPU) on one random (1, 3, H, W) image.
+
+    Example:
+        >>> export_onnx(model, "m.onnx"); print(verify_onnx(model, "m.onnx", (512, 512)))
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError("verifying an ONNX graph needs onnxruntime: pip install onnxruntime") from exc
+    net = _exportable(model)
+    device = next(net.parameters()).device
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            want = net(x.to(device)).float().cpu()
+    finally:
+        for m, training in modes:
+            m.training = training
+    session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    if got.shape != want.shape:
+        raise ValueError(f"the ONNX graph returned logits of shape {tuple(got.shape)}, PyTorch {tuple(want.shape)}")
+    return float((got - want).abs().max())

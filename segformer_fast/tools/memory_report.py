@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..configs import MEMORY_MODES, MODEL_CHOICES, SETR_MODELS
-from ..utils.amp import AMP_CHOICES, amp_dtype, amp_name, autocast
+from ..configs import MEMORY_MODES, SETR_MODELS
+from ..utils.amp import amp_dtype, amp_name, autocast
 from ..utils.memory import SavedTensorRecorder
 
-__all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "register"]
+__all__ = ["COMPONENTS", "MemoryRow", "measure_saved_bytes", "parse_bytes", "largest_square_size", "run_memory_command"]
 
 COMPONENTS = ("patch embed", "attention", "Mix-FFN", "MLP", "decoder", "loss", "other")  # MLP: SETR's ViT MLP
 MODES = MEMORY_MODES
@@ -225,9 +225,10 @@ def _models(variant: str, num_classes: int, backend: str, hf: bool, seed: int = 
 
 
 def measure_all(variant: str, size: int, batch: int, num_classes: int, backend: str, hf: bool,
-                progress: Callable[[str], None] = lambda _: None, amp: str | None = None) -> list[MemoryRow]:
+                progress: Callable[[str], None] = lambda _: None, amp: str | None = None,
+                device: str | torch.device = "cpu") -> list[MemoryRow]:
     """Measure every model at ``size`` and at half of it (for the size fit), each under ``amp``'s autocast
-    (None or "none": fp32; "bf16", "fp16").
+    (None or "none": fp32; "bf16", "fp16"), on ``device`` (whose kernels decide what is saved).
 
     Example:
         >>> rows = measure_all("b0", 128, 1, 150, "auto", hf=True, amp="bf16")
@@ -237,10 +238,12 @@ def measure_all(variant: str, size: int, batch: int, num_classes: int, backend: 
     gen = torch.Generator().manual_seed(0)
     inputs = {}
     for s in {size, small}:
-        inputs[s] = (torch.randn(batch, 3, s, s, generator=gen), torch.randint(0, num_classes, (batch, s, s), generator=gen))
+        inputs[s] = (torch.randn(batch, 3, s, s, generator=gen).to(device),
+                     torch.randint(0, num_classes, (batch, s, s), generator=gen).to(device))
     rows = []
     for name, (module, forward, loss) in _models(variant, num_classes, backend, hf).items():
         progress(name)
+        module.to(device)
         comps = measure_saved_bytes(module, forward, loss, *inputs[size], amp=amp)
         total_small = sum(comps.values())
         if small != size:
@@ -298,43 +301,21 @@ def _title(variant: str) -> str:
     return variant.upper() if _is_setr(variant) else f"SegFormer-{variant.upper()}"
 
 
-def _cmd_memory(args) -> int:
-    from .runtime import apply_runtime_args
+def run_memory_command(args) -> int:
+    """``segformer-fast memory`` (its parser is in :mod:`segformer_fast.tools.cli`)."""
+    from .runtime import apply_runtime_args, resolve_device
 
     budget = parse_bytes(args.budget) if args.budget else None
     if args.size < _MIN_FIT_SIDE:
-        raise SystemExit(f"segformer-fast memory: --size must be at least {_MIN_FIT_SIDE}, got {args.size}")
+        raise ValueError(f"--size must be at least {_MIN_FIT_SIDE}, got {args.size}")
     apply_runtime_args(args)
+    device = resolve_device(args.device)
     print(f"measuring {_title(args.model)} at {args.size}x{args.size} and {max(_MIN_FIT_SIDE, args.size // 2)} "
           f"(batch {args.batch}, {args.num_classes} classes, backend {args.backend!r}, {amp_name(args.amp)}) "
-          "on the CPU ...", flush=True)
+          f"on {device} ...", flush=True)
     rows = measure_all(args.model, args.size, args.batch, args.num_classes, args.backend, hf=not args.no_hf,
-                       progress=lambda name: print(f"  {name}", flush=True), amp=args.amp)
+                       progress=lambda name: print(f"  {name}", flush=True), amp=args.amp, device=device)
     print(format_report(rows, args.model, budget, args.budget))
     return 0
 
 
-def register(subparsers) -> None:
-    """Add the ``memory`` subcommand to the ``segformer-fast`` parser."""
-    from .runtime import HelpFormatter, add_runtime_args
-
-    p = subparsers.add_parser(
-        "memory",
-        help="saved-activation bytes per component and memory mode, and the largest training size for a budget",
-        description="Measure what one training forward keeps for backward, per component (patch embed, "
-        "attention, Mix-FFN, decoder, loss), for each memory mode next to the reference and Hugging Face, "
-        "and estimate the largest square training size that fits --budget from those measurements.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--model", default="b2", choices=MODEL_CHOICES,
-                   help="SegFormer variant or a SETR (setr-pup, setr-mla-b16, ...; no Hugging Face twin)")
-    p.add_argument("--size", type=int, default=1024, help="square image side")
-    p.add_argument("--batch", type=int, default=1, help="batch size")
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 16GiB, for the largest-size estimate")
-    p.add_argument("--num-classes", type=int, default=150, help="classes (ADE20K has 150)")
-    p.add_argument("--backend", default="auto", help="backend of our model (auto, torch, triton, cuda, cpp)")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
-    p.add_argument("--amp", default="none", choices=AMP_CHOICES,
-                   help="run every model's forward and loss under torch.autocast with this dtype (none: fp32)")
-    add_runtime_args(p, device=False)  # measures on the CPU
-    p.set_defaults(func=_cmd_memory)

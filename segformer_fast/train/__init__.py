@@ -2,34 +2,35 @@
 
     from segformer_fast.train import TrainConfig, train
     result = train(TrainConfig(steps=200, out="runs/demo"))
+
+Names load their module on first use (see :mod:`segformer_fast.utils.lazy`), so the command line can
+build its parser without importing torch.
 """
 
-from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from .datasets import DatasetError, SegmentationFolder, detect_layout
-from .inference import evaluate, evaluate_dataset, load_model, predict_files, predict_probs
-from .metrics import confusion_matrix, metrics_from_confusion
-from .synthetic import SyntheticSegmentation
-from .trainer import NonFiniteLossError, TrainConfig, train
-from .transforms import EvalTransform, TrainTransform
+from ..utils.lazy import lazy_exports as _lazy_exports
 
-__all__ = [
-    "CheckpointError",
-    "DatasetError",
-    "EvalTransform",
-    "NonFiniteLossError",
-    "SegmentationFolder",
-    "SyntheticSegmentation",
-    "TrainConfig",
-    "TrainTransform",
-    "confusion_matrix",
-    "detect_layout",
-    "evaluate",
-    "evaluate_dataset",
-    "load_model",
-    "metrics_from_confusion",
-    "predict_files",
-    "predict_probs",
-    "read_checkpoint",
-    "train",
-    "write_checkpoint",
-]
+_EXPORTS = {
+    "CheckpointError": ".checkpoint",
+    "read_checkpoint": ".checkpoint",
+    "write_checkpoint": ".checkpoint",
+    "DatasetError": ".datasets",
+    "SegmentationFolder": ".datasets",
+    "detect_layout": ".datasets",
+    "evaluate": ".inference",
+    "evaluate_dataset": ".inference",
+    "load_model": ".inference",
+    "predict_files": ".inference",
+    "predict_probs": ".inference",
+    "confusion_matrix": ".metrics",
+    "metrics_from_confusion": ".metrics",
+    "SyntheticSegmentation": ".synthetic",
+    "NonFiniteLossError": ".trainer",
+    "TrainConfig": ".config",
+    "train": ".trainer",
+    "EvalTransform": ".transforms",
+    "TrainTransform": ".transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _EXPORTS)

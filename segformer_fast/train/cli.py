@@ -8,17 +8,12 @@ import json
 import math
 import os
 
-from ..configs import MEMORY_MODES
-from ..tools.runtime import HelpFormatter, add_runtime_args, apply_runtime_args
-from .build import MODEL_NAMES
+from ..configs import MEMORY_MODES, MODEL_CHOICES
+from ..tools.runtime import HelpFormatter, add_runtime_args, apply_runtime_args, resolve_device
 
 __all__ = ["register"]
 
 UNSET = argparse.SUPPRESS  # train's options: absent from the namespace unless given, so --resume can tell
-# train's CPU threads unless --threads or OMP_NUM_THREADS says otherwise: on 2 cores shared with other
-# processes (load average 11), one thread trained B0 (64x64, batch 8) at 7.9 images/s and two at 1.2
-# (OpenMP's threads wait for each other whenever one of them is descheduled)
-TRAIN_THREADS = 1
 
 
 def _ints(text: str) -> tuple[int, int]:
@@ -63,7 +58,7 @@ def _train_config(args):
     """The TrainConfig of the command line: the flags given (train's options default to unset), and with
     --resume the saved run's settings for every flag not given."""
     from .checkpoint import read_checkpoint_meta
-    from .trainer import RESUMABLE, TrainConfig
+    from .config import RESUMABLE, TrainConfig
 
     given = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k) and k != "out"}
     if "model_overrides" in given:
@@ -88,9 +83,8 @@ def _cmd_train(args) -> int:
     from .log import tensorboard_writer_class
     from .trainer import TrainingInterrupted, train
 
-    if args.threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        args.threads = TRAIN_THREADS
-    apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
+    apply_runtime_args(args)  # a loaded machine: fewer threads (tools.runtime.default_threads), and a warning
+    device = resolve_device(args.device)
     cfg = _train_config(args)
     if cfg.tensorboard:
         try:
@@ -99,7 +93,7 @@ def _cmd_train(args) -> int:
             print(f"segformer-fast train: error: {exc}", file=sys.stderr)
             return 2
     try:
-        result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+        result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite, device=device)
     except TrainingInterrupted as exc:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
         if int(os.environ.get("RANK", "0")) == 0:
             again = f"; continue with: segformer-fast train --resume {exc.out}" if exc.checkpoint is not None else ""
@@ -115,16 +109,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _inference_options(p) -> None:
+def _model_options(p) -> None:
+    """The model to load: --weights, and --model/--num-classes/--model-override/--backend when they hold no config."""
     p.add_argument("--weights", required=True,
                    help="a train output folder, a .safetensors from save_weights or train, a Hugging Face folder or "
                         "hub id, or (with --model) any weights file load_weights (SETR: load_setr_weights) reads")
-    p.add_argument("--model", default=None, choices=MODEL_NAMES, metavar="MODEL",
+    p.add_argument("--model", default=None, choices=MODEL_CHOICES, metavar="MODEL",
                    help="model to build when --weights holds no config: b0..b5, or setr-{naive,pup,mla} (ViT-L/16) "
                         "and setr-{naive,pup,mla}-b16 (ViT-B/16) (needs --num-classes)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (with --model)")
     _add_override_option(p)
     p.add_argument("--backend", default=None, help="auto, torch, triton, cuda or cpp (default auto)")
+
+
+def _inference_options(p) -> None:
+    _model_options(p)
     p.add_argument("--window", type=int, default=None, help="sliding-window size in pixels (default: whole image)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step (default: 3/4 of --window)")
     p.add_argument("--scales", type=_floats, default=(1.0,), help="comma-separated scales, e.g. 0.5,0.75,1.0,1.25")
@@ -133,14 +132,12 @@ def _inference_options(p) -> None:
 
 
 def _model_for(args):
-    import torch
-
     from .inference import default_stride, load_model
 
-    apply_runtime_args(args, warn=False)  # stderr stays the one error line of a failed run
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stride = args.stride or default_stride(args.window)
+    apply_runtime_args(args)
+    device = resolve_device(args.device)
+    stride = default_stride(args.window) if getattr(args, "window", None) else None
+    stride = getattr(args, "stride", None) or stride
     model = load_model(args.weights, args.model, args.num_classes, args.backend, device, _overrides(args))
     return model, device, stride
 
@@ -201,7 +198,26 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from ..tools.export import export_onnx, verify_onnx
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    model, device, _ = _model_for(args)
+    size = (args.size, args.width or args.size)
+    export_onnx(model, args.out, dynamic_hw=not args.static, example_size=size, batch=args.batch,
+                dynamic_batch=not args.static)
+    shape = "fixed " + "x".join(map(str, size)) if args.static else "dynamic batch, height and width"
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB; input 'images' (B, 3, H, W), "
+          f"output 'logits'; {shape})")
+    if args.verify:
+        err = verify_onnx(model, args.out, size)
+        print(f"onnxruntime vs PyTorch on a random {size[0]}x{size[1]} image: max |difference| of logits {err:.2e}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
+    from ..classes import model_class_names
     from .datasets import SegmentationFolder
     from .inference import evaluate
     from .synthetic import SyntheticSegmentation
@@ -210,26 +226,29 @@ def _cmd_evaluate(args) -> int:
     k = model.config.num_classes
     if args.data == "synthetic":
         dataset = SyntheticSegmentation("val", args.synthetic_val, (args.synthetic_size,) * 2, seed=args.seed)
-        scale, names = args.scale, dataset.class_names
+        scale = args.scale
     else:
         dataset = SegmentationFolder(args.data, args.split, args.layout, k)
-        scale, names = args.scale if args.scale is not None else dataset.scale, None
+        scale = args.scale if args.scale is not None else dataset.scale
     if dataset.num_classes != k:
         raise ValueError(f"the dataset has {dataset.num_classes} classes but the model {args.weights!r} predicts {k}")
-    m = evaluate(model, dataset, scale=scale, scales=args.scales, flip=args.flip, window=args.window, stride=stride,
-                 device=device, progress=not args.no_progress, batch=1 if args.window else 8)
-    print(m.format(names))
+    names = model_class_names(model, dataset)  # the model's id2label, else the dataset's names, else "class k"
+    m = evaluate(model, dataset, class_names=names, scale=scale, scales=args.scales, flip=args.flip,
+                 window=args.window, stride=stride, device=device, progress=not args.no_progress,
+                 batch=1 if args.window else 8)
+    print(m.format())
     if args.json:
         from ..utils.atomic import atomic_write_json
 
-        atomic_write_json(args.json, dict(m))  # strict JSON: NaN (a class absent from the data) is null
+        # strict JSON: NaN (a class absent from the data) is null; per-class IoU as a list and by name
+        atomic_write_json(args.json, dict(m))
         print(f"wrote {args.json}")
     return 0
 
 
 def register(subparsers) -> None:
     """Add the train, predict and evaluate subcommands to ``segformer-fast``."""
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -240,7 +259,7 @@ def register(subparsers) -> None:
         "--resume DIR continues exactly.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", default=UNSET, choices=MODEL_NAMES, metavar="MODEL",
+    p.add_argument("--model", default=UNSET, choices=MODEL_CHOICES, metavar="MODEL",
                    help=f"b0..b5 (SegFormer, default {d.model}), or setr-{{naive,pup,mla}} (ViT-L/16) and "
                         "setr-{naive,pup,mla}-b16 (ViT-B/16); a SETR's position embedding is made for --crop")
     _add_override_option(p, default=UNSET)
@@ -287,11 +306,8 @@ def register(subparsers) -> None:
                    help=f"write loss, lr, images/s and memory to OUT/log.jsonl every N steps (default {d.log_every})")
     p.add_argument("--tensorboard", action="store_true", default=UNSET,
                    help="also write the logged scalars to OUT/tensorboard (needs the tensorboard package)")
-    add_runtime_args(p, device=False)  # one process per GPU: torchrun's LOCAL_RANK, else cuda when present
-    for action in p._actions:  # train's own default (TRAIN_THREADS), not the physical cores
-        if action.dest == "threads":
-            action.help = (f"torch CPU threads (default {TRAIN_THREADS}: on a CPU shared with other work, one thread "
-                           "trains faster than several; OMP_NUM_THREADS when set)")
+    add_runtime_args(p, device_help="cpu, cuda or cuda:N (default: cuda when present; under torchrun, "
+                     "cuda:LOCAL_RANK, one process per GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=UNSET, help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run's checkpoints, metrics.json and model.safetensors in --out "
@@ -339,3 +355,21 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _inference_options(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser("export", help="write the model as an ONNX graph (dynamic batch and image size)",
+                              description="Export a SegFormer or SETR to ONNX (opset of torch's dynamo exporter), "
+                              "with a dynamic batch and image size unless --static; needs onnx and onnxscript "
+                              "(pip install onnx onnxscript; --verify also onnxruntime).",
+                              formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    _model_options(p)
+    p.add_argument("--size", type=int, default=512, help="height of the tracing image (and width unless --width); "
+                   "a SETR takes multiples of its patch size")
+    p.add_argument("--width", type=int, default=None, help="width of the tracing image (default: --size)")
+    p.add_argument("--batch", type=int, default=2, help="batch of the tracing input (2: a batch of 1 is specialised)")
+    p.add_argument("--static", action="store_true", help="fix the batch and image size to the tracing input's")
+    p.add_argument("--verify", action="store_true",
+                   help="run the graph in onnxruntime on a random image and print its largest difference from PyTorch")
+    add_runtime_args(p)
+    p.set_defaults(func=_cmd_export)

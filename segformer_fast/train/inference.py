@@ -292,7 +292,21 @@ def evaluate_dataset(model, dataset, scale=None, scales=(1.0,), flip: bool = Fal
     return conf
 
 
-def evaluate(model, dataset, **kw):
-    """``metrics_from_confusion(evaluate_dataset(model, dataset, **kw))``."""
-    return metrics_from_confusion(evaluate_dataset(model, dataset, **kw))
+def evaluate(model, dataset, class_names=None, **kw):
+    """``metrics_from_confusion(evaluate_dataset(model, dataset, **kw))``, per-class IoU named.
+
+    Args:
+        class_names: the names to report; default the model's ``config.id2label``, else the
+            dataset's ``class_names``, else "class k" (:func:`segformer_fast.classes.model_class_names`).
+        **kw: as :func:`evaluate_dataset`.
+    Returns:
+        A ``SegMetrics`` with "class_names" and "per_class_iou_by_name" besides the numbers.
+
+    Example:
+        >>> print(evaluate(model, SyntheticSegmentation("val", 16)).format())
+    """
+    from ..classes import model_class_names
+
+    names = model_class_names(model, dataset) if class_names is None else class_names
+    return metrics_from_confusion(evaluate_dataset(model, dataset, **kw), names)
 

@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,12 +31,12 @@ from .build import (build_model, classifier_names, is_setr, load_into, memory_mo
 from .checkpoint import (JSON_NAME, MANIFEST_NAME, capture_rng, flatten_optimizer, read_checkpoint, restore_rng,
                          run_checkpoint_files, unflatten_optimizer, write_checkpoint)
 from .log import CURVES_NAME, LOG_NAME, TENSORBOARD_DIR, StepLog, tensorboard_writer_class, write_curves
+from .config import RESUMABLE, TrainConfig
 from .metrics import metrics_from_confusion
 
 __all__ = ["TrainConfig", "train", "build_datasets", "PolyWithWarmup", "param_groups", "NonFiniteLossError",
            "TrainingInterrupted", "check_config", "RUN_FILES"]
 
-RESUMABLE = ("steps", "val_every", "save_every", "out", "workers", "progress", "log_every", "tensorboard")
 # besides checkpoint-*.safetensors (and tensorboard/, whose old events a new run purges instead)
 RUN_FILES = (JSON_NAME, MANIFEST_NAME, "metrics.json", "model.safetensors", LOG_NAME, CURVES_NAME)
 
@@ -59,75 +58,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         else:
             text = f"interrupted at step {step}: no checkpoint was written"
         super().__init__(text)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in each checkpoint; see ``segformer-fast train --help``).
-
-    The defaults train B0 from scratch on the synthetic data: 500 steps of batch 8 at 64x64, lr 2e-3.
-    `segformer-fast train` (one torch thread) reached validation mIoU 0.624 (400 steps: 0.567) on 2 CPU
-    cores in 2.2 min at load average 1.6-1.8, and in 8.0 min while other work kept it at 10-12.
-    """
-
-    model: str = "b0"
-    data: str = "synthetic"
-    layout: str = "auto"
-    num_classes: int | None = None
-    crop: int = 64
-    batch: int = 8
-    steps: int = 500
-    lr: float | None = None
-    head_lr_mult: float = 10.0
-    weight_decay: float = 0.01
-    warmup: int | None = None
-    power: float = 1.0
-    amp: str = "none"
-    accum: int = 1
-    memory: str = "save"
-    backend: str | None = None
-    weights: str | None = None
-    drop_path: float | None = None
-    model_overrides: dict | None = None
-    scale: tuple[int, int] | None = None
-    cat_max_ratio: float = 0.75
-    val_every: int = 100
-    save_every: int | None = None
-    val_batch: int = 8
-    out: str = "runs/segformer"
-    seed: int = 0
-    workers: int = 1
-    synthetic_train: int = 4000
-    synthetic_val: int = 64
-    synthetic_size: int = 64
-    log_every: int = 10
-    progress: bool = True
-    tensorboard: bool = False
-
-    def resolved_lr(self) -> float:
-        # 6e-5 is the paper's fine-tuning rate from ImageNet weights; the synthetic data trains from
-        # scratch in minutes, where a higher rate is needed (2e-3 learned faster than 1e-3 and 4e-3).
-        if self.lr is not None:
-            return self.lr
-        return 6e-5 if (self.weights or self.data != "synthetic") else 2e-3
-
-    def resolved_drop_path(self) -> float:
-        # SegFormer's recipe uses stochastic depth 0.1; mmseg's SETR configs use none
-        if self.drop_path is not None:
-            return self.drop_path
-        return 0.0 if is_setr(self.model) else 0.1
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["scale"] = list(self.scale) if self.scale else None
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TrainConfig":
-        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
-        if d.get("scale"):
-            d["scale"] = tuple(d["scale"])
-        return cls(**d)
 
 
 class PolyWithWarmup:
@@ -276,12 +206,19 @@ class _Interrupts:
         return bool(flag)
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun (WORLD_SIZE > 1)."""
+def _setup_distributed(device: str | torch.device | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (WORLD_SIZE > 1).
+
+    ``device``: None is cuda when present, else cpu; "cuda" without an index is this process's GPU
+    (torchrun's LOCAL_RANK, else 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -367,7 +304,7 @@ def _replaced_files(out: str, continuing: bool, overwrite: bool) -> list[str]:
 
 
 def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: int | None = None,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, device: str | torch.device | None = None) -> dict:
     """Train a SegFormer or SETR as ``cfg`` says; returns {"step", "history", "metrics", "out", "model", "config"}.
 
     Args:
@@ -380,6 +317,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
         overwrite: replace a previous run's files in ``cfg.out`` (checkpoints it wrote, metrics.json,
             model.safetensors); without it such files make this a FileExistsError. Other files in
             ``cfg.out`` are never touched.
+        device: where to train: None is cuda when present (under torchrun, cuda:LOCAL_RANK), else cpu.
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (the run stops at the first such step and
             writes no checkpoint from then on; the last one before stays).
@@ -390,7 +328,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, stop_at: in
     from .inference import evaluate_dataset
     from .transforms import TrainTransform
 
-    rank, world, device = _setup_distributed()
+    rank, world, device = _setup_distributed(device)
     main = rank == 0
 
     def log(msg):

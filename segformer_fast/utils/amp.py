@@ -4,21 +4,24 @@ that fails loudly where the device's autocast would silently switch itself off f
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AMP_CHOICES", "amp_dtype", "amp_name", "autocast"]
 
-AMP_CHOICES: tuple[str, ...] = ("none", "bf16", "fp16")  # argparse choices
-_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES: tuple[str, ...] = ("none", "bf16", "fp16")  # argparse choices; no torch import for --help
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:
     """The autocast dtype named by ``amp`` ("bf16", "fp16"; None or "none": no autocast)."""
+    import torch
+
     key = "none" if amp is None else amp
-    if key not in _DTYPES:
+    if key not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES} or None, got {amp!r}")
-    return _DTYPES[key]
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[key]
 
 
 def amp_name(amp: str | None) -> str:
@@ -42,6 +45,8 @@ def autocast(device_type: str, amp: str | None):
         yield
         return
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autocast.*not supported.*", category=UserWarning)
