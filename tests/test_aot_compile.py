@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ("sr_attention", "dwconv3x3_gelu", "upsample_sum", "upsample_cross_entropy")
+OPS = ("sr_attention", "dwconv3x3_gelu", "upsample_sum", "upsample_cross_entropy", "all_mlp_decoder")
 ARCHS, DTYPES = ("sm_90", "sm_80"), ("fp32", "fp16", "bf16")
 
 
@@ -44,14 +44,15 @@ def aot(tmp_path_factory):
 def test_every_kernel_compiles_for_every_arch_and_dtype(aot):
     data, md = aot
     kernels = _kernels()
-    assert len(kernels) == 10, sorted(kernels)
+    for op in OPS:  # every op's module was found and has kernels
+        assert any(r["op"] == op for r in data["kernels"]), op
     rows = data["kernels"]
     for arch in ARCHS:
         for dtype in DTYPES:
             got = {r["kernel"] for r in rows if r["arch"] == arch and r["dtype"] == dtype}
             assert got == kernels, (arch, dtype, sorted(kernels - got))
     for r in rows:
-        assert r["cubin_bytes"] > 0 and 0 < r["regs"] <= 255 and r["num_warps"] == 4, r
+        assert r["cubin_bytes"] > 0 and 0 < r["regs"] <= 255 and r["num_warps"] in (1, 2, 4, 8, 16), r
         assert r["ptx_target"] == ("sm_90a" if r["arch"] == "sm_90" else "sm_80"), r
         if r["kernel"] == "_sr_attention_fwd_kernel":  # the launcher's GPU tiles, not the interpreter's
             assert (r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_M"]) == (64, 32)
@@ -75,3 +76,18 @@ def test_attention_dots_use_the_tensor_cores_of_each_arch(aot):
     for dtype in ("fp16", "bf16"):
         fwd = [r for r in rows if (r["arch"], r["dtype"], r["kernel"]) == ("sm_90", dtype, "_sr_attention_fwd_kernel")]
         assert fwd and all("wgmma" in r["tensor_cores"] and r["dots"]["HGMMA"] > 0 for r in fwd), fwd
+
+
+def test_no_fp16_or_bf16_kernel_spills(aot):
+    # what 16-bit training runs: every kernel, at every shape the model launches, keeps its registers
+    spills = [(r["kernel"], r["arch"], r["dtype"], r["spill_stores"]) for r in aot[0]["kernels"]
+              if r["dtype"] in ("fp16", "bf16") and (r["spill_stores"] or r["spill_loads"])]
+    assert spills == []
+
+
+def test_committed_report_shows_no_16_bit_spills():
+    # the committed report (regenerated after every kernel change) states the same goal
+    data = json.loads((ROOT / "benchmarks" / "results" / "aot" / "aot_sm90_sm80.json").read_text())
+    assert {r["op"] for r in data["kernels"]} >= set(OPS)
+    assert [(r["kernel"], r["arch"], r["dtype"]) for r in data["kernels"]
+            if r["dtype"] in ("fp16", "bf16") and r["spill_stores"]] == []
