@@ -16,7 +16,7 @@ from ..cost import (BF16, BOOL, EXP_FLOPS, FP32, INT64, LERP2D_FLOPS, LERP_MIN_F
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "1723a3561db152c3d0ce0cff78707b7eba959dc0",
+MODELLED = {"triton_kernels.py": "778c854f096b80802645dc2f10729823d1f3ebf1",
             "op.py": "8e7bdd094de36ffcbb672680b40597ae080976c4"}
 
 
