@@ -91,12 +91,15 @@ def test_dwconv_backward_by_hand(b2):
     E, tiles = 8 * 256 * 256 * 256, 8 * 32 * 16
     rows = [r for r in b2["rows"] if r["op"] == "dwconv3x3_gelu" and r["direction"] == "backward"]
     (kernel,) = [p for p in rows[0]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
-    # one pass: x, grad_y in and grad_x out once in bf16, the (tiles, 10, C) fp32 partials out; no gz scratch
+    # pass 1: x, grad_y in and gz out once in bf16, the (tiles, 10, C) fp32 partials out
     assert kernel["bytes"] == pytest.approx(3 * (3 * E * 2 + tiles * 10 * 256 * 4), rel=1e-5)
-    assert len(rows[0]["parts"]) == 2  # the kernel and partial.sum(0): one launch, not two
-    # gz (9 taps + bias, GELU' = erf 20 + exp 16 + 8, * grad_y) at (8 + 2) rows x 3 columns per 8 rows: 3.75 times;
-    # the weight/bias sums (9 FMAs + 1) and grad_x (9 FMAs) once
-    assert kernel["other_flops"] == pytest.approx(3 * E * (3.75 * (19 + 44 + 1) + 19 + 18), rel=1e-5)
+    # gz (9 taps + bias, GELU' = erf 20 + exp 16 + 8, * grad_y) once per element; the weight/bias sums (9 FMAs + 1)
+    assert kernel["other_flops"] == pytest.approx(3 * E * (19 + 44 + 1 + 19), rel=1e-5)
+    # pass 2: the forward kernel, flipped, on gz: gz in, grad_x out in bf16, 9 FMAs per element
+    (flipped,) = [p for p in rows[0]["parts"] if p["name"] == "_dwconv3x3_gelu_fwd_kernel (flipped, on gz)"]
+    assert flipped["bytes"] == pytest.approx(3 * 2 * E * 2, rel=1e-5)
+    assert flipped["other_flops"] == pytest.approx(3 * E * 18, rel=1e-5)
+    assert len(rows[0]["parts"]) == 3  # the two kernels and partial.sum(0)
     mix = [r for r in b2["rows"] if r["op"] == "mix_ffn" and r["direction"] == "backward"]
     (in_mix,) = [p for p in mix[0]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
     assert in_mix == kernel  # Mix-FFN's conv is the dwconv3x3_gelu model

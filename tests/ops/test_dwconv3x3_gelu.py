@@ -123,10 +123,11 @@ def test_tanh_matches_reference(backend, shape):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("backend", [TRITON])
-def test_triton_backward_is_one_pass_across_tile_seams(backend, approximate, monkeypatch):
-    """grad_x by the tile borders needs gz from the neighbouring tiles, recomputed as a halo: 3 x 2
-    row x column tiles (17 x 19 at ROWS=8, BLOCK_W=16), and the backward is one kernel launch that
-    allocates no per-element scratch (nothing as large as x besides grad_x)."""
+def test_triton_backward_two_passes_across_tile_seams(backend, approximate, monkeypatch):
+    """grad_x by the tile borders needs gz from the neighbouring tiles: 3 x 2 row x column tiles (17 x 19
+    at ROWS=8, BLOCK_W=16). The backward is two launches: the gz pass (gz stored once, in the input's
+    dtype, plus the (tiles, 10, C) partials) and the forward kernel, flipped, on gz; the only per-element
+    tensors are gz and grad_x."""
     from segformer_fast.ops.dwconv3x3_gelu import triton_kernels as tk
 
     launched = []
@@ -149,8 +150,8 @@ def test_triton_backward_is_one_pass_across_tile_seams(backend, approximate, mon
     grad_y = torch.randn(b, h * w, c, dtype=torch.float64)
     _, (gx_ref, gw_ref, gb_ref) = _reference_grads(ref, (h, w), approximate, grad_y)
     gx, gw, gb = tk.dwconv3x3_gelu_bwd(grad_y.float(), x.detach(), (h, w), weight.detach(), bias.detach(), approximate)
-    assert launched == ["_dwconv3x3_gelu_bwd_kernel"]
-    assert allocated == [(b, h * w, c), (6, 10, c)]  # grad_x and the (tiles, 10, C) partial sums
+    assert launched == ["_dwconv3x3_gelu_bwd_kernel", "_dwconv3x3_gelu_fwd_kernel"]
+    assert allocated == [(b, h * w, c), (b, h * w, c), (6, 10, c)]  # grad_x, gz, the (tiles, 10, C) partial sums
     _assert_close_fp32(gx, gx_ref)
     _assert_close_fp32(gw, gw_ref, summed=True)
     _assert_close_fp32(gb, gb_ref, summed=True)
@@ -218,6 +219,37 @@ def test_triton_fp16_storage(backend):
     assert y.dtype == torch.float16
     y_ref = dwconv3x3_gelu_reference(x.double(), (h, w), weight.double(), bias.double())
     torch.testing.assert_close(y.double(), y_ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("backend", [TRITON])
+def test_triton_bf16_gz_meets_the_low_precision_rule(backend, approximate, monkeypatch):
+    """The backward stores gz = grad_y * GELU'(z) in bf16 between its passes (PyTorch's bf16 reference keeps it
+    in fp32): forward and every gradient must still meet the low-precision rule. The kernels have no tl.dot, so
+    the interpreter's bf16 (refused by the launchers for tl.dot's sake) is exact enough to run them here."""
+    from segformer_fast.ops.dwconv3x3_gelu import triton_kernels as tk
+    from segformer_fast.testing.precision import assert_lowp_close
+
+    monkeypatch.setattr(tk, "check_interpreter_dtypes", lambda *args: None)
+    b, h, w, c = 3, 7, 9, 33
+    torch.manual_seed(0)
+    t64 = [torch.randn(b, h * w, c, dtype=torch.float64), torch.randn(c, 1, 3, 3, dtype=torch.float64) * 0.5,
+           torch.randn(c, dtype=torch.float64) * 0.5]
+    grad_y = torch.randn(b, h * w, c, dtype=torch.float64)
+
+    def torch_run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in t64]
+        y = dwconv3x3_gelu_reference(leaves[0], (h, w), leaves[1], leaves[2], approximate=approximate)
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad_y.to(dtype))]
+
+    ref64, lowp = torch_run(torch.float64), torch_run(torch.bfloat16)
+    x, weight, bias, gy = (t.to(torch.bfloat16) for t in (*t64, grad_y))
+    dev = _device(backend)
+    y = tk.dwconv3x3_gelu_fwd(x.to(dev), (h, w), weight.to(dev), bias.to(dev), approximate)
+    grads = tk.dwconv3x3_gelu_bwd(gy.to(dev), x.to(dev), (h, w), weight.to(dev), bias.to(dev), approximate)
+    for name, ours, p, r in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), lowp, ref64):
+        assert ours.dtype == torch.bfloat16, name
+        assert_lowp_close(ours.cpu(), p, r, atol=2.0**-8 * max(1.0, r.abs().max().item()), name=name)
 
 
 @pytest.mark.parametrize("backend", [TRITON, CPP])

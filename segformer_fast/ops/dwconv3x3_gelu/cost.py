@@ -13,7 +13,7 @@ from ..cost import BF16, ERF_FLOPS, EXP_FLOPS, FP32, Cost, Part, cdiv, next_pow2
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "e6366d65c7e26d47f26b9dd38daed59dd4bee7a4",
+MODELLED = {"triton_kernels.py": "0384bb2644f76471986bdcba86d241f409bc0380",
             "op.py": "ab17bbd042121023d4958e475cffbcb98710633a"}
 
 CONV_FLOPS = 9 * 2 + 1  # 9 tap FMAs + the bias
@@ -39,28 +39,22 @@ def roofline(B: int, H: int, W: int, C: int, dtype_bytes: int = BF16) -> dict[st
                     note=f"x once (halo of {rows}x{block_w} tiles in L2), y once"),),
     )
     partial = n_tiles * wb * FP32  # (tiles, 10, C) fp32 partial sums of the weight/bias gradients
-    # one pass over the forward's tile: gz = grad_y * GELU'(z) is recomputed at the tile and its one-pixel halo
-    # and never stored. Its rows slide through registers, ROWS + 2 gz rows per ROWS rows of the tile, each at
-    # 3 column shifts (the column halo is recomputed): gz is evaluated gz_evals times per element
-    gz_evals = 3 * (rows + 2) / rows
-    # the halo loads: x rows h0-2 .. h0+ROWS+1 at columns -2 .. BLOCK_W+1, grad_y rows h0-1 .. h0+ROWS at
-    # columns -1 .. BLOCK_W; what falls outside the tile was (or will be) read by the neighbouring tiles, which
-    # run at the same time (the tile above is n_wb programs away in launch order): assumed to hit L2
-    x_halo = (rows + 4) * (block_w + 4) / (rows * block_w)
-    gy_halo = (rows + 2) * (block_w + 2) / (rows * block_w)
+    # two passes. 1: the forward's tile and 3-row x window (halo re-reads in L2, as in the forward); z, GELU' and
+    # gz = grad_y * GELU'(z) once per element, gz stored in the input's dtype, the weight/bias sums from the fp32 gz.
+    # 2: the forward kernel (flipped taps, no bias, no GELU) on gz: gz read (its halo from L2), grad_x written
+    gz_flops = CONV_FLOPS + GELU_GRAD_FLOPS + 1  # z (9 FMAs + bias), GELU', * grad_y
     bwd = Cost(
         gemm_flops=0.0, other_flops=E * (CONV_FLOPS + GELU_GRAD_FLOPS + 1 + WGRAD_FLOPS + CONV_FLOPS),
         min_bytes=3 * E * dtype_bytes + wb * FP32,  # x, grad_y in; grad_x out; fp32 weight/bias gradients
         exps=E,
         notes="x + grad_y read, grad_x + fp32 weight/bias grads written; z recomputed",
         parts=(
-            # per element: gz_evals x (z: 9 FMAs + bias, GELU', * grad_y); the weight/bias sums (9 FMAs + 1 add);
-            # grad_x = the flipped 9-tap conv of gz (9 FMAs, no bias)
             Part("_dwconv3x3_gelu_bwd_kernel", 3 * E * dtype_bytes + partial,
-                 other_flops=E * (gz_evals * (CONV_FLOPS + GELU_GRAD_FLOPS + 1) + WGRAD_FLOPS + 9 * 2),
-                 note=f"x, grad_y in, grad_x out once (halo re-reads in L2: x {x_halo:.3g}x, grad_y {gy_halo:.3g}x "
-                      f"of the tile at {rows}x{block_w}); GELU' {gz_evals:g}x per element; "
-                      "(tiles, 10, C) partials out"),
+                 other_flops=E * (gz_flops + WGRAD_FLOPS),
+                 note=f"x, grad_y in, gz out ({dtype_bytes} B) once (x halo of {rows}x{block_w} tiles in L2); "
+                      "GELU' once per element; (tiles, 10, C) partials out"),
+            Part("_dwconv3x3_gelu_fwd_kernel (flipped, on gz)", 2 * E * dtype_bytes, other_flops=E * 9 * 2,
+                 note="gz in (halo in L2), grad_x out; 9 FMAs per element"),
             Part("torch: partial.sum(0)", partial + wb * FP32, other_flops=n_tiles * wb,
                  note=f"{n_tiles} tiles x 10 x C fp32"),
         ),

@@ -5,15 +5,19 @@ Forward: y = GELU(z), z[b, h, w, c] = bias[c] + sum_{i,j} weight[c, i, j] * x[b,
 BLOCK_C channels and walks down ROWS rows keeping a 3-row sliding window in registers: every
 input element is read about once per program and nothing is transposed.
 
-Backward, one pass (the op saves only x; z is recomputed): a program walks the same tile and writes
-grad_x = depthwise conv of gz = grad_y * GELU'(z) with the kernel flipped by 180 degrees, where gz
-is recomputed at the tile and its one-pixel halo and never stored: rows slide through registers
-(gz rows r-1, r, r+1; x rows r, r+1, r+2), the column halo is recomputed (gz at columns c-1, c,
-c+1 from x at c-2 .. c+2, each a load that hits cache). Per tile it also writes partial sums of
-gz * x_shifted (the 9 weight taps) and of gz (bias) to ``partial`` (P, 10, C); the weight/bias
-gradients are ``partial.sum(0)``: a fixed-order reduction, no float atomics. Memory traffic is
-x and grad_y read and grad_x written once (plus the halos, from L2) and the small partials; the
-price is GELU' evaluated 3 (ROWS + 2) / ROWS times per element.
+Backward, two passes (the op saves only x; z is recomputed):
+1. ``_dwconv3x3_gelu_bwd_kernel`` walks the forward's tile and 3-row x window: z and gz = grad_y *
+   GELU'(z) once per element (in fp32 registers), gz stored in the input's dtype (16 bits for
+   fp16/bf16, as unfused PyTorch hands GELU's gradient to the conv; grad_x's error then sits nearer
+   the low-precision rule's 2x-of-PyTorch line than with an fp32 gz, and within it: see
+   tests/ops/test_dwconv3x3_gelu.py), and per tile partial sums of the fp32 gz * x_shifted (the 9
+   weight taps) and of gz (bias) to ``partial`` (P, 10, C). The weight/bias gradients are
+   ``partial.sum(0)``: a fixed-order reduction, no float atomics.
+2. grad_x = depthwise conv of gz with the kernel flipped by 180 degrees, no bias, no activation: the
+   forward kernel with ``FLIP=True, ACT=0`` (the gz halo re-reads hit L2).
+Memory traffic is x, grad_y read, gz written and read, grad_x written: 5 values per element, and
+GELU' once per element (a single pass that recomputes gz at its halo instead evaluates it
+3 (ROWS + 2) / ROWS times per element, which costs more than the gz round trip).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..triton_math import gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad
 
 __all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES"]
 
-BWD_NUM_WARPS = 16  # 2 elements a thread per tile tensor: the 15-tensor x window, 9 gz and 10 sums fit
+BWD_NUM_WARPS = 8  # 4 elements a thread per tile tensor: the 9-tensor x window, 9 taps and 10 sums fit
 ACT_CODES = {"none": 1, "tanh": 2}  # GELU approximation -> kernel ACT code; ACT=0 is identity
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,9 +60,14 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tap(w_ptr, ch, c_mask, K: tl.constexpr):
-    # weight (C, 1, 3, 3) -> tap K of every channel in the block, (BLOCK_C,) fp32
-    return tl.load(w_ptr + ch * 9 + K, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+def _tap(w_ptr, ch, c_mask, K: tl.constexpr, FLIP: tl.constexpr):
+    # weight (C, 1, 3, 3) -> tap K (8 - K when FLIP: the kernel turned by 180 degrees) of every channel in the
+    # block, (1, BLOCK_C) fp32
+    if FLIP:
+        idx = 8 - K
+    else:
+        idx = K
+    return tl.load(w_ptr + ch * 9 + idx, mask=c_mask, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -93,6 +102,7 @@ def _dwconv3x3_gelu_fwd_kernel(
     n_wb,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    FLIP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -106,15 +116,15 @@ def _dwconv3x3_gelu_fwd_kernel(
     cols = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)  # (BLOCK_W,)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     c_mask = ch < C
-    w0 = _tap(w_ptr, ch, c_mask, 0)
-    w1 = _tap(w_ptr, ch, c_mask, 1)
-    w2 = _tap(w_ptr, ch, c_mask, 2)
-    w3 = _tap(w_ptr, ch, c_mask, 3)
-    w4 = _tap(w_ptr, ch, c_mask, 4)
-    w5 = _tap(w_ptr, ch, c_mask, 5)
-    w6 = _tap(w_ptr, ch, c_mask, 6)
-    w7 = _tap(w_ptr, ch, c_mask, 7)
-    w8 = _tap(w_ptr, ch, c_mask, 8)
+    w0 = _tap(w_ptr, ch, c_mask, 0, FLIP)
+    w1 = _tap(w_ptr, ch, c_mask, 1, FLIP)
+    w2 = _tap(w_ptr, ch, c_mask, 2, FLIP)
+    w3 = _tap(w_ptr, ch, c_mask, 3, FLIP)
+    w4 = _tap(w_ptr, ch, c_mask, 4, FLIP)
+    w5 = _tap(w_ptr, ch, c_mask, 5, FLIP)
+    w6 = _tap(w_ptr, ch, c_mask, 6, FLIP)
+    w7 = _tap(w_ptr, ch, c_mask, 7, FLIP)
+    w8 = _tap(w_ptr, ch, c_mask, 8, FLIP)
     if HAS_BIAS:
         bias = tl.load(b_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     else:
@@ -134,56 +144,12 @@ def _dwconv3x3_gelu_fwd_kernel(
 
 
 @triton.jit
-def _load_at(x_ptr, img_row, r, H, W, C, cc, ch, c_mask):
-    # Row r of image (rows start at img_row = b * H) at columns cc, (BLOCK_W, BLOCK_C) fp32, zero outside
-    # the image (the conv's padding).
-    rv = cc * 0 + r  # the row index as a (BLOCK_W,) vector: the interpreter mistypes scalar & block masks
-    m = ((rv >= 0) & (rv < H) & (cc >= 0) & (cc < W))[:, None] & c_mask[None, :]
-    return tl.load(x_ptr + ((img_row + r) * W + cc[:, None]) * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_row5(x_ptr, img_row, r, H, W, C, cols, ch, c_mask):
-    # Row r at columns cols-2 .. cols+2: the x a row of gz at columns cols-1 .. cols+1 depends on.
-    return (
-        _load_at(x_ptr, img_row, r, H, W, C, cols - 2, ch, c_mask),
-        _load_at(x_ptr, img_row, r, H, W, C, cols - 1, ch, c_mask),
-        _load_at(x_ptr, img_row, r, H, W, C, cols, ch, c_mask),
-        _load_at(x_ptr, img_row, r, H, W, C, cols + 1, ch, c_mask),
-        _load_at(x_ptr, img_row, r, H, W, C, cols + 2, ch, c_mask),
-    )
-
-
-@triton.jit
-def _gz_at(gy_ptr, img_row, r, H, W, C, cc, ch, c_mask, a0, a1, a2, m0, m1, m2, d0, d1, d2,
-           w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT: tl.constexpr):
-    # gz = grad_y * GELU'(z) at row r, columns cc, from x rows r-1 (a), r (m), r+1 (d) at columns cc-1, cc, cc+1;
-    # zero outside the image (grad_y loads as 0 there)
-    z = bias + w0 * a0 + w1 * a1 + w2 * a2 + w3 * m0 + w4 * m1 + w5 * m2 + w6 * d0 + w7 * d1 + w8 * d2
-    return _load_at(gy_ptr, img_row, r, H, W, C, cc, ch, c_mask) * _act_grad(z, ACT)
-
-
-@triton.jit
-def _gz_row(gy_ptr, img_row, r, H, W, C, cols, ch, c_mask,
-            a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, d0, d1, d2, d3, d4,
-            w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT: tl.constexpr):
-    # gz of row r at columns cols-1, cols, cols+1 from the x window (rows r-1, r, r+1 at columns cols-2 .. cols+2)
-    gl = _gz_at(gy_ptr, img_row, r, H, W, C, cols - 1, ch, c_mask, a0, a1, a2, m0, m1, m2, d0, d1, d2,
-                w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT)
-    gm = _gz_at(gy_ptr, img_row, r, H, W, C, cols, ch, c_mask, a1, a2, a3, m1, m2, m3, d1, d2, d3,
-                w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT)
-    gr = _gz_at(gy_ptr, img_row, r, H, W, C, cols + 1, ch, c_mask, a2, a3, a4, m2, m3, m4, d2, d3, d4,
-                w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT)
-    return gl, gm, gr
-
-
-@triton.jit
 def _dwconv3x3_gelu_bwd_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
     gy_ptr,
-    gx_ptr,
+    gz_ptr,
     part_ptr,
     H,
     W,
@@ -195,8 +161,8 @@ def _dwconv3x3_gelu_bwd_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # One pass: gz = grad_y * GELU'(z) is recomputed at the tile and its one-pixel halo (rows h0-1 .. h0+ROWS,
-    # columns cols-1 .. cols+1) and never stored; grad_x = conv(gz, flipped taps); per-tile weight/bias partials.
+    # Pass 1: gz = grad_y * GELU'(z) once per element (z recomputed from the forward's 3-row x window), stored in
+    # gz's dtype; per-tile weight/bias partial sums from the fp32 gz.
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     wb = pid % n_wb
@@ -206,67 +172,51 @@ def _dwconv3x3_gelu_bwd_kernel(
     cols = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = ch < C
-    w0 = _tap(w_ptr, ch, c_mask, 0)
-    w1 = _tap(w_ptr, ch, c_mask, 1)
-    w2 = _tap(w_ptr, ch, c_mask, 2)
-    w3 = _tap(w_ptr, ch, c_mask, 3)
-    w4 = _tap(w_ptr, ch, c_mask, 4)
-    w5 = _tap(w_ptr, ch, c_mask, 5)
-    w6 = _tap(w_ptr, ch, c_mask, 6)
-    w7 = _tap(w_ptr, ch, c_mask, 7)
-    w8 = _tap(w_ptr, ch, c_mask, 8)
+    w0 = _tap(w_ptr, ch, c_mask, 0, False)
+    w1 = _tap(w_ptr, ch, c_mask, 1, False)
+    w2 = _tap(w_ptr, ch, c_mask, 2, False)
+    w3 = _tap(w_ptr, ch, c_mask, 3, False)
+    w4 = _tap(w_ptr, ch, c_mask, 4, False)
+    w5 = _tap(w_ptr, ch, c_mask, 5, False)
+    w6 = _tap(w_ptr, ch, c_mask, 6, False)
+    w7 = _tap(w_ptr, ch, c_mask, 7, False)
+    w8 = _tap(w_ptr, ch, c_mask, 8, False)
     bias = tl.load(b_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    # per-tile partial sums of gz * x_shifted (taps 0..8) and gz (bias), (BLOCK_W, BLOCK_C) each
+    g0 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g3 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g4 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g5 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g6 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g7 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    g8 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    gb = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     h0 = hb * ROWS
-    # x window: rows r-1 (a), r (m), r+1 (d), each at columns cols-2 .. cols+2
-    a0, a1, a2, a3, a4 = _load_row5(x_ptr, img_row, h0 - 2, H, W, C, cols, ch, c_mask)
-    m0, m1, m2, m3, m4 = _load_row5(x_ptr, img_row, h0 - 1, H, W, C, cols, ch, c_mask)
-    d0, d1, d2, d3, d4 = _load_row5(x_ptr, img_row, h0, H, W, C, cols, ch, c_mask)
-    ga0, ga1, ga2 = _gz_row(gy_ptr, img_row, h0 - 1, H, W, C, cols, ch, c_mask,
-                            a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, d0, d1, d2, d3, d4,
-                            w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT)
-    a0, a1, a2, a3, a4 = m0, m1, m2, m3, m4
-    m0, m1, m2, m3, m4 = d0, d1, d2, d3, d4
-    d0, d1, d2, d3, d4 = _load_row5(x_ptr, img_row, h0 + 1, H, W, C, cols, ch, c_mask)
-    gm0, gm1, gm2 = _gz_row(gy_ptr, img_row, h0, H, W, C, cols, ch, c_mask,
-                            a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, d0, d1, d2, d3, d4,
-                            w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT)
-    # per-tile partial sums of gz * x_shifted (taps 0..8) and gz (bias) over the tile's rows, (BLOCK_W, BLOCK_C)
-    g0 = gm1 * a1
-    g1 = gm1 * a2
-    g2 = gm1 * a3
-    g3 = gm1 * m1
-    g4 = gm1 * m2
-    g5 = gm1 * m3
-    g6 = gm1 * d1
-    g7 = gm1 * d2
-    g8 = gm1 * d3
-    gb = gm1
+    a0, a1, a2 = _load_row3(x_ptr, img_row, h0 - 1, H, W, C, cols, ch, c_mask)
+    m0, m1, m2 = _load_row3(x_ptr, img_row, h0, H, W, C, cols, ch, c_mask)
     for i in range(ROWS):
         r = h0 + i
-        a0, a1, a2, a3, a4 = m0, m1, m2, m3, m4
-        m0, m1, m2, m3, m4 = d0, d1, d2, d3, d4
-        d0, d1, d2, d3, d4 = _load_row5(x_ptr, img_row, r + 2, H, W, C, cols, ch, c_mask)
-        gd0, gd1, gd2 = _gz_row(gy_ptr, img_row, r + 1, H, W, C, cols, ch, c_mask,
-                                a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, d0, d1, d2, d3, d4,
-                                w0, w1, w2, w3, w4, w5, w6, w7, w8, bias, ACT)
-        # grad_x[r, c] = sum_{i,j} w[i, j] gz[r + 1 - i, c + 1 - j]: the taps flipped by 180 degrees
-        gx = w0 * gd2 + w1 * gd1 + w2 * gd0 + w3 * gm2 + w4 * gm1 + w5 * gm0 + w6 * ga2 + w7 * ga1 + w8 * ga0
+        d0, d1, d2 = _load_row3(x_ptr, img_row, r + 1, H, W, C, cols, ch, c_mask)
+        z = bias + w0 * a0 + w1 * a1 + w2 * a2 + w3 * m0 + w4 * m1 + w5 * m2 + w6 * d0 + w7 * d1 + w8 * d2
         off = ((img_row + r) * W + cols[:, None]) * C + ch[None, :]
-        tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty),
-                 mask=((cols < W) & (cols * 0 + r < H))[:, None] & c_mask[None, :])
-        gw = tl.where(i + 1 < ROWS, gd1, 0.0)  # row r + 1 is the next tile's past the last row
-        g0 += gw * a1
-        g1 += gw * a2
-        g2 += gw * a3
-        g3 += gw * m1
-        g4 += gw * m2
-        g5 += gw * m3
-        g6 += gw * d1
-        g7 += gw * d2
-        g8 += gw * d3
-        gb += gw
-        ga0, ga1, ga2 = gm0, gm1, gm2
-        gm0, gm1, gm2 = gd0, gd1, gd2
+        mask = ((cols < W) & (cols * 0 + r < H))[:, None] & c_mask[None, :]
+        gy = tl.load(gy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        gz = gy * _act_grad(z, ACT)  # zero wherever the position is outside the image
+        tl.store(gz_ptr + off, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+        g0 += gz * a0
+        g1 += gz * a1
+        g2 += gz * a2
+        g3 += gz * m0
+        g4 += gz * m1
+        g5 += gz * m2
+        g6 += gz * d0
+        g7 += gz * d1
+        g8 += gz * d2
+        gb += gz
+        a0, a1, a2 = m0, m1, m2
+        m0, m1, m2 = d0, d1, d2
     part = part_ptr + pid.to(tl.int64) * 10 * C + ch  # partial (P, 10, C), row pid
     tl.store(part + 0 * C, tl.sum(g0, axis=0), mask=c_mask)
     tl.store(part + 1 * C, tl.sum(g1, axis=0), mask=c_mask)
@@ -334,7 +284,7 @@ def dwconv3x3_gelu_fwd(
     grid = (b * n_hb * n_wb, triton.cdiv(c, block_c))
     _dwconv3x3_gelu_fwd_kernel[grid](
         x, weight, bias, y, h, w, c, n_hb, n_wb,
-        HAS_BIAS=True, ACT=ACT_CODES[approximate], ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
+        HAS_BIAS=True, ACT=ACT_CODES[approximate], FLIP=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
     return y
 
@@ -365,11 +315,16 @@ def dwconv3x3_gelu_bwd(
     grad_x = empty(b, n, c, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return grad_x, torch.zeros_like(weight), torch.zeros_like(bias)
+    gz = empty(b, n, c, dtype=x.dtype, device=x.device)  # grad of the conv output, in the input's dtype
     partial = empty(n_tiles, 10, c, dtype=torch.float32, device=x.device)
     grid = (n_tiles, triton.cdiv(c, block_c))
     _dwconv3x3_gelu_bwd_kernel[grid](
-        x, weight, bias, grad_y, grad_x, partial, h, w, c, n_hb, n_wb,
+        x, weight, bias, grad_y, gz, partial, h, w, c, n_hb, n_wb,
         ACT=ACT_CODES[approximate], ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=BWD_NUM_WARPS,
+    )  # fmt: skip
+    _dwconv3x3_gelu_fwd_kernel[grid](
+        gz, weight, bias, grad_x, h, w, c, n_hb, n_wb,
+        HAS_BIAS=False, ACT=0, FLIP=True, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
     sums = partial.sum(0)  # (10, C): fixed-order reduction over tiles
     grad_weight = sums[:9].t().contiguous().view(c, 1, 3, 3).to(weight.dtype)
