@@ -115,8 +115,9 @@ class Autotuner:
     (head dim, channel count, number of maps) -- and never the image size: a model that sees many
     image sizes is timed once per layer shape, not once per size. The first configuration is the
     declared default: it runs wherever nothing is timed (the interpreter, meta tensors compiled ahead
-    of time, ``SEGFORMER_FAST_AUTOTUNE=0``), and benchmarks/aot_compile.py compiles every declared
-    configuration, so the report covers whatever the tuner can pick.
+    of time, ``SEGFORMER_FAST_AUTOTUNE=0``). A kernel that declares more than one configuration must
+    also have each of them compiled by benchmarks/aot_compile.py (:func:`autotuners` lists them), so
+    the report covers whatever the tuner can pick.
 
     Timing runs the real launch once per configuration (``triton.testing.do_bench``) on the call's own
     tensors; the kernels are deterministic and write their outputs whole (no atomics, no accumulation
@@ -175,7 +176,7 @@ def _time_launch(launch: Callable[[LaunchConfig], object], cfg: LaunchConfig) ->
 
 
 def autotuners() -> dict[str, Autotuner]:
-    """Every kernel's autotuner by name (benchmarks/aot_compile.py compiles each declared configuration)."""
+    """Every registered kernel autotuner by name."""
     return dict(_REGISTRY)
 
 
