@@ -5,7 +5,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from collections.abc import Callable, Mapping
+
+
+class _LazyPackage(types.ModuleType):
+    """A package whose exported name may equal a submodule's (``segformer_fast.patch``, the function, in
+    ``segformer_fast/patch.py``): when the import system binds the submodule onto the package, the
+    package keeps the exported object instead, as an eager ``from .patch import patch`` would."""
+
+    def __setattr__(self, name: str, value) -> None:
+        exports = self.__dict__.get("_lazy_exports", {})
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{self.__name__}.{name}" \
+                and exports.get(name) == f".{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
 
 
 def lazy_exports(package: str, namespace: dict, exports: Mapping[str, str]) -> tuple[Callable, Callable]:
@@ -23,6 +38,9 @@ def lazy_exports(package: str, namespace: dict, exports: Mapping[str, str]) -> t
     Example:
         >>> __getattr__, __dir__ = lazy_exports(__name__, globals(), {"train": ".trainer"})
     """
+
+    namespace["_lazy_exports"] = dict(exports)
+    sys.modules[package].__class__ = _LazyPackage
 
     def __getattr__(name: str):
         if name in exports:

@@ -148,7 +148,7 @@ def test_cli_resume_takes_the_saved_runs_settings(tmp_path, monkeypatch):
     train(_tiny(tmp_path, steps=4, val_every=2, save_every=1, log_every=3), stop_at=1)
     seen = {}
 
-    def fake_train(cfg, resume=None, stop_at=None, overwrite=False):
+    def fake_train(cfg, resume=None, stop_at=None, overwrite=False, device=None):
         seen.update(cfg=cfg, resume=resume)
         return {"metrics": None, "step": 4, "out": cfg.out}
 

@@ -300,7 +300,8 @@ def all_mlp_decoder_eval(features: Sequence[torch.Tensor], A: Sequence[torch.Ten
                          cls_bias: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
     """Eval decoder: features (B, C_i, H_i, W_i), finest first; folded weights A_i, a_i; the BatchNorm
     affine (D,) scale/shift; classifier (K, D), (K,). Returns (B, K, H_1, W_1), channels-last memory."""
-    SPEC.resolve("torch", features[0])  # the BatchNorm is folded into upsample_sum's pass: no glue to choose
+    if not torch.compiler.is_compiling():  # the dispatcher's first lookup imports; never inside tracing
+        SPEC.resolve("torch", features[0])  # recorded for explain(): BatchNorm is folded into upsample_sum's pass
     H, W = features[0].shape[-2:]  # ints, or symbolic under torch.export
     z = [_stage(c, Ai, ai) for c, Ai, ai in zip(features, A, a)]
     y = upsample_sum_nhwc(z, (H, W), scale, shift, relu=True, backend=backend)  # (B, H, W, D)
@@ -326,7 +327,10 @@ def all_mlp_decoder_train(features: Sequence[torch.Tensor], A: Sequence[torch.Te
     """
     if glue is None:
         glue = backend if backend in SPEC.impls else "auto"
-    impl = SPEC.resolve(glue, features[0], compiling=torch.compiler.is_compiling(), p=float(p))
+    if torch.compiler.is_compiling():  # the torch glue (what resolve picks when compiling), looked up without
+        impl = SPEC.impls["torch"]      # the dispatcher, whose first lookup imports modules
+    else:
+        impl = SPEC.resolve(glue, features[0], compiling=False, p=float(p))
     cfg = _TrainCfg(n=len(features), size=tuple(features[0].shape[-2:]), eps=eps,
                     p=float(p), dropout2d=dropout2d, backend=backend, group=group, glue=impl.backend)
     return impl.forward(cfg, *features, *A, *a, bn_weight, bn_bias, cls_weight, cls_bias)
