@@ -21,7 +21,7 @@ from ..upsample_sum.cost import roofline as upsample_sum_roofline
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "91d356c3d99298850b3c3472d54df5fd9f9e902d", "triton_kernels.py": "2aa91cb89cf7a6dca104c3ceb280f7ffe5030180"}
+MODELLED = {"op.py": "91d356c3d99298850b3c3472d54df5fd9f9e902d", "triton_kernels.py": "0d6b8fc0d3e2f47efb03707effaf38b301e13040"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 
