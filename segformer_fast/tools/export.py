@@ -53,6 +53,19 @@ def _exportable(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def _eval_mode(net: nn.Module):
+    """``net`` in eval mode inside the block, each submodule's own mode restored after: a Hugging Face
+    model is exported or run itself, not a copy."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
 def _exporter_quiet():
     """Silence what torch's exporter says about itself, not about the model: torchvision ops it skips
     registering (log warnings) and its own deprecation warnings."""
@@ -115,16 +128,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, dynamic_hw: bool = Tr
         shapes[3] = torch.export.Dim("width", min=32, max=16384)
     from ..ops.onnx import onnx_translations
 
-    modes = [(m, m.training) for m in net.modules()]  # a Hugging Face model is exported itself: restore its modes
-    net.eval()
-    try:
-        with atomic_path(path, ".onnx") as tmp, torch.no_grad(), _exporter_quiet():
-            torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=(shapes,) if shapes else None,
-                              custom_translation_table=onnx_translations(), verbose=False)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with _eval_mode(net), atomic_path(path, ".onnx") as tmp, torch.no_grad(), _exporter_quiet():
+        torch.onnx.export(net, (x,), tmp, dynamo=True, external_data=False, input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=(shapes,) if shapes else None,
+                          custom_translation_table=onnx_translations(), verbose=False)
     return path
 
 
@@ -142,14 +149,8 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
     net = _exportable(model)
     device = next(net.parameters()).device
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        with torch.no_grad():
-            want = net(x.to(device)).float().cpu()
-    finally:
-        for m, training in modes:
-            m.training = training
+    with _eval_mode(net), torch.no_grad():
+        want = net(x.to(device)).float().cpu()
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     if got.shape != want.shape:

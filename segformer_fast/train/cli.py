@@ -136,8 +136,7 @@ def _model_for(args):
 
     apply_runtime_args(args)
     device = resolve_device(args.device)
-    stride = default_stride(args.window) if getattr(args, "window", None) else None
-    stride = getattr(args, "stride", None) or stride
+    stride = getattr(args, "stride", None) or default_stride(getattr(args, "window", None))  # export has neither
     model = load_model(args.weights, args.model, args.num_classes, args.backend, device, _overrides(args))
     return model, device, stride
 
@@ -203,7 +202,7 @@ def _cmd_export(args) -> int:
 
     if os.path.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    model, device, _ = _model_for(args)
+    model, _, _ = _model_for(args)
     size = (args.size, args.width or args.size)
     export_onnx(model, args.out, dynamic_hw=not args.static, example_size=size, batch=args.batch,
                 dynamic_batch=not args.static)
