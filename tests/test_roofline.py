@@ -84,6 +84,11 @@ def test_cross_entropy_tiles_as_the_launcher():
     for K, w, W in ((150, 256, 1024), (19, 128, 512), (3, 7, 9), (150, 64, 1024), (21, 100, 100), (5, 5, 200)):
         assert cost.bwd_launch_config(K, w, W) == tk.bwd_launch_config(K, w, W, True), (
             f"upsample_cross_entropy/cost.py's bwd_launch_config disagrees with the launcher's at {(K, w, W)}")
+    for K in (1, 3, 19, 21, 33, 150, 171, 1000):  # the forward's class block, as the model's lane count assumes
+        cfg, n_kb = tk.launch_config(K, True), cost.cdiv(K, tk.fwd_class_block(K))
+        assert cfg["BLOCK_K"] == tk.fwd_class_block(K)
+        lanes = cost.roofline(1, 4, 4, K, 8, 8)["forward"].parts[1].other_flops - 64 * cost.LERP2D_FLOPS
+        assert lanes == pytest.approx(64 * n_kb * cfg["BLOCK_K"] * (cost.LERP2D_FLOPS + 3 + cost.EXP_FLOPS)), K
 
 
 def test_dwconv_backward_by_hand(b2):
@@ -120,9 +125,9 @@ def test_upsample_sum_prep_pass_by_hand():
     assert prep.bytes == pytest.approx(3 * N * 2 + ins * 2 + 2 * blocks * D * 4)
     relu = up(B, D, H, H, sizes, relu=True)["backward"]
     assert [p.bytes for p in relu.parts if "prep" in p.name] == [3 * N * 2]
-    # each map's adjoint reads the (masked) gradient in its own dtype and writes its map, whatever the prep
-    assert [p.bytes for p in both.parts if p.name.startswith("_upsample_sum_bwd_kernel")] == [
-        (N + B * h * w * D) * 2 for h, w in sizes]
+    # one adjoint launch for all maps reads the (masked) gradient once in its own dtype and writes the maps,
+    # whatever the prep
+    assert [p.bytes for p in both.parts if p.name.startswith("_upsample_sum_bwd_kernel")] == [(N + ins) * 2]
     assert relu.min_bytes == plain.min_bytes + N * 2 and both.min_bytes == relu.min_bytes + ins * 2
 
 

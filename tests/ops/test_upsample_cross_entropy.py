@@ -247,6 +247,17 @@ def test_triton_backward_float16():
     _triton_check(1, 19, 7, 9, 28, 36, dtype=torch.float16, tol=2e-3)
 
 
+def test_forward_class_block_pads_the_fewest_lanes():
+    from segformer_fast.ops.upsample_cross_entropy import triton_kernels as tk
+
+    # K = 150: 160 lanes with 16 or 32 (32 taken: fewer loop trips), 192 with 64
+    assert {K: tk.fwd_class_block(K) for K in (1, 19, 64, 150, 171, 200)} == {
+        1: 16, 19: 32, 64: 64, 150: 32, 171: 16, 200: 16}
+    for K in (1, 19, 150, 171):
+        assert tk.launch_config(K, gpu=True) == {"BLOCK_P": 2048 // tk.fwd_class_block(K),
+                                                 "BLOCK_K": tk.fwd_class_block(K)}
+
+
 def test_triton_backward_gpu_tiles():
     # The GPU configuration in the interpreter: 32 low-res rows per program.
     from segformer_fast.ops.triton_launch import force_gpu_launch_config

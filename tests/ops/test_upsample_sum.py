@@ -272,3 +272,24 @@ def test_fp64_on_a_kernel_backend_is_a_clear_error(backend):
     m = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64.*float32, float16, bfloat16"):
         upsample_sum([m], (6, 6), backend=backend)
+
+
+@pytest.mark.parametrize("B,sizes,H,W,block_p", [
+    (2, ((9, 7), (5, 4), (3, 2), (1, 1)), 9, 7, 4),
+    (1, ((16, 16), (8, 8), (4, 4), (2, 2)), 16, 16, 32),
+    (3, ((4, 6), (12, 5)), 8, 10, 128),  # a map larger than the output along one axis
+])
+def test_backward_schedule_runs_every_block_once_in_row_order(B, sizes, H, W, block_p):
+    pytest.importorskip("triton")
+    from segformer_fast.ops.upsample_sum.triton_kernels import backward_schedule
+
+    sched = backward_schedule(B, sizes, H, W, block_p)
+    assert sched.dtype == torch.int32 and sched.shape[1] == 2
+    want = sorted((k, j) for k, (h, w) in enumerate(sizes) for j in range(-(-B * h * w // block_p)))
+    assert sorted(map(tuple, sched.tolist())) == want  # a permutation of every map's blocks
+    keys = []
+    for k, j in sched.tolist():
+        h, w = sizes[k]
+        p = j * block_p
+        keys.append(p // (h * w) * H + ((p // w) % h + 0.5) * H / h)
+    assert keys == sorted(keys)  # the gradient rows read go down the images once

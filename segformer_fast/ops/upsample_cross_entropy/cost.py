@@ -16,7 +16,7 @@ from ..cost import (BF16, BOOL, EXP_FLOPS, FP32, INT64, LERP2D_FLOPS, LERP_MIN_F
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "778c854f096b80802645dc2f10729823d1f3ebf1",
+MODELLED = {"triton_kernels.py": "5033b0e8a7765884acd8df742b45e67e85ffc516",
             "op.py": "8e7bdd094de36ffcbb672680b40597ae080976c4"}
 
 
@@ -38,7 +38,7 @@ def _rows_of(i: int, h: int, H: int) -> int:
 
 def roofline(B: int, h: int, w: int, K: int, H: int, W: int, dtype_bytes: int = BF16) -> dict[str, Cost]:
     """{"forward": Cost, "backward": Cost} of one call on (B, h, w, K) logits and (B, H, W) labels."""
-    block_k = min(64, next_pow2(K))  # launch_config's class block (both kernels); BLOCK_P = 2048 // block_k pixels
+    block_k = min((16, 32, 64), key=lambda bk: (cdiv(K, bk) * bk, -bk))  # launch_config's class block; BLOCK_P = 2048 // block_k
     n_kb = cdiv(K, block_k)
     k_lanes = n_kb * block_k  # class lanes computed per pixel, padding included (masked lanes still compute)
     P, L = B * H * W, B * h * w * K

@@ -17,7 +17,7 @@ from ..cost import BF16, FP32, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part, cdiv, n
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "f37b9f066478a133f99a9fc0a487f5670a63f350",
+MODELLED = {"triton_kernels.py": "b6c8dd1a72dd85c14165ee9b6206101ec874d9f0",
             "op.py": "4b57c1002321900563282cd4010f03b53cae640d"}
 
 
@@ -68,15 +68,16 @@ def roofline(B: int, D: int, H: int, W: int, sizes: Sequence[tuple[int, int]],
         if affine:
             parts.append(Part("torch: part_shift.sum(0), part_scale.sum(0)", partials + 2 * D * FP32,
                               other_flops=partials / FP32))
-    for (h, w), n_in in zip(sizes, ins):
-        r_h, r_w = _readers(h, H), _readers(w, W)
-        # one launch per map over its input pixels: each loops over the longest reader range of its tile,
-        # rows x columns (shorter ranges masked; per lane the bf16 -> fp32 cast and an FMA). Counted: the whole
-        # (B, H, W, D) gradient read again by each map's launch (it is far larger than L2); the overlaps of
-        # neighbouring input pixels' ranges within one launch are assumed to hit L2
-        parts.append(Part(f"_upsample_sum_bwd_kernel ({h}x{w})", (out + n_in) * dtype_bytes,
-                          other_flops=n_in * (r_h * r_w * 3 + affine),
-                          note=f"{r_h}x{r_w} live taps per input pixel; reads the full gradient"))
+    # one launch for every map: a program per block of one map's input pixels, each looping over the longest
+    # reader range of its tile, rows x columns (shorter ranges masked; per lane the bf16 -> fp32 cast and an
+    # FMA). backward_schedule orders the blocks of all maps by the gradient rows they read, so the programs in
+    # flight read a band of rows a few MB wide (L2 is 50 MB): the (masked) gradient is counted once from DRAM,
+    # the re-reads by other maps' programs and by neighbouring input pixels' overlapping ranges in L2
+    taps = [(_readers(h, H), _readers(w, W)) for h, w in sizes]
+    parts.append(Part("_upsample_sum_bwd_kernel", (out + sum(ins)) * dtype_bytes,
+                      other_flops=sum(n_in * (r_h * r_w * 3 + affine) for n_in, (r_h, r_w) in zip(ins, taps)),
+                      note=f"all {n} maps in one launch, the gradient read once; live taps per input pixel "
+                           + ", ".join(f"{r_h}x{r_w}" for r_h, r_w in taps)))
     bwd = Cost(
         gemm_flops=0.0, min_bytes=bwd_min,
         other_flops=out * (upsampled * LERP_MIN_FLOPS + relu + affine * (upsampled * LERP_MIN_FLOPS + n + 2))

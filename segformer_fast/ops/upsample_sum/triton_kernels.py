@@ -6,8 +6,10 @@ ops/triton_math.py), summed in fp32, then the optional per-channel affine and Re
 
 Backward: a prep pass (only with ReLU, dscale or dshift) applies the ReLU mask to the incoming
 gradient (written in its own dtype: masking does not round) and writes per-block partial sums for
-the scale/shift gradients (recomputing the pre-affine sum by the same gather). Then, per map, the
-adjoint of the upsampling as a gather over live taps only: along each axis the output indices that
+the scale/shift gradients (recomputing the pre-affine sum by the same gather). Then one launch for
+every map (:func:`backward_schedule` orders the programs of all maps by the gradient rows they read,
+so the gradient comes from DRAM about once, not once per map), the adjoint of the upsampling as a
+gather over live taps only: along each axis the output indices that
 read input index i form the contiguous range [lo(i), hi(i)) where src(o) = scale (o + 0.5) - 0.5
 lies in (i - 1, i + 1), open at both ends since the end points carry weight 0 (all o below i = 0 and
 above i = n - 1: the clamped borders). A program loops over its pixels' row range times column
@@ -25,7 +27,8 @@ from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
 from ..triton_math import bilinear_tap, bilinear_weight
 
-__all__ = ["launch_config", "reader_ranges", "upsample_sum_fwd_triton", "upsample_sum_bwd_triton"]
+__all__ = ["launch_config", "reader_ranges", "backward_schedule", "upsample_sum_fwd_triton",
+           "upsample_sum_bwd_triton"]
 
 MAX_MAPS = 4
 
@@ -158,16 +161,40 @@ def _reader_range(i, scale, n_in, n_out):
 
 
 @triton.jit
+def _pick(k, a0, a1, a2, a3, NUM_MAPS: tl.constexpr):
+    # map k's value of a per-map scalar (k a runtime scalar < NUM_MAPS)
+    v = a0
+    if NUM_MAPS > 1:
+        v = tl.where(k == 1, a1, v)
+    if NUM_MAPS > 2:
+        v = tl.where(k == 2, a2, v)
+    if NUM_MAPS > 3:
+        v = tl.where(k == 3, a3, v)
+    return v
+
+
+@triton.jit
 def _upsample_sum_bwd_kernel(
-    gz_ptr, g_ptr, scale_ptr,
-    h, w, scale_h, scale_w, n_in_pix, H, W, D,
-    HAS_SCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    gz0_ptr, gz1_ptr, gz2_ptr, gz3_ptr, g_ptr, scale_ptr, sched_ptr,
+    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+    B, H, W, D,
+    NUM_MAPS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Adjoint of one map's upsampling: gz[b, ih, iw] = scale * sum_{oh, ow} wy(oh, ih) wx(ow, iw) g[b, oh, ow]
-    # over the live taps only: oh in _reader_range(ih), ow in _reader_range(iw).
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Adjoint of every map's upsampling in one launch: gz_k[b, ih, iw] = scale * sum_{oh, ow} wy(oh, ih)
+    # wx(ow, iw) g[b, oh, ow] over the live taps only: oh in _reader_range(ih), ow in _reader_range(iw).
+    # Program i does BLOCK_P input pixels (block sched[i, 1] of map sched[i, 0]); the schedule orders the
+    # blocks of all maps by the gradient rows they read, so that the programs in flight read a band of
+    # rows that stays in L2 and the gradient comes from DRAM about once for all the maps.
+    k = tl.load(sched_ptr + 2 * tl.program_id(0))
+    blk = tl.load(sched_ptr + 2 * tl.program_id(0) + 1)
+    h = _pick(k, h0, h1, h2, h3, NUM_MAPS)
+    w = _pick(k, w0, w1, w2, w3, NUM_MAPS)
+    scale_h = _pick(k, sh0, sh1, sh2, sh3, NUM_MAPS)
+    scale_w = _pick(k, sw0, sw1, sw2, sw3, NUM_MAPS)
+    gz_ptr = _pick(k, gz0_ptr, gz1_ptr, gz2_ptr, gz3_ptr, NUM_MAPS)
+    offs_p = blk.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_p = offs_p < n_in_pix
+    mask_p = offs_p < B.to(tl.int64) * h * w
     mask_d = offs_d < D
     iw = (offs_p % w).to(tl.int32)
     ih = ((offs_p // w) % h).to(tl.int32)
@@ -218,6 +245,42 @@ def reader_ranges(n_in: int, n_out: int, device="cpu") -> tuple[torch.Tensor, to
     hi = empty(n_in, dtype=torch.int32, device=device)
     _reader_range_kernel[(triton.cdiv(n_in, 128),)](lo, hi, n_in, n_out, n_in / n_out, BLOCK=128)
     return lo, hi
+
+
+def backward_schedule(B: int, sizes: tuple[tuple[int, int], ...], H: int, W: int, block_p: int) -> torch.Tensor:
+    """The backward's program order: (programs, 2) int32 rows (map index, pixel block of that map).
+
+    Every map's blocks of ``block_p`` input pixels (row-major over (b, ih, iw)), sorted by the
+    gradient row their first pixel's taps are centred on, b * H + (ih + 0.5) H / h (ties: map, then
+    block): the programs launched together read one band of gradient rows, whichever map they serve.
+
+    Example:
+        >>> backward_schedule(1, ((2, 2), (1, 1)), 2, 2, 2).tolist()  # map 1's one pixel reads rows 0-1
+        [[0, 0], [1, 0], [0, 1]]
+    """
+    keys, rows = [], []
+    for k, (h, w) in enumerate(sizes):
+        blocks = torch.arange(-(-B * h * w // block_p), dtype=torch.int64)
+        first = blocks * block_p
+        b, ih = first // (h * w), (first // w) % h
+        keys.append((b * H).double() + (ih.double() + 0.5) * (H / h))
+        rows.append(torch.stack([torch.full_like(blocks, k), blocks], 1))
+    order = torch.cat(keys).argsort(stable=True)  # stable: maps, then blocks, in order on equal keys
+    return torch.cat(rows)[order].to(torch.int32)
+
+
+_SCHEDULES: dict = {}
+
+
+def _schedule(B: int, sizes: tuple, H: int, W: int, block_p: int, device: torch.device) -> torch.Tensor:
+    # backward_schedule on the device, built and copied once per (shapes, device)
+    key = (B, sizes, H, W, block_p, str(device))
+    sched = _SCHEDULES.get(key)
+    if sched is None:
+        if len(_SCHEDULES) > 64:  # a few shapes per model; bound the cache for shape sweeps
+            _SCHEDULES.clear()
+        sched = _SCHEDULES[key] = backward_schedule(B, sizes, H, W, block_p).to(device)
+    return sched
 
 
 def _map_args(maps: list[torch.Tensor], H: int, W: int) -> list:
@@ -308,13 +371,12 @@ def upsample_sum_bwd_triton(
             dshift = part_shift.sum(0)
         if need_dscale:
             dscale = part_scale.sum(0)
-    grads = []
-    for h, w in sizes:
-        gz = empty(B, h, w, D, dtype=grad.dtype, device=grad.device)
-        n_in = B * h * w
-        _upsample_sum_bwd_kernel[(triton.cdiv(n_in, block_p), triton.cdiv(D, block_d))](
-            gz, gm, scale if scale is not None else grad, h, w, h / H, w / W, n_in, H, W, D,
-            HAS_SCALE=scale is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=_num_warps(grad.dtype),
-        )
-        grads.append(gz)
+    grads = [empty(B, h, w, D, dtype=grad.dtype, device=grad.device) for h, w in sizes]
+    sched = _schedule(B, tuple(sizes), H, W, block_p, grad.device)
+    _upsample_sum_bwd_kernel[(sched.shape[0], triton.cdiv(D, block_d))](
+        *(grads[min(i, len(grads) - 1)] for i in range(MAX_MAPS)), gm, scale if scale is not None else grad, sched,
+        *_map_args(grads, H, W), B, H, W, D,
+        NUM_MAPS=len(sizes), HAS_SCALE=scale is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=_num_warps(grad.dtype),
+    )
     return grads, dscale, dshift
