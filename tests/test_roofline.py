@@ -53,27 +53,24 @@ def test_cross_entropy_arithmetic_by_hand(b2):
     assert fwd["exps"] == pytest.approx(P * K, rel=1e-5) and fwd["gemm_flops"] == 0
     bound = max(fwd["min_bytes"] / 4.8e12, fwd["other_flops"] / 67e12) * 1e3
     assert fwd["bound_ms"] == pytest.approx(bound, rel=1e-3) and fwd["bound_by"] == "fp32"
-    from segformer_fast.ops.upsample_cross_entropy import cost
-
-    if cost.MODELLED["triton_kernels.py"].startswith("778c854f09"):  # the kernels these figures describe
-        # backward as written: programs of 16 classes x 6 low-res columns (32 output columns) x 32 low-res rows;
-        # 8 bands, 43 column blocks, K padded to 160; each band past the first recomputes the 4 output rows of the
-        # low-res row above it
-        lanes = B * (H + 7 * 4) * 43 * 32 * 160
-        assert lanes == pytest.approx(1.85e9, rel=2e-3)  # the kernel docstring's exp-lane count
-        kernel = next(p for p in bwd["parts"] if p["name"] == "_upsample_cross_entropy_bwd_kernel")
-        lowres = B * (h + 2 * 8) * 43 * 32 * 160  # the low-res rows upsampled along the columns, 3 flops a lane
-        acc = B * (4 * (H + 7 * 4) + 4 * h) * 43 * 16 * 160  # (BLOCK_J, BLOCK_K) accumulators per row
-        assert kernel["other_flops"] == pytest.approx(lanes * (3 + 1 + 16 + 4 + 2) + lowres * 3 + acc, rel=1e-5)
-        # T = adj @ G: three tf32 dots (tf32x3) of 2 x 16 flops a lane, a tf32 flop priced as two bf16 ones
-        assert kernel["gemm_flops"] == pytest.approx(lanes * 3 * 2 * 16 * 2, rel=1e-5)
-        # logits once, coef + lse (fp32) and labels (int64) once, the gradient once in bf16: 449 MB
-        assert kernel["bytes"] == pytest.approx(L * 2 + P * 16 + L * 2, rel=1e-5)
-        assert kernel["bytes"] == pytest.approx(449e6, rel=2e-3)
-        assert not any("fp32 -> logits dtype" in p["name"] for p in bwd["parts"])  # no fp32 copy to cast
+    # backward as written: programs of 16 classes x 7 low-res columns (32 output columns) x 32 low-res rows;
+    # 8 bands, 37 column blocks, K padded to 160; each band past the first recomputes the 4 output rows of the
+    # low-res row above it
+    lanes = B * (H + 7 * 4) * 37 * 32 * 160
+    assert lanes == pytest.approx(1.594e9, rel=1e-3)  # the kernel docstring's exp-lane count
+    kernel = next(p for p in bwd["parts"] if p["name"] == "_upsample_cross_entropy_bwd_kernel")
+    lowres = B * (h + 2 * 8) * 37 * 32 * 160  # the low-res rows upsampled along the columns, 3 flops a lane
+    acc = B * (4 * (H + 7 * 4) + 4 * h) * 37 * 16 * 160  # (BLOCK_J, BLOCK_K) accumulators per row
+    assert kernel["other_flops"] == pytest.approx(lanes * (3 + 1 + 16 + 4 + 2) + lowres * 3 + acc, rel=1e-5)
+    # T = adj @ G: three tf32 dots (tf32x3) of 2 x 16 flops a lane, a tf32 flop priced as two bf16 ones
+    assert kernel["gemm_flops"] == pytest.approx(lanes * 3 * 2 * 16 * 2, rel=1e-5)
+    # logits once, coef + lse (fp32) and labels (int64) once, the gradient once in bf16: 449 MB
+    assert kernel["bytes"] == pytest.approx(L * 2 + P * 16 + L * 2, rel=1e-5)
+    assert kernel["bytes"] == pytest.approx(449e6, rel=2e-3)
+    assert not any("fp32 -> logits dtype" in p["name"] for p in bwd["parts"])  # no fp32 copy to cast
     pred = max(bwd["kernel_bytes"] / 4.8e12, bwd["kernel_other_flops"] / 67e12) * 1e3
     assert bwd["predicted_ms"] == pytest.approx(pred, rel=1e-3)
-    assert bwd["ratio"] == pytest.approx(bwd["predicted_ms"] / bwd["bound_ms"], rel=1e-3) and bwd["flag"]
+    assert bwd["ratio"] == pytest.approx(bwd["predicted_ms"] / bwd["bound_ms"], rel=2e-3) and not bwd["flag"]
 
 
 def test_cross_entropy_tiles_as_the_launcher():

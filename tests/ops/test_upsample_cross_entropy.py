@@ -264,7 +264,7 @@ def test_triton_backward_gpu_tiles():
     from segformer_fast.ops.upsample_cross_entropy import triton_kernels as tk
 
     assert tk.bwd_launch_config(150, 256, 1024, gpu=True) == {
-        "BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_K": 16, "COLS": 6, "ROWS": 32}
+        "BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_K": 16, "COLS": 7, "ROWS": 32}  # 8 first taps x 4 columns
     with force_gpu_launch_config():
         _triton_check(1, 5, 34, 17, 34, 68, ignore=0)  # 3 column blocks, 2 row bands; class 0 ignored
 
@@ -285,6 +285,9 @@ def test_triton_backward_column_plan_fits(ratio, gpu):
         for j_lo in range(-1, w, cfg["COLS"]):
             n = int(((i0 >= j_lo) & (i0 <= j_lo + cfg["COLS"])).sum())
             assert n <= cfg["BLOCK_C"], (w, W, j_lo, n, cfg)
+        if cfg["COLS"] < min(w, cfg["BLOCK_J"] - 2):  # and the most columns that fit: one more does not
+            more = cfg["COLS"] + 1
+            assert max(int(((i0 >= j) & (i0 <= j + more)).sum()) for j in range(-1, w, more)) > cfg["BLOCK_C"]
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])

@@ -9,25 +9,21 @@ as stale when they change (then update the model and MODELLED, and regenerate th
 
 from __future__ import annotations
 
-import math
 
 from ..cost import (BF16, BOOL, EXP_FLOPS, FP32, INT64, LERP2D_FLOPS, LERP_MIN_FLOPS, TF32_GEMM_WEIGHT, Cost, Part,
-                    cdiv, next_pow2)
+                    cdiv)
+from .plan import column_plan
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "5033b0e8a7765884acd8df742b45e67e85ffc516",
+MODELLED = {"triton_kernels.py": "356f53d377eef3d1ca419aea12c489b88b37b439",
             "op.py": "8e7bdd094de36ffcbb672680b40597ae080976c4"}
 
 
 def bwd_launch_config(K: int, w: int, W: int) -> dict[str, int]:
     """triton_kernels.bwd_launch_config's GPU tiles, without Triton (tests/test_roofline.py compares the two)."""
-    block_j, ratio = 16, W / w
-    block_c = min(32, max(16, next_pow2(math.ceil((block_j - 1) * ratio) + 3)))
-    cols = min(block_j - 2, math.floor((block_c - 3) / ratio) - 1)
-    if cols < 1:
-        cols, block_c = 1, next_pow2(math.floor(2 * ratio) + 3)
-    return {"BLOCK_J": block_j, "BLOCK_C": block_c, "BLOCK_K": 16, "COLS": cols, "ROWS": 32}
+    cols, block_c = column_plan(w, W, 16)
+    return {"BLOCK_J": 16, "BLOCK_C": block_c, "BLOCK_K": 16, "COLS": cols, "ROWS": 32}
 
 
 def _rows_of(i: int, h: int, H: int) -> int:

@@ -20,24 +20,22 @@ op): no atomics, deterministic. A non-finite G would make its whole column of T 
 that puts nan only on the taps of the non-finite G, as the reference (never with finite data).
 
 Cost of the backward, B2 at 1024 (logits (8, 256, 256, 150), labels (8, 1024, 1024)), GPU tiles
-BLOCK_K = 16, BLOCK_C = 32, COLS = 6, ROWS = 32 (:func:`bwd_launch_config`); with n_c = ceil(w / COLS)
+BLOCK_K = 16, BLOCK_C = 32, COLS = 7, ROWS = 32 (:func:`bwd_launch_config`); with n_c = ceil(w / COLS)
 column blocks, n_b = ceil(h / ROWS) bands, Kp = ceil(K / BLOCK_K) BLOCK_K padded classes:
-    exp lanes  B (H + (n_b - 1) H / h) n_c BLOCK_C Kp = 8 * 1052 * 43 * 32 * 160 = 1.85 G
-               (1.26 G useful, B H W K; the former window gather: 14.5 G); tensor cores: 3 dots
-               of 2 BLOCK_J flops per lane (tf32x3), 178 GFLOP.
+    exp lanes  B (H + (n_b - 1) H / h) n_c BLOCK_C Kp = 8 * 1052 * 37 * 32 * 160 = 1.59 G
+               (1.26 G useful, B H W K; with COLS = 6: 1.85 G; the former window gather: 14.5 G); tensor cores: 3 dots
+               of 2 BLOCK_J flops per lane (tf32x3), 153 GFLOP.
     DRAM bytes B h w K s (logits) + B H W 16 (int64 label, fp32 lse and coef) + B h w K s (gradient,
                s = 2 in bf16) = 157 + 134 + 157 = 449 MB, 0.09 ms at 4.8 TB/s, if the Kp / BLOCK_K
                class-block programs of a tile (adjacent program ids) share the per-pixel data in L2;
                from L2: the per-pixel data once per computed lane row, 16 B (H + (n_b - 1) H / h)
-               n_c BLOCK_C (Kp / BLOCK_K) = 1.85 GB, the logits about B (h + n_b) w K s BLOCK_J / COLS
-               = 0.43 GB (their column taps are re-read from L1 per output column).
-At 16 exponentials per clock per SM (H200: 132 SMs, 1.98 GHz) the exp lanes alone take 0.44 ms:
+               n_c BLOCK_C (Kp / BLOCK_K) = 1.59 GB, the logits about B (h + n_b) w K s BLOCK_J / COLS
+               = 0.37 GB (their column taps are re-read from L1 per output column).
+At 16 exponentials per clock per SM (H200: 132 SMs, 1.98 GHz) the exp lanes alone take 0.38 ms:
 this kernel is bound by the exponentials, not by memory (a model, not a measurement).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -45,6 +43,7 @@ import triton.language as tl
 
 from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
+from .plan import column_plan
 from ..triton_math import bilinear_tap
 
 __all__ = ["launch_config", "bwd_launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
@@ -252,22 +251,19 @@ def launch_config(K: int, gpu: bool) -> dict[str, int]:
 def bwd_launch_config(K: int, w: int, W: int, gpu: bool) -> dict[str, int]:
     """The backward's program: a class block (BLOCK_K) x COLS low-res columns x ROWS low-res rows.
 
-    The output columns that read COLS low-res columns (their first taps in a run of COLS + 1)
-    number at most floor((COLS + 1) W / w) + 3 (rounding at both ends included): COLS is the
-    largest that fits BLOCK_C, and at most BLOCK_J - 2 (the adjoint tile also holds the two
-    neighbours the taps reach). BLOCK_C is 32, less when fewer columns suffice, more only when
-    even COLS = 1 needs it (upsampling by more than 14). BLOCK_K = 16 and BLOCK_C = 32: the
+    The output columns that read COLS low-res columns have their first taps in a run of COLS + 1:
+    COLS is the largest whose runs fit BLOCK_C, counted from the tap rule (:func:`plan.column_plan`),
+    and at most BLOCK_J - 2 (the adjoint tile also holds the two neighbours the taps reach). BLOCK_C
+    is 32, less when fewer columns suffice, more only when even COLS = 1 needs it (upsampling by
+    more than ~14). BLOCK_K = 16 and BLOCK_C = 32: the
     loop-invariant adjoint is held as a tf32x3 dot operand (hi and lo parts) by every warp, and
     64 columns or 32 classes spill at sm_90 (B2 1024 bf16: 172 B with 64 x 16). ROWS: 32 low-res
     rows per program on a GPU (the rows of S_{i_s - 1} are recomputed once per band), 4 in the
     interpreter.
     """
-    block_j, ratio = 16, W / w
+    block_j = 16
     block_k = 16  # tl.dot's smallest N; also the fewest padded lanes (K = 150: 160)
-    block_c = min(32, max(16, triton.next_power_of_2(math.ceil((block_j - 1) * ratio) + 3)))
-    cols = min(block_j - 2, math.floor((block_c - 3) / ratio) - 1)
-    if cols < 1:
-        cols, block_c = 1, triton.next_power_of_2(math.floor(2 * ratio) + 3)
+    cols, block_c = column_plan(w, W, block_j)
     return {"BLOCK_J": block_j, "BLOCK_C": block_c, "BLOCK_K": block_k, "COLS": cols, "ROWS": 32 if gpu else 4}
 
 
