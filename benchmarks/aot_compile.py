@@ -16,6 +16,9 @@ benchmarks/results/aot/ holds the tables from triton 3.9 (this project's environ
 ``_triton3.6`` files, from the same command with triton 3.6 (the GPU machine's) on the path: the
 two ptxas versions allocate registers differently.
 
+A kernel that autotunes (ops/triton_launch.Autotuner) is compiled in every configuration it declares,
+so the report covers whatever a GPU's timing can pick.
+
 Each (arch, dtype) compiles in its own process (``--jobs`` at a time) with TRITON_INTERPRET unset
 and a fresh Triton cache, so every kernel really goes through ptxas. Any compile error, or a kernel
 that produced no cubin, exits non-zero.
@@ -112,6 +115,7 @@ def _cases(model: str, image: int, batch: int, dtype):
         bn_stats_triton,
     )
     from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_bwd, dwconv3x3_gelu_fwd
+    from segformer_fast.ops.mix_ffn.triton_kernels import dwconv_gelu_linear_triton, fused_fc2_applies
     from segformer_fast.ops.sr_attention.triton_kernels import sr_attention_bwd_triton, sr_attention_fwd_triton
     from segformer_fast.ops.upsample_cross_entropy.triton_kernels import (
         upsample_cross_entropy_bwd_triton,
@@ -147,6 +151,9 @@ def _cases(model: str, image: int, batch: int, dtype):
             ("dwconv3x3_gelu", "fwd", tag, partial(dwconv3x3_gelu_fwd, x, (hw, hw), w, b)),
             ("dwconv3x3_gelu", "bwd", tag, partial(dwconv3x3_gelu_bwd, gy, x, (hw, hw), w, b)),
         ]
+        if fused_fc2_applies(c):  # Mix-FFN's forward with fc2 fused into the conv + GELU (C_out = C)
+            cases.append(("mix_ffn", "fwd (conv + GELU + fc2)", f"stage {i + 1}: hidden={hidden} C={c} {hw}x{hw}",
+                          partial(dwconv_gelu_linear_triton, x, (hw, hw), w, b, t(c, hidden), t(c))))
     D, H = cfg.decoder_dim, sizes[0]
     maps = [t(batch, s, s, D) for s in sizes]  # the fused decoder's channels-last stage maps
     scale, shift = t(D, dt=torch.float32), t(D, dt=torch.float32)
@@ -272,7 +279,7 @@ def _tensor_cores(dots: dict) -> str:
     return "+".join(kinds) if kinds else "fma (no tensor cores)"
 
 
-def worker(arch: int, dtype_name: str, model: str, image: int, batch: int) -> list[dict]:
+def worker(arch: int, dtype_name: str, model: str, image: int, batch: int, only=None) -> list[dict]:
     import contextlib
     import inspect
     import io
@@ -311,9 +318,19 @@ def worker(arch: int, dtype_name: str, model: str, image: int, batch: int) -> li
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     JITFunction.run = compile_only
     try:
-        for op, call, label, thunk in _cases(model, image, batch, dtype):
-            current.update(op=op, call=call, case=label)
-            thunk()
+        cases = [c for c in _cases(model, image, batch, dtype) if not only or c[0] in only]
+        from segformer_fast.ops.triton_launch import autotuners
+
+        # every configuration an autotuner can pick (its kernel's modules are imported by _cases): the default
+        # launch, then each other configuration forced (kernels that do not tune compile once, the rest hit
+        # Triton's cache)
+        variants = [contextlib.nullcontext] + [partial(tuner.forcing, cfg) for tuner in autotuners().values()
+                                               for cfg in tuner.configs[1:]]
+        for variant in variants:
+            with variant():
+                for op, call, label, thunk in cases:
+                    current.update(op=op, call=call, case=label)
+                    thunk()
     finally:
         JITFunction.run = run
 
@@ -367,7 +384,8 @@ def _run_worker(arch: int, dtype: str, args, tmp: Path) -> tuple[int, str, Path]
     env.update(TRITON_CACHE_DIR=str(tmp / f"cache_sm{arch}_{dtype}"), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     cmd = [sys.executable, __file__, "--worker", "--arch", str(arch), "--dtype", dtype, "--model", args.model,
-           "--image", str(args.image), "--batch", str(args.batch), "--out", str(out)]
+           "--image", str(args.image), "--batch", str(args.batch), "--out", str(out)] + (
+               ["--only", *args.only] if args.only else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr, out
 
@@ -438,13 +456,15 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, help="also write the Markdown tables here")
     p.add_argument("--render", type=Path, help="only turn this JSON into Markdown (--markdown, or stdout)")
     p.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1), help="compile processes at once")
+    p.add_argument("--only", nargs="+", metavar="OP",
+                   help="compile only these ops' launches (a quick check; the committed report has every op)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             raise SystemExit("aot_compile: the worker must run without TRITON_INTERPRET")
-        rows = worker(args.arch[0], args.dtype[0], args.model, args.image, args.batch)
+        rows = worker(args.arch[0], args.dtype[0], args.model, args.image, args.batch, args.only)
         args.out.write_text(json.dumps(rows))
         return 0
     if args.render:

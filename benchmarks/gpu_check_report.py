@@ -266,11 +266,17 @@ def cmd_summary(out_dir: str, print_short: bool = False) -> int:
     bench_lines = [line for line in (bench or "no benchmark results").splitlines() if not line.startswith("# ")]
     while bench_lines and not bench_lines[0].strip():
         bench_lines.pop(0)
+    roof = _read_text(p("roofline_b2_1024_bf16_measured.md"))
+    if roof:  # gpu_bench --roofline: the per-op table (the per-call rows stay in its own file)
+        per_op = roof.split("## Per op", 1)[-1].split("\n## Per call")[0].splitlines()
+        bench_lines += ["", "## Roofline, measured (roofline_b2_1024_bf16_measured.md)"] + per_op
     _write(p("summary.md"), "\n".join(lines + bench_lines).rstrip() + "\n")
     if print_short:  # the per-row table left out; the rows that failed listed instead
         cut = next((i for i, line in enumerate(bench_lines) if line.startswith("| case | provider")), len(bench_lines))
         short = bench_lines[:cut]
         short += [line for line in bench_lines[cut:] if line.startswith("Skipped:")]
+        if roof:
+            short += ["", "## Roofline, measured"] + [line for line in per_op if line.startswith("|")]
         rows = (_read_json(p("gpu_bench.json")) or {}).get("results", [])
         bad = [f"- {r['case']} {r['provider']}: {r['status']} {r.get('error') or ''}" for r in rows if r["status"] != "ok"]
         short += (["", "Not ok:"] + bad[:30]) if bad else []

@@ -88,3 +88,20 @@ def test_counts_fall_back_to_outcome_lines_when_the_xml_is_missing(tmp_path):
     assert counts["per_backend"]["triton"] == {"passed": 1, "failed": 0, "error": 1, "skipped": 0}
     assert counts["per_backend"]["cuda"]["failed"] == 1 and counts["per_backend"]["other"]["skipped"] == 1
     assert "junit" in counts["sources"]["0"] and "killed" in counts["sources"]["1"]
+
+
+def test_summary_carries_the_measured_roofline_table(tmp_path, capsys):
+    """gpu_bench --roofline's per-op table (measured ms, fraction of the bound) goes into summary.md and the
+    printed summary; the per-call rows stay in their own file."""
+    import roofline
+
+    data = roofline.report("b2", 1024, 8)
+    for i, t in enumerate(data["totals"]):
+        t["measured_ms"] = t["bound_ms"] * (1.5 + i)
+    roofline.write_measured(data, str(tmp_path))
+    assert gpu_check_report.main(["summary", str(tmp_path), "--print-short"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Roofline, measured" in summary and "| measured ms | of bound |" in summary
+    assert "| sr_attention | forward |" in summary and "67% |" in summary  # the first op at 1.5x its bound
+    assert "## Per call" not in summary
+    assert "| upsample_sum | backward |" in capsys.readouterr().out

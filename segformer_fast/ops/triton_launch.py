@@ -134,6 +134,7 @@ class Autotuner:
         self.name, self.configs = name, tuple(configs)
         self.chosen: dict[tuple, LaunchConfig] = {}
         self.timings: dict[tuple, list[float]] = {}
+        self.forced: LaunchConfig | None = None
 
     @property
     def default(self) -> LaunchConfig:
@@ -147,6 +148,8 @@ class Autotuner:
             launch: runs the kernel with a configuration (used only for timing).
             key: the kernel's shape facts that change the best configuration (not the image size).
         """
+        if self.forced is not None:
+            return self.forced
         gpu = _timing_device(t)
         if gpu is None or len(self.configs) == 1 or os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return self.default
@@ -157,6 +160,19 @@ class Autotuner:
             found = self.configs[min(range(len(times)), key=times.__getitem__)]
             self.chosen[full], self.timings[full] = found, times
         return found
+
+
+    @contextlib.contextmanager
+    def forcing(self, cfg: LaunchConfig) -> Iterator[None]:
+        """Every :meth:`pick` returns ``cfg`` (one of the declared configurations) meanwhile: the tests run
+        each configuration through the interpreter, and benchmarks/aot_compile.py compiles each."""
+        if cfg not in self.configs:
+            raise ValueError(f"autotuner {self.name!r}: {cfg} is not one of its configurations")
+        before, self.forced = self.forced, cfg
+        try:
+            yield
+        finally:
+            self.forced = before
 
 
 def _timing_device(t: torch.Tensor) -> str | None:

@@ -115,6 +115,18 @@ def test_matches_reference_large(backend, shape):
     _check_against_reference(backend, shape)
 
 
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("backend", [TRITON])
+def test_every_autotuned_forward_tile_matches_reference(backend, index):
+    # each declared forward tile, forced (the backward keeps its own): partial tiles along rows, columns and
+    # channels (19 x 37 x 130 against 4-8 rows, 16-32 columns, 64-128 channels), both GELU forms
+    from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import FWD_TUNER
+
+    with FWD_TUNER.forcing(FWD_TUNER.configs[index]):
+        _check_against_reference(backend, (1, 19, 37, 130))
+        _check_against_reference(backend, (2, 5, 3, 7), approximate="tanh")
+
+
 @pytest.mark.parametrize("shape", [(3, 7, 9, 33), (1, 2, 1, 5)], ids=lambda s: "B{}_H{}_W{}_C{}".format(*s))
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_tanh_matches_reference(backend, shape):

@@ -7,7 +7,7 @@ from segformer_fast.backends import available_backends
 from segformer_fast.ops.mix_ffn import mix_ffn, mix_ffn_reference
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("save_hidden", [True, False])
 def test_matches_reference(backend, save_hidden):
     if not available_backends()[backend].available:
@@ -46,3 +46,73 @@ def test_opcheck(save_hidden):
     w2, b2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
     torch.library.opcheck(torch.ops.segformer_fast.mix_ffn.default,
                           (x, w1, b1, wc, bc, w2, b2, 3, 4, "none", "torch", save_hidden))
+
+
+def _triton_or_skip():
+    if not available_backends()["triton"].available:
+        pytest.skip(available_backends()["triton"].reason)
+    from segformer_fast.ops.mix_ffn import triton_kernels
+
+    return triton_kernels
+
+
+# (B, H, W, hidden, C_out): partial pixel tiles (4 x 16) at every edge, hidden not a multiple of the hidden
+# step (16 / 32), C_out not a power of two, one-row / one-column images, C_out at the fused path's limit
+FUSED_SHAPES = [(2, 7, 9, 40, 24), (1, 5, 33, 70, 64), (1, 1, 17, 16, 5), (3, 9, 1, 33, 128)]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "B{}_{}x{}_K{}_C{}".format(*s))
+def test_fused_conv_gelu_fc2_matches_reference(shape, approximate):
+    """The Triton conv + GELU + fc2 kernel against fp64 (fp32: exact-fp32 dots) and, in fp16, within twice the
+    error of the unfused fp16 path (y rounded to fp16, then an fp16 matmul) plus one fp16 ulp."""
+    tk = _triton_or_skip()
+    from segformer_fast.ops.dwconv3x3_gelu import dwconv3x3_gelu_reference
+
+    b, h, w, k, c = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    hid = torch.randn(b, h * w, k, generator=g, dtype=torch.float64)
+    wc, bc = torch.randn(k, 1, 3, 3, generator=g, dtype=torch.float64) * 0.4, torch.randn(k, generator=g, dtype=torch.float64)
+    w2, b2 = torch.randn(c, k, generator=g, dtype=torch.float64) * 0.2, torch.randn(c, generator=g, dtype=torch.float64)
+    ref = dwconv3x3_gelu_reference(hid, (h, w), wc, bc, approximate) @ w2.t() + b2
+    got = tk.dwconv_gelu_linear_triton(hid.float(), (h, w), wc.float(), bc.float(), w2.float(), b2.float(), approximate)
+    assert got.shape == (b, h * w, c) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    no_bias = tk.dwconv_gelu_linear_triton(hid.float(), (h, w), wc.float(), bc.float(), w2.float(), None, approximate)
+    torch.testing.assert_close(no_bias.double(), ref - b2, rtol=1e-5, atol=1e-5)
+    lo = [t.half() for t in (hid, wc, bc, w2, b2)]
+    got16 = tk.dwconv_gelu_linear_triton(lo[0], (h, w), *lo[1:4], lo[4], approximate)
+    y16 = dwconv3x3_gelu_reference(lo[0].float(), (h, w), lo[1].float(), lo[2].float(), approximate).half()
+    unfused = (y16.float() @ lo[3].float().t() + lo[4].float()).half()
+    err, err_unfused = ((t.double() - ref).abs().max().item() for t in (got16, unfused))
+    assert got16.dtype == torch.float16
+    assert err <= 2 * err_unfused + 2**-10 * ref.abs().max().item(), (err, err_unfused)
+
+
+def test_fused_path_runs_where_it_applies(monkeypatch):
+    """mix_ffn on the Triton conv backend launches the fused kernel for C_out <= 128 and keeps the unfused
+    conv + matmul past it; torch never fuses."""
+    tk = _triton_or_skip()
+    from segformer_fast.ops.mix_ffn import op as mix_op
+
+    calls = []
+    real = tk.dwconv_gelu_linear_triton
+    monkeypatch.setattr(tk, "dwconv_gelu_linear_triton", lambda *a, **k: calls.append(a[4].shape[0]) or real(*a, **k))
+    assert tk.fused_fc2_applies(128) and not tk.fused_fc2_applies(129)
+    for c_out, backend, fused in ((24, "triton", True), (130, "triton", False), (24, "torch", False)):
+        x = torch.randn(1, 12, 8)
+        w1, wc, w2 = torch.randn(16, 8), torch.randn(16, 1, 3, 3), torch.randn(c_out, 16)
+        calls.clear()
+        out = mix_op.mix_ffn(x, (3, 4), w1, None, wc, torch.zeros(16), w2, None, backend=backend)
+        assert out.shape == (1, 12, c_out) and calls == ([c_out] if fused else []), (c_out, backend)
+
+
+def test_fused_kernel_validates():
+    tk = _triton_or_skip()
+    h, wc, bc = torch.randn(1, 12, 16), torch.randn(16, 1, 3, 3), torch.randn(16)
+    with pytest.raises(ValueError, match="do not fit"):
+        tk.dwconv_gelu_linear_triton(h, (3, 5), wc, bc, torch.randn(8, 16), None)  # 3 x 5 != 12
+    with pytest.raises(ValueError, match="do not fit"):
+        tk.dwconv_gelu_linear_triton(h, (3, 4), wc, bc, torch.randn(129, 16), None)  # C_out past the limit
+    with pytest.raises(TypeError, match="bfloat16"):
+        tk.dwconv_gelu_linear_triton(h.bfloat16(), (3, 4), wc.bfloat16(), bc.bfloat16(), torch.randn(8, 16).bfloat16(), None)

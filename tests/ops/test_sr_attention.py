@@ -284,6 +284,64 @@ def test_triton_core_backward_matches_reference(dtype, shape):
     _check_triton_core_bwd(*shape[:5], heads=shape[5], dtype=dtype, splits=shape[6])
 
 
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_every_autotuned_tile_matches_reference(index, tf32):
+    """Each declared configuration of the forward / O-recompute and dQ autotuners, forced, on awkward shapes
+    (N = 221 and 63: partial query blocks of 32, 64 and 128; M = 40: a partial key block of 32 and 64): the
+    exact-fp32 set ("ieee" dots, with the dK/dV kernel's 32-row tile) and the tensor-core set (TF32 here;
+    the interpreter computes those dots exactly)."""
+    _skip_unless("triton")
+    from segformer_fast.ops.sr_attention import triton_kernels as tk
+
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: set back by hand
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        _check_forced_tiles(tk, index, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _check_forced_tiles(tk, index, tf32):
+    fwd, dq = (tk.FWD_TUNER, tk.DQ_TUNER) if tf32 else (tk.FWD_IEEE_TUNER, tk.DQ_IEEE_TUNER)
+    assert fwd.configs == dq.configs and len(fwd.configs) == 3
+    cfg = fwd.configs[index]
+    for b, n, m, c, heads in ((2, 221, 40, 64, 2), (1, 63, 13, 32, 1)):
+        q, k, v, do = _core_inputs(b, n, m, c, torch.float32)
+        scale = (c // heads) ** -0.5
+        o, lse, refs = _core_reference(q, k, v, do, heads, scale)
+        q32, k32, v32, do32 = (t.float() for t in (q, k, v, do))
+        with fwd.forcing(cfg), dq.forcing(cfg):
+            got_o, got_lse = tk.sr_attention_fwd_triton(q32, k32, v32, heads, scale)
+            again, _ = tk.sr_attention_fwd_triton(q32, k32, v32, heads, scale, lse=got_lse)  # O from the saved lse
+            grads = tk.sr_attention_bwd_triton(do32, q32, k32, v32, got_o, got_lse, heads, scale,
+                                               splits=min(2, -(-n // tk.BLOCK_Q)))  # 2 splits where N allows
+        assert_close("o", got_o, o)
+        assert_close("lse", got_lse, lse)
+        assert_close("o from lse", again, o)
+        for name, a, r in zip(("dq", "dk", "dv"), grads, refs):
+            assert_close(name, a, r)
+
+
+def test_attention_autotuners_key_on_layer_shape_not_image_size(monkeypatch):
+    """The tuners' keys (head dim, dot precision, O from lse) are the same for every token count."""
+    _skip_unless("triton")
+    from segformer_fast.ops.sr_attention import triton_kernels as tk
+
+    keys = []
+    for tuner in (tk.FWD_IEEE_TUNER, tk.DQ_IEEE_TUNER):  # fp32 without TF32: the exact-fp32 tiles
+        def spy(t, launch, key=(), real=tuner.pick):
+            keys.append(key)
+            return real(t, launch, key)
+
+        monkeypatch.setattr(tuner, "pick", spy)
+    for n, m in ((63, 13), (221, 40)):
+        q, k, v, do = (t.float() for t in _core_inputs(1, n, m, 64, torch.float32))
+        o, lse = tk.sr_attention_fwd_triton(q, k, v, 2, 0.125)
+        tk.sr_attention_bwd_triton(do, q, k, v, o, lse, 2, 0.125)
+    assert keys[:2] == keys[2:] and keys[0] == (32, "ieee", False) and keys[1] == (32, "ieee")  # fp32, no TF32
+
+
 def test_dkdv_split_count():
     from segformer_fast.ops.sr_attention.triton_kernels import BLOCK_Q, dkdv_splits, sr_attention_bwd_triton
 

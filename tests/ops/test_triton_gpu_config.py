@@ -100,7 +100,9 @@ def test_sr_attention(monkeypatch, shape, dtype):
     for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
         _assert_close(name, got, ref, tol)
 
-    want = tk.launch_config()  # the same on a GPU and in the interpreter
+    want = tk.launch_config("ieee" if dtype == torch.float32 else "tf32")  # the same on a GPU and in the interpreter
+    assert tk.FWD_IEEE_TUNER.default.meta == tk.DQ_IEEE_TUNER.default.meta == tk.launch_config("ieee")
+    assert tk.FWD_TUNER.default.meta == tk.DQ_TUNER.default.meta == tk.launch_config("tf32")
     for name, calls in launches.items():
         assert calls and all(c == {"BLOCK_N": want["BLOCK_N"], "BLOCK_M": want["BLOCK_M"]} for c in calls), name
 

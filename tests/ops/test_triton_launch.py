@@ -32,7 +32,7 @@ def test_launchers_pick_blocks_by_device():
     from segformer_fast.ops.upsample_sum import triton_kernels as us
 
     cpu, meta = torch.empty(1), torch.empty(1, device="meta")
-    for mod, n in ((us, 768), (uce, 150)):
+    for mod, n in ((us, 768), (uce, 64)):  # sizes where the GPU and interpreter tiles differ
         gpu_cfg = tuple(mod.launch_config(n, gpu=True).values())
         cpu_cfg = tuple(mod.launch_config(n, gpu=False).values())
         assert gpu_cfg != cpu_cfg
@@ -41,7 +41,7 @@ def test_launchers_pick_blocks_by_device():
         with force_gpu_launch_config():
             assert mod._blocks(n, cpu) == gpu_cfg
     assert us.launch_config(768, gpu=True) == {"BLOCK_P": 32, "BLOCK_D": 128}  # the GPU sizes, unchanged
-    assert uce.launch_config(150, gpu=True) == {"BLOCK_P": 32, "BLOCK_K": 64}
+    assert uce.launch_config(150, gpu=True) == {"BLOCK_P": 64, "BLOCK_K": 32}  # 160 class lanes
 
 
 def _bf16(*shape):
@@ -186,3 +186,34 @@ def test_launch_config_kwargs_and_validation():
     assert len({cfg, LaunchConfig({"BLOCK_N": 32, "BLOCK_M": 64}, 8, 2)}) == 1
     with pytest.raises(ValueError, match="at least one configuration"):
         Autotuner("empty", [])
+
+
+def test_autotuner_forcing_a_declared_config(monkeypatch):
+    import segformer_fast.ops.triton_launch as tl
+
+    tuner = _tuner()
+    monkeypatch.setattr(tl, "_timing_device", lambda t: "gpu")
+    monkeypatch.setattr(tl, "_time_launch", lambda launch, cfg: pytest.fail("nothing is timed while forcing"))
+    with tuner.forcing(tuner.configs[2]):
+        assert tuner.pick(torch.zeros(2), lambda c: None, key=(1,)) is tuner.configs[2]
+        with tuner.forcing(tuner.configs[1]):
+            assert tuner.pick(torch.zeros(2), lambda c: None) is tuner.configs[1]
+        assert tuner.pick(torch.zeros(2), lambda c: None) is tuner.configs[2]
+    assert tuner.forced is None and tuner.chosen == {}
+    with pytest.raises(ValueError, match="not one of its configurations"):
+        with tuner.forcing(tl.LaunchConfig({"BLOCK": 7})):
+            pass
+
+
+def test_every_registered_autotuner_is_wired_and_compiled_ahead_of_time():
+    # the kernels that autotune (benchmarks/aot_compile.py compiles every configuration of each)
+    pytest.importorskip("triton")
+    import segformer_fast.ops.sr_attention.triton_kernels  # noqa: F401 - registers its tuners
+    import segformer_fast.ops.dwconv3x3_gelu.triton_kernels  # noqa: F401
+    from segformer_fast.ops.triton_launch import autotuners
+
+    tuners = autotuners()
+    assert {"sr_attention_fwd", "sr_attention_bwd_dq", "sr_attention_fwd_ieee", "sr_attention_bwd_dq_ieee",
+            "dwconv3x3_gelu_fwd"} <= set(tuners)
+    for tuner in tuners.values():
+        assert len(tuner.configs) >= 2 and len(set(tuner.configs)) == len(tuner.configs), tuner.name

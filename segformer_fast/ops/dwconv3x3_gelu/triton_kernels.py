@@ -27,11 +27,19 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from ..triton_launch import check_interpreter_dtypes
+from ..triton_launch import Autotuner, LaunchConfig, check_interpreter_dtypes, register_autotuner
 from ..triton_math import gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad
 
-__all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES"]
+__all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd", "launch_config", "ACT_CODES", "FWD_TUNER"]
 
+# The forward's tiles (rows x columns x channels, capped by the image as in launch_config), autotuned on a GPU
+# per (dtype, channels, GELU form) -- never per image size; the first is launch_config's default. The backward
+# keeps launch_config's tiles: its per-tile weight partials are laid out by them.
+FWD_TUNER = register_autotuner(Autotuner("dwconv3x3_gelu_fwd", (
+    LaunchConfig({"ROWS": 8, "BLOCK_W": 16, "BLOCK_C": 64}, num_warps=4),
+    LaunchConfig({"ROWS": 4, "BLOCK_W": 32, "BLOCK_C": 64}, num_warps=4),
+    LaunchConfig({"ROWS": 8, "BLOCK_W": 16, "BLOCK_C": 128}, num_warps=8),
+)))
 BWD_NUM_WARPS = 8  # 4 elements a thread per tile tensor: the 9-tensor x window, 9 taps and 10 sums fit
 ACT_CODES = {"none": 1, "tanh": 2}  # GELU approximation -> kernel ACT code; ACT=0 is identity
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -256,11 +264,13 @@ def launch_config(h: int, w: int, c: int) -> dict[str, int]:
     The same on a GPU and in the interpreter: the tiles are capped by the image, so the
     interpreter's test shapes already get small ones.
     """
-    return {
-        "ROWS": min(8, triton.next_power_of_2(h)),
-        "BLOCK_W": min(16, triton.next_power_of_2(w)),
-        "BLOCK_C": max(4, min(64, triton.next_power_of_2(c))),
-    }
+    return dict(zip(("ROWS", "BLOCK_W", "BLOCK_C"), _capped({"ROWS": 8, "BLOCK_W": 16, "BLOCK_C": 64}, h, w, c)))
+
+
+def _capped(tile, h: int, w: int, c: int) -> tuple[int, int, int]:
+    # a tile no larger than the image needs (powers of two), at least 4 channels
+    return (min(tile["ROWS"], triton.next_power_of_2(h)), min(tile["BLOCK_W"], triton.next_power_of_2(w)),
+            max(4, min(tile["BLOCK_C"], triton.next_power_of_2(c))))
 
 
 def _blocks(h: int, w: int, c: int) -> tuple[int, int, int]:
@@ -279,13 +289,17 @@ def dwconv3x3_gelu_fwd(
     y = empty(b, n, c, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    rows, block_w, block_c = _blocks(h, w, c)
-    n_hb, n_wb = triton.cdiv(h, rows), triton.cdiv(w, block_w)
-    grid = (b * n_hb * n_wb, triton.cdiv(c, block_c))
-    _dwconv3x3_gelu_fwd_kernel[grid](
-        x, weight, bias, y, h, w, c, n_hb, n_wb,
-        HAS_BIAS=True, ACT=ACT_CODES[approximate], FLIP=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
-    )  # fmt: skip
+
+    def launch(cfg: LaunchConfig):
+        rows, block_w, block_c = _capped(cfg.meta, h, w, c)
+        n_hb, n_wb = triton.cdiv(h, rows), triton.cdiv(w, block_w)
+        _dwconv3x3_gelu_fwd_kernel[(b * n_hb * n_wb, triton.cdiv(c, block_c))](
+            x, weight, bias, y, h, w, c, n_hb, n_wb,
+            HAS_BIAS=True, ACT=ACT_CODES[approximate], FLIP=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    launch(FWD_TUNER.pick(x, launch, key=(c, approximate)))
     return y
 
 

@@ -1,7 +1,8 @@
 """Roofline cost model of mix_ffn (fc1 -> dwconv3x3_gelu -> fc2, save_hidden=True), see
 segformer_fast/ops/cost.py.
 
-Shapes: x (B, H*W, C), hidden = 4C typically; T = B*H*W tokens. The matmuls are cuBLAS (torch),
+Shapes: x (B, H*W, C), hidden = 4C typically; T = B*H*W tokens. With C <= 128 the forward's conv +
+GELU + fc2 is one Triton kernel (triton_kernels.py), elsewhere the matmuls are cuBLAS (torch),
 each modelled as reading its operands once and writing its result once (tall-skinny GEMMs with
 K <= 2048: the weight stays in L2, the activations stream once); the conv + GELU is the
 dwconv3x3_gelu op's model.
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 from ..cost import BF16, FP32, Cost, Part
 from ..dwconv3x3_gelu.cost import roofline as dwconv_roofline
+from .op import fused_fc2_applies
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "d0a428c333610d8a0447edee114b176f4872a1c3"}
+MODELLED = {"op.py": "39a505311255004dfef155693d1d7189a74bd31d", "triton_kernels.py": "63afa926a9097969f9ba636a244d1a249dec8ff2"}
 
 
 def _gemm(name: str, m: int, n: int, k: int, read: float, write: float, note: str = "") -> Part:
@@ -37,10 +39,14 @@ def roofline(B: int, H: int, W: int, C: int, hidden: int, dtype_bytes: int = BF1
         min_bytes=x + 2 * w + x + h,  # x, weights in; out and h (kept for backward) out
         exps=conv["forward"].exps,
         notes="x read; out and fc1's output h (kept for backward) written; fc1, fc2 and the conv + GELU",
-        parts=(
-            _gemm("fc1 (h = x W1^T + b1)", T, hidden, C, x + w, h),
-            *conv["forward"].parts,
-            _gemm("fc2 (out = y W2^T + b2)", T, C, hidden, h + w, x),
+        parts=(_gemm("fc1 (h = x W1^T + b1)", T, hidden, C, x + w, h),) + (
+            # C <= 128: one program per 4 x 16 pixels and all C outputs computes y chunk by chunk from 9 shifted
+            # loads of h (the halo re-reads from L1/L2, as the conv alone) and multiplies it into fc2 at once
+            (Part("_dwconv_gelu_linear_kernel", h + w + x + hidden * 10 * dtype_bytes, gemm_flops=mm,
+                  other_flops=conv["forward"].other_flops,
+                  note="h once (halo of 4x16 tiles in L2), out once; y never stored"),)
+            if fused_fc2_applies(C) else
+            (*conv["forward"].parts, _gemm("fc2 (out = y W2^T + b2)", T, C, hidden, h + w, x))
         ),
     )
     wgrad = 2 * C * hidden * FP32  # gw1, gw2 kept fp32 by the caller (mixed precision)

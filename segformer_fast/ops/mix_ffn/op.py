@@ -11,7 +11,9 @@ Backward, with gout the output gradient (the dwconv3x3_gelu op gives the conv an
     gh, gWc, gbc = op_backward(gy, h);  gW1 = gh^T x;  gb1 = sum gh;  gx = gh W1
 
 The conv + GELU runs on the dwconv3x3_gelu op (its backend: "torch", "triton", "cpp", "cuda" or
-"auto"); the matmuls are PyTorch's, so this op has one implementation of its own.
+"auto"); the matmuls are PyTorch's, so this op has one implementation of its own. Where the conv's
+backend is Triton and fc2 has at most 128 outputs (MiT stages 1 and 2), the forward runs conv + GELU +
+fc2 as one kernel (triton_kernels.py): y is never written, which halves the layer's forward bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from ...dispatch import Impl, OpSpec, register
 from ..fused import fused_op, in_dtype_of
 from .. import dwconv3x3_gelu  # noqa: F401  (registers the segformer_fast::dwconv3x3_gelu ops used below)
 
-__all__ = ["mix_ffn", "SPEC"]
+__all__ = ["mix_ffn", "SPEC", "MAX_OUT_CHANNELS", "fused_fc2_applies"]
+
+MAX_OUT_CHANNELS = 128  # the fused conv + GELU + fc2 kernel's output channels: one block, the conv computed once
+
+
+def fused_fc2_applies(out_channels: int) -> bool:
+    """Whether the Triton Mix-FFN forward fuses fc2 into the conv + GELU for this many output channels."""
+    return out_channels <= MAX_OUT_CHANNELS
 
 
 def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch.Tensor, bc: torch.Tensor,
@@ -34,8 +43,27 @@ def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     """(out, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
     w1, b1, wc, bc, w2, b2 = in_dtype_of(x, w1, b1, wc, bc, w2, b2)
     h = F.linear(x, w1, b1)  # (B, N, 4C)
-    y = torch.ops.segformer_fast.dwconv3x3_gelu(h, height, width, wc, bc, approximate, backend)  # (B, N, 4C)
-    return F.linear(y, w2, b2), (h if save_hidden else h.new_empty(0))  # (B, N, C)
+    if _fused_fc2(h, w2, backend):  # y = GELU(conv(h)) never stored: fc2 reads it from registers
+        from .triton_kernels import dwconv_gelu_linear_triton
+
+        out = dwconv_gelu_linear_triton(h, (height, width), wc, bc, w2, b2, approximate)
+    else:
+        y = torch.ops.segformer_fast.dwconv3x3_gelu(h, height, width, wc, bc, approximate, backend)  # (B, N, 4C)
+        out = F.linear(y, w2, b2)  # (B, N, C)
+    return out, (h if save_hidden else h.new_empty(0))
+
+
+def _fused_fc2(h: torch.Tensor, w2: torch.Tensor, backend: str) -> bool:
+    """The conv + GELU + fc2 kernel (mix_ffn/triton_kernels.py) runs where the conv's backend resolves to
+    Triton and fc2 has at most its MAX_OUT_CHANNELS outputs; else the dwconv3x3_gelu op and a matmul."""
+    from ..dwconv3x3_gelu.op import SPEC as DWCONV
+
+    try:
+        if DWCONV.resolve(backend, h).backend != "triton":
+            return False
+    except Exception:  # noqa: BLE001 - the unfused path raises the conv op's own error for this backend
+        return False
+    return fused_fc2_applies(w2.shape[0])
 
 
 def _op_forward_fake(x, w1, b1, wc, bc, w2, b2, height, width, approximate, backend, save_hidden):

@@ -15,19 +15,23 @@ P tile by tile. No atomics, no (N, M) buffer. Head dims 32 and 64.
 
 Precision: fp32 inputs use TF32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set (as
 PyTorch's own matmuls do), exact fp32 FMAs otherwise; fp16/bf16 dots accumulate in fp32.
+
+Tiles: the forward and dQ kernels are autotuned on a GPU over a few declared tiles (FWD_TUNER,
+DQ_TUNER; FWD_IEEE_TUNER, DQ_IEEE_TUNER for exact-fp32 dots, whose tiles are smaller), once per
+dtype, head dim and precision; the dK/dV kernel's tiles are fixed (its query splits are sized by them).
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from ..triton_launch import check_interpreter_dtypes
+from ..triton_launch import Autotuner, LaunchConfig, check_interpreter_dtypes, register_autotuner
 
-__all__ = ["TRITON_HEAD_DIMS", "launch_config", "dkdv_splits", "sr_attention_fwd_triton", "sr_attention_bwd_triton"]
+__all__ = ["TRITON_HEAD_DIMS", "launch_config", "dkdv_splits", "sr_attention_fwd_triton", "sr_attention_bwd_triton",
+           "FWD_TUNER", "DQ_TUNER", "FWD_IEEE_TUNER", "DQ_IEEE_TUNER"]
 
 TRITON_HEAD_DIMS = (32, 64)
 LOG2E = 1.4426950408889634
@@ -36,6 +40,29 @@ BLOCK_K = 32
 DEFAULT_SMS = 132  # when the SM count is unknown (no CUDA device): an H100/H200
 DKDV_CTAS_PER_SM = 4  # dK/dV CTAs wanted per SM before query splitting stops (4 warps each; not tuned on a GPU)
 DKDV_MIN_QUERY_BLOCKS = 4  # shortest query split, in BLOCK_Q blocks: fp32 partials stay small next to Q, dO
+
+# The forward (also the backward's O recompute) and the dQ kernel are autotuned over these on a GPU, per
+# (dtype, head dim, dot precision[, O from lse]) -- never per image size; the first is the default (the
+# interpreter, AOT's meta tensors). Each writes its outputs whole, so a timed launch is a real launch.
+# Tensor-core dots (fp16, bf16, TF32) and exact fp32 FMA dots ("ieee") have their own sets: an FMA dot
+# holds its whole product tile per thread, so the ieee tiles are smaller or spread over 8 warps (AOT
+# report: no spills at sm_90 or sm_80, where the tensor-core tiles spill 0.2-16 KB in ieee).
+_TILES = (
+    LaunchConfig({"BLOCK_N": BLOCK_Q, "BLOCK_M": BLOCK_K}, num_warps=4, num_stages=3),
+    LaunchConfig({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+    LaunchConfig({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=2),
+)
+_IEEE_TILES = (
+    LaunchConfig({"BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=3),
+    LaunchConfig({"BLOCK_N": 64, "BLOCK_M": 16}, num_warps=4, num_stages=3),
+    LaunchConfig({"BLOCK_N": 32, "BLOCK_M": 32}, num_warps=8, num_stages=2),
+)
+# the dK/dV kernel with ieee dots: 32 query rows per tile on 8 warps (64 rows on 4 spill 0.6-13 KB, 32 on 4 0.6 KB)
+DKDV_IEEE_BLOCK_N, DKDV_IEEE_WARPS = 32, 8
+FWD_TUNER = register_autotuner(Autotuner("sr_attention_fwd", _TILES))
+DQ_TUNER = register_autotuner(Autotuner("sr_attention_bwd_dq", _TILES))
+FWD_IEEE_TUNER = register_autotuner(Autotuner("sr_attention_fwd_ieee", _IEEE_TILES))
+DQ_IEEE_TUNER = register_autotuner(Autotuner("sr_attention_bwd_dq_ieee", _IEEE_TILES))
 
 
 @triton.jit
@@ -239,12 +266,16 @@ def dkdv_splits(n: int, m: int, bh: int, sms: int) -> int:
     return triton.cdiv(q_blocks, triton.cdiv(q_blocks, max(1, want)))
 
 
-def launch_config() -> dict[str, int]:
-    """Block sizes of every launch: query rows (BLOCK_N) and key rows (BLOCK_M) per tile.
+def launch_config(precision: str = "tf32") -> dict[str, int]:
+    """Default block sizes of every launch: query rows (BLOCK_N) and key rows (BLOCK_M) per tile, for
+    tensor-core dots (``precision`` "tf32": fp16, bf16, TF32) or exact fp32 ones ("ieee"). On a GPU the
+    forward and dQ kernels may run another declared tile (autotuning); the dK/dV kernel runs these.
 
     The same on a GPU and in the interpreter: the dots need tiles of at least 16 on a GPU, and
     the interpreter handles these sizes at test shapes.
     """
+    if precision == "ieee":
+        return {"BLOCK_N": DKDV_IEEE_BLOCK_N, "BLOCK_M": BLOCK_K}
     return {"BLOCK_N": BLOCK_Q, "BLOCK_M": BLOCK_K}
 
 
@@ -264,13 +295,18 @@ def sr_attention_fwd_triton(q, k, v, num_heads: int, scale: float, lse=None):
     use_lse = lse is not None
     if not use_lse:
         lse = empty(b, num_heads, n, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n, BLOCK_Q), b * num_heads)
-    _sr_attention_fwd_kernel[grid](
-        q, k, v, out, lse, n, m, num_heads,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale * LOG2E,
-        USE_LSE=use_lse, HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=_dot_precision(q.dtype),
-    )
+    prec = _dot_precision(q.dtype)
+
+    def launch(cfg: LaunchConfig):
+        _sr_attention_fwd_kernel[(triton.cdiv(n, cfg.meta["BLOCK_N"]), b * num_heads)](
+            q, k, v, out, lse, n, m, num_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), scale * LOG2E,
+            USE_LSE=use_lse, HEAD_DIM=d, PRECISION=prec, **cfg.kwargs(),
+        )
+
+    tuner = FWD_IEEE_TUNER if prec == "ieee" else FWD_TUNER
+    launch(tuner.pick(q, launch, key=(d, prec, use_lse)))
     return out, lse
 
 
@@ -302,16 +338,22 @@ def sr_attention_bwd_triton(do, q, k, v, out, lse, num_heads: int, scale: float,
     dk, dv = part[..., :c], part[..., c:]  # (B, M, C) or (splits, B, M, C)
     prec = _dot_precision(q.dtype)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    _sr_attention_bwd_dq_kernel[(q_blocks, b * num_heads)](
-        q, k, v, do, out, lse, delta, dq, n, m, num_heads, *common,
-        out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), scale, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=prec,
-    )
+
+    def launch_dq(cfg: LaunchConfig):
+        _sr_attention_bwd_dq_kernel[(triton.cdiv(n, cfg.meta["BLOCK_N"]), b * num_heads)](
+            q, k, v, do, out, lse, delta, dq, n, m, num_heads, *common,
+            out.stride(0), out.stride(1), dq.stride(0), dq.stride(1), scale, scale * LOG2E,
+            HEAD_DIM=d, PRECISION=prec, **cfg.kwargs(),
+        )
+
+    tuner = DQ_IEEE_TUNER if prec == "ieee" else DQ_TUNER
+    launch_dq(tuner.pick(q, launch_dq, key=(d, prec)))
     _sr_attention_bwd_dkdv_kernel[(triton.cdiv(m, BLOCK_K), b * num_heads, splits)](
         q, k, v, do, lse, delta, dk, dv, n, m, num_heads, *common,
         dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2), 0 if splits == 1 else part.stride(0),
-        rows_per_split, scale, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_N=BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=prec,
+        rows_per_split, scale, scale * LOG2E,  # rows_per_split: a multiple of BLOCK_Q, hence of either BLOCK_N
+        HEAD_DIM=d, BLOCK_N=DKDV_IEEE_BLOCK_N if prec == "ieee" else BLOCK_Q, BLOCK_M=BLOCK_K, PRECISION=prec,
+        num_warps=DKDV_IEEE_WARPS if prec == "ieee" else 4,
     )
     if splits > 1:
         dkv.copy_(part.sum(0))  # (B, M, 2C): a fixed-order reduction over the splits
