@@ -156,6 +156,8 @@ class Autotuner:
         full = (gpu, str(t.dtype), *key)
         found = self.chosen.get(full)
         if found is None:
+            if _capturing(t):  # nothing is timed inside a CUDA graph capture: the default, until a call outside one
+                return self.default
             times = [_time_launch(launch, cfg) for cfg in self.configs]
             found = self.configs[min(range(len(times)), key=times.__getitem__)]
             self.chosen[full], self.timings[full] = found, times
@@ -178,6 +180,11 @@ class Autotuner:
 def _timing_device(t: torch.Tensor) -> str | None:
     """The name of the GPU ``t`` is on (part of the key), or None where nothing is timed (CPU, meta)."""
     return torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else None
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device is capturing a CUDA graph (timing would synchronize inside the capture)."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _time_launch(launch: Callable[[LaunchConfig], object], cfg: LaunchConfig) -> float:

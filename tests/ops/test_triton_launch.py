@@ -217,3 +217,18 @@ def test_every_registered_autotuner_is_wired_and_compiled_ahead_of_time():
             "dwconv3x3_gelu_fwd"} <= set(tuners)
     for tuner in tuners.values():
         assert len(tuner.configs) >= 2 and len(set(tuner.configs)) == len(tuner.configs), tuner.name
+
+
+def test_autotuner_does_not_time_inside_a_cuda_graph_capture(monkeypatch):
+    import segformer_fast.ops.triton_launch as tl
+
+    tuner = _tuner()
+    monkeypatch.setattr(tl, "_timing_device", lambda t: "gpu")
+    monkeypatch.setattr(tl, "_time_launch", lambda launch, cfg: float(cfg.meta["BLOCK"]) if cfg is not tuner.default
+                        else 99.0)
+    monkeypatch.setattr(tl, "_capturing", lambda t: True)
+    assert tuner.pick(torch.zeros(2), lambda c: None) is tuner.default and tuner.chosen == {}  # nothing cached
+    monkeypatch.setattr(tl, "_capturing", lambda t: False)
+    assert tuner.pick(torch.zeros(2), lambda c: None) is tuner.configs[1]  # timed at the first call outside
+    monkeypatch.setattr(tl, "_capturing", lambda t: True)
+    assert tuner.pick(torch.zeros(2), lambda c: None) is tuner.configs[1]  # the choice made stands in a capture
