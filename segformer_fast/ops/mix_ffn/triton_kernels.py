@@ -88,9 +88,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 def dwconv_gelu_linear_triton(h: torch.Tensor, hw: tuple[int, int], wc: torch.Tensor, bc: torch.Tensor,
                               w2: torch.Tensor, b2: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
-    """GELU(dwconv3x3(h) + bc) W2^T + b2. h (B, N, K) contiguous, N = H * W; wc (K, 1, 3, 3); bc (K,);
+    """GELU(dwconv3x3(h) + bc) W2^T + b2. h (B, N, K) (made contiguous), N = H * W; wc (K, 1, 3, 3); bc (K,);
     w2 (C_out, K) with C_out <= MAX_OUT_CHANNELS; b2 (C_out,) or None; all in h's dtype. Returns (B, N, C_out)."""
     check_interpreter_dtypes("mix_ffn", h, wc, bc, w2, b2)
+    h = h.contiguous()
     b, n, k = h.shape
     height, width = hw
     c_out = w2.shape[0]
