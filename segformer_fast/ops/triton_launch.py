@@ -29,7 +29,7 @@ import torch
 from ..backends import triton_interpret
 
 __all__ = ["gpu_launch_config", "force_gpu_launch_config", "interpreter_refuses",
-           "check_interpreter_dtypes", "LaunchConfig", "Autotuner", "autotuners", "register_autotuner",
+           "check_interpreter_dtypes", "dot_precision", "LaunchConfig", "Autotuner", "autotuners", "register_autotuner",
            "AUTOTUNE_ENV"]
 
 _forced = 0  # depth of nested force_gpu_launch_config() blocks
@@ -75,6 +75,15 @@ def check_interpreter_dtypes(op: str, *tensors: torch.Tensor | None) -> None:
                 f"got a bfloat16 tensor of shape {tuple(t.shape)} on the CPU. Use float16 or float32 with the "
                 "interpreter, or run bfloat16 on a GPU"
             )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """A kernel's ``tl.dot`` input precision: fp32 inputs use TF32 tensor cores when PyTorch's matmuls may
+    (``torch.backends.cuda.matmul.allow_tf32``, read at every call), else exact fp32 ("ieee", FMAs).
+    fp16/bf16 dots are tensor-core dots whatever the flag ("tf32" is Triton's default there)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 # ---------------------------------------------------------------------------------------------

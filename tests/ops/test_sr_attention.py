@@ -387,8 +387,8 @@ def test_dot_precision_follows_allow_tf32(monkeypatch):
     try:
         for flag, fp32 in ((False, "ieee"), (True, "tf32")):
             torch.backends.cuda.matmul.allow_tf32 = flag
-            assert tk._dot_precision(torch.float32) == fp32
-            assert tk._dot_precision(torch.float16) == tk._dot_precision(torch.bfloat16) == "tf32"
+            assert tk.dot_precision(torch.float32) == fp32
+            assert tk.dot_precision(torch.float16) == tk.dot_precision(torch.bfloat16) == "tf32"
             seen.clear()
             o, lse = tk.sr_attention_fwd_triton(q, k, k, 1, 0.2)
             tk.sr_attention_bwd_triton(q, q, k, k, o, lse, 1, 0.2)

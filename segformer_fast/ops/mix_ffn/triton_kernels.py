@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...utils.debug import empty
 from ..dwconv3x3_gelu.triton_kernels import ACT_CODES, _act
-from ..triton_launch import check_interpreter_dtypes
+from ..triton_launch import check_interpreter_dtypes, dot_precision
 from .op import MAX_OUT_CHANNELS, fused_fc2_applies
 
 __all__ = ["MAX_OUT_CHANNELS", "fused_fc2_applies", "launch_config", "dwconv_gelu_linear_triton"]
@@ -80,12 +80,6 @@ def launch_config(out_channels: int, dtype: torch.dtype) -> dict[str, int]:
     return {"ROWS": 4, "BLOCK_W": 16, "BLOCK_K": 16 if dtype == torch.float32 else 32, "BLOCK_N": block_n}
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def dwconv_gelu_linear_triton(h: torch.Tensor, hw: tuple[int, int], wc: torch.Tensor, bc: torch.Tensor,
                               w2: torch.Tensor, b2: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
     """GELU(dwconv3x3(h) + bc) W2^T + b2. h (B, N, K) (made contiguous), N = H * W; wc (K, 1, 3, 3); bc (K,);
@@ -106,7 +100,7 @@ def dwconv_gelu_linear_triton(h: torch.Tensor, hw: tuple[int, int], wc: torch.Te
     _dwconv_gelu_linear_kernel[(b * n_hb * n_wb, triton.cdiv(c_out, cfg["BLOCK_N"]))](
         h, wc.contiguous(), bc.contiguous(), w2.contiguous(), b2 if b2 is not None else bc, out,
         height, width, k, c_out, n_hb, n_wb,
-        HAS_B2=b2 is not None, ACT=ACT_CODES[approximate], PRECISION=_precision(h.dtype), **cfg,
+        HAS_B2=b2 is not None, ACT=ACT_CODES[approximate], PRECISION=dot_precision(h.dtype), **cfg,
         num_warps=8 if cfg["BLOCK_N"] >= 128 else 4,  # the (64, 128) fp32 accumulator on 8 warps: no spills
     )
     return out

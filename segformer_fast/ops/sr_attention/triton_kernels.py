@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from ..triton_launch import Autotuner, LaunchConfig, check_interpreter_dtypes, register_autotuner
+from ..triton_launch import Autotuner, LaunchConfig, check_interpreter_dtypes, dot_precision, register_autotuner
 
 __all__ = ["TRITON_HEAD_DIMS", "launch_config", "dkdv_splits", "sr_attention_fwd_triton", "sr_attention_bwd_triton",
            "FWD_TUNER", "DQ_TUNER", "FWD_IEEE_TUNER", "DQ_IEEE_TUNER"]
@@ -237,15 +237,6 @@ def _check(name: str, t: torch.Tensor, b: int, c: int) -> None:
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """The dots' input precision: fp32 inputs use TF32 tensor cores when PyTorch's matmuls may
-    (``torch.backends.cuda.matmul.allow_tf32``, read at every call), else exact fp32 ("ieee", FMAs).
-    fp16/bf16 dots are tensor-core dots whatever the flag ("tf32" is Triton's default there)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -295,7 +286,7 @@ def sr_attention_fwd_triton(q, k, v, num_heads: int, scale: float, lse=None):
     use_lse = lse is not None
     if not use_lse:
         lse = empty(b, num_heads, n, dtype=torch.float32, device=q.device)
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
 
     def launch(cfg: LaunchConfig):
         _sr_attention_fwd_kernel[(triton.cdiv(n, cfg.meta["BLOCK_N"]), b * num_heads)](
@@ -336,7 +327,7 @@ def sr_attention_bwd_triton(do, q, k, v, out, lse, num_heads: int, scale: float,
     dkv = empty(b, m, 2 * c, dtype=k.dtype, device=k.device)
     part = dkv if splits == 1 else empty(splits, b, m, 2 * c, dtype=torch.float32, device=k.device)
     dk, dv = part[..., :c], part[..., c:]  # (B, M, C) or (splits, B, M, C)
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
 
     def launch_dq(cfg: LaunchConfig):

@@ -6,11 +6,9 @@ from __future__ import annotations
 import functools
 import math
 
+from ..cost import next_pow2
+
 __all__ = ["column_plan"]
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _first_taps(w: int, W: int) -> tuple[list[int], list[int]]:
@@ -47,8 +45,8 @@ def column_plan(w: int, W: int, block_j: int = 16) -> tuple[int, int]:
         (7, 32)
     """
     lo, hi = _first_taps(w, W)
-    block_c = min(32, max(16, _next_pow2(math.ceil((block_j - 1) * W / w) + 3)))
-    block_c = max(block_c, _next_pow2(_widest(lo, hi, w, 1)))  # one column always fits
+    block_c = min(32, max(16, next_pow2(math.ceil((block_j - 1) * W / w) + 3)))
+    block_c = max(block_c, next_pow2(_widest(lo, hi, w, 1)))  # one column always fits
     cols = 1
     while cols < block_j - 2 and _widest(lo, hi, w, cols + 1) <= block_c:
         cols += 1
