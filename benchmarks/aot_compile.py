@@ -115,7 +115,7 @@ def _cases(model: str, image: int, batch: int, dtype):
         bn_stats_triton,
     )
     from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_bwd, dwconv3x3_gelu_fwd
-    from segformer_fast.ops.mix_ffn.triton_kernels import dwconv_gelu_linear_triton, fused_fc2_applies
+    from segformer_fast.ops.mix_ffn.triton_kernels import dwconv_gelu_linear_triton, fused_fc2_applies, mix_ffn_bwd_triton
     from segformer_fast.ops.sr_attention.triton_kernels import sr_attention_bwd_triton, sr_attention_fwd_triton
     from segformer_fast.ops.upsample_cross_entropy.triton_kernels import (
         upsample_cross_entropy_bwd_triton,
@@ -154,6 +154,9 @@ def _cases(model: str, image: int, batch: int, dtype):
         if fused_fc2_applies(c):  # Mix-FFN's forward with fc2 fused into the conv + GELU (C_out = C)
             cases.append(("mix_ffn", "fwd (conv + GELU + fc2)", f"stage {i + 1}: hidden={hidden} C={c} {hw}x{hw}",
                           partial(dwconv_gelu_linear_triton, x, (hw, hw), w, b, t(c, hidden), t(c))))
+            cases.append(("mix_ffn", "bwd (three kernels after fc1)", f"stage {i + 1}: hidden={hidden} C={c} {hw}x{hw}",
+                          partial(mix_ffn_bwd_triton, t(batch, n, c), t(batch, n, c), x, (hw, hw), w, b, t(hidden, c),
+                                  t(c, hidden))))
     D, H = cfg.decoder_dim, sizes[0]
     maps = [t(batch, s, s, D) for s in sizes]  # the fused decoder's channels-last stage maps
     scale, shift = t(D, dt=torch.float32), t(D, dt=torch.float32)

@@ -103,8 +103,18 @@ def test_dwconv_backward_by_hand(b2):
     assert flipped["other_flops"] == pytest.approx(3 * E * 18, rel=1e-5)
     assert len(rows[0]["parts"]) == 3  # the two kernels and partial.sum(0)
     mix = [r for r in b2["rows"] if r["op"] == "mix_ffn" and r["direction"] == "backward"]
-    (in_mix,) = [p for p in mix[0]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
-    assert in_mix == kernel  # Mix-FFN's conv is the dwconv3x3_gelu model
+    # past 128 channels (stage 3) Mix-FFN's conv is the dwconv3x3_gelu model
+    (in_mix,) = [p for p in mix[2]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
+    (stage3,) = [p for p in rows[2]["parts"] if p["name"] == "_dwconv3x3_gelu_bwd_kernel"]
+    assert in_mix == stage3
+    # up to 128 (stage 1) the fused backward: h and gout in, gz out, W2, fp32 partials of 4 * 132 / (256 / 32) = 66
+    # pixel groups; gW2 and gy on tensor cores
+    T, C = 8 * 256 * 256, 64
+    (hid,) = [p for p in mix[0]["parts"] if p["name"].startswith("_stencil_wgrad_kernel (hidden")]
+    partials = 66 * (C * 256 + 10 * 256 + C) * 4
+    assert hid["bytes"] == pytest.approx(3 * (2 * E * 2 + T * C * 2 + C * 256 * 2 + partials), rel=1e-5)
+    assert hid["gemm_flops"] == pytest.approx(3 * 2 * (2 * T * C * 256), rel=1e-5)
+    assert not any("dwconv3x3_gelu_bwd" in p["name"] for p in mix[0]["parts"])
 
 
 def test_upsample_sum_prep_pass_by_hand():

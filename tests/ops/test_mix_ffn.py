@@ -90,21 +90,24 @@ def test_fused_conv_gelu_fc2_matches_reference(shape, approximate):
 
 
 def test_fused_path_runs_where_it_applies(monkeypatch):
-    """mix_ffn on the Triton conv backend launches the fused kernel for C_out <= 128 and keeps the unfused
-    conv + matmul past it; torch never fuses."""
+    """mix_ffn on the Triton conv backend launches the fused forward for C_out <= 128 and the fused backward when
+    C_in <= 128 too, and keeps the unfused conv + matmuls past them; torch never fuses."""
     tk = _triton_or_skip()
     from segformer_fast.ops.mix_ffn import op as mix_op
 
     calls = []
-    real = tk.dwconv_gelu_linear_triton
-    monkeypatch.setattr(tk, "dwconv_gelu_linear_triton", lambda *a, **k: calls.append(a[4].shape[0]) or real(*a, **k))
+    fwd, bwd = tk.dwconv_gelu_linear_triton, tk.mix_ffn_bwd_triton
+    monkeypatch.setattr(tk, "dwconv_gelu_linear_triton", lambda *a, **k: calls.append("fwd") or fwd(*a, **k))
+    monkeypatch.setattr(tk, "mix_ffn_bwd_triton", lambda *a, **k: calls.append("bwd") or bwd(*a, **k))
     assert tk.fused_fc2_applies(128) and not tk.fused_fc2_applies(129)
-    for c_out, backend, fused in ((24, "triton", True), (130, "triton", False), (24, "torch", False)):
-        x = torch.randn(1, 12, 8)
-        w1, wc, w2 = torch.randn(16, 8), torch.randn(16, 1, 3, 3), torch.randn(c_out, 16)
+    for c_in, c_out, backend, fused in ((8, 24, "triton", ["fwd", "bwd"]), (8, 130, "triton", []),
+                                        (130, 24, "triton", ["fwd"]), (8, 24, "torch", [])):
+        x = torch.randn(1, 12, c_in, requires_grad=True)
+        w1, wc, w2 = torch.randn(16, c_in), torch.randn(16, 1, 3, 3), torch.randn(c_out, 16)
         calls.clear()
         out = mix_op.mix_ffn(x, (3, 4), w1, None, wc, torch.zeros(16), w2, None, backend=backend)
-        assert out.shape == (1, 12, c_out) and calls == ([c_out] if fused else []), (c_out, backend)
+        out.sum().backward()
+        assert out.shape == (1, 12, c_out) and calls == fused, (c_in, c_out, backend)
 
 
 def test_fused_kernel_validates():
@@ -116,3 +119,73 @@ def test_fused_kernel_validates():
         tk.dwconv_gelu_linear_triton(h, (3, 4), wc, bc, torch.randn(129, 16), None)  # C_out past the limit
     with pytest.raises(TypeError, match="bfloat16"):
         tk.dwconv_gelu_linear_triton(h.bfloat16(), (3, 4), wc.bfloat16(), bc.bfloat16(), torch.randn(8, 16).bfloat16(), None)
+
+
+# (B, H, W, hidden, C_in, C_out): partial tiles at every edge and a pixel-tile count the interpreter's 3 groups
+# do not divide (slots past the last tile), hidden not a multiple of the channel block, C_in != C_out, one-row
+# images, both channel counts at the fused path's limit
+FUSED_BWD_SHAPES = [(2, 7, 9, 40, 24, 12, "none"), (1, 5, 33, 70, 8, 64, "tanh"), (2, 1, 17, 16, 5, 3, "none"),
+                    (1, 3, 5, 20, 128, 128, "none")]
+
+
+def _unfused_backward(monkeypatch, *args):
+    """mix_ffn's backward on the Triton conv with the fused kernels switched off (conv op + matmuls)."""
+    from segformer_fast.ops.mix_ffn import op as mix_op
+
+    with monkeypatch.context() as m:
+        m.setattr(mix_op, "_fused", lambda *a: False)
+        return mix_op._op_backward(*args)
+
+
+@pytest.mark.parametrize("shape", FUSED_BWD_SHAPES, ids=lambda s: "B{}_{}x{}_K{}_Cin{}_Cout{}_{}".format(*s))
+def test_fused_backward_matches_reference(shape, monkeypatch):
+    """The three backward kernels (mix_ffn_bwd_triton) against fp64 autograd of the reference, every gradient
+    (fp32: exact-fp32 dots); in fp16, each gradient within twice the unfused fp16 path's error (the conv op,
+    then fp16 matmuls) plus one fp16 ulp of its scale."""
+    tk = _triton_or_skip()
+    from segformer_fast.ops.dwconv3x3_gelu import dwconv3x3_gelu_reference
+
+    b, h, w, k, c_in, c_out, approximate = shape
+    g = torch.Generator().manual_seed(b * h * w + k)
+    hid = torch.randn(b, h * w, k, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(b, h * w, c_in, generator=g, dtype=torch.float64)
+    wc = (torch.randn(k, 1, 3, 3, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    bc = torch.randn(k, generator=g, dtype=torch.float64).requires_grad_()
+    w1 = torch.randn(k, c_in, generator=g, dtype=torch.float64) * 0.3
+    w2 = (torch.randn(c_out, k, generator=g, dtype=torch.float64) * 0.2).requires_grad_()
+    b2 = torch.randn(c_out, generator=g, dtype=torch.float64).requires_grad_()
+    out = dwconv3x3_gelu_reference(hid, (h, w), wc, bc, approximate) @ w2.t() + b2
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    g_hid, gwc, gbc, gw2, gb2 = torch.autograd.grad(out, [hid, wc, bc, w2, b2], gout)
+    ref = dict(gx=g_hid @ w1, gw1=g_hid.reshape(-1, k).t() @ x.reshape(-1, c_in), gb1=g_hid.sum((0, 1)), gwc=gwc,
+               gbc=gbc, gw2=gw2, gb2=gb2)
+    names = list(ref)
+    args = [t.detach() for t in (gout, x, hid, wc, bc, w1, w2)]
+    got = tk.mix_ffn_bwd_triton(*(t.float() for t in args[:3]), (h, w), *(t.float() for t in args[3:]), approximate)
+    for name, a in zip(names, got):
+        assert a.dtype == torch.float32 and a.shape == ref[name].shape, name
+        torch.testing.assert_close(a.double(), ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    lo = [t.half() for t in args]
+    got16 = tk.mix_ffn_bwd_triton(*lo[:3], (h, w), *lo[3:], approximate)
+    gout16, x16, hid16, wc16, bc16, w116, w216 = lo
+    unfused = _unfused_backward(monkeypatch, gout16, x16, hid16, w116, torch.zeros(k, dtype=torch.half), wc16, bc16,
+                                w216, True, h, w, approximate, "triton")
+    assert got16[0].dtype == torch.float16
+    for name, a, u in zip(names, got16, unfused):
+        r = ref[name]
+        err, err_unfused = ((t.double() - r).abs().max().item() for t in (a, u))
+        assert err <= 2 * err_unfused + 2**-10 * r.abs().max().item(), (name, err, err_unfused)
+
+
+def test_fused_backward_validates():
+    tk = _triton_or_skip()
+    gout, x, h = torch.randn(1, 12, 8), torch.randn(1, 12, 8), torch.randn(1, 12, 16)
+    wc, bc, w1, w2 = torch.randn(16, 1, 3, 3), torch.randn(16), torch.randn(16, 8), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        tk.mix_ffn_bwd_triton(gout, x, h, (3, 5), wc, bc, w1, w2)  # 3 x 5 != 12
+    with pytest.raises(ValueError, match="do not fit"):
+        tk.mix_ffn_bwd_triton(gout, torch.randn(1, 12, 129), h, (3, 4), wc, bc, torch.randn(16, 129), w2)
+    with pytest.raises(ValueError, match="do not fit h"):
+        tk.mix_ffn_bwd_triton(gout[:, :6], x, h, (3, 4), wc, bc, w1, w2)
+    with pytest.raises(TypeError, match="bfloat16"):
+        tk.mix_ffn_bwd_triton(*(t.bfloat16() for t in (gout, x, h)), (3, 4), *(t.bfloat16() for t in (wc, bc, w1, w2)))

@@ -2,24 +2,26 @@
 segformer_fast/ops/cost.py.
 
 Shapes: x (B, H*W, C), hidden = 4C typically; T = B*H*W tokens. With C <= 128 the forward's conv +
-GELU + fc2 is one Triton kernel (triton_kernels.py), elsewhere the matmuls are cuBLAS (torch),
+GELU + fc2 is one Triton kernel and the backward after fc1 three (triton_kernels.py), elsewhere the
+matmuls are cuBLAS (torch),
 each modelled as reading its operands once and writing its result once (tall-skinny GEMMs with
 K <= 2048: the weight stays in L2, the activations stream once); the conv + GELU is the
 dwconv3x3_gelu op's model.
 
-MODELLED: the git blob of op.py this model describes; benchmarks/roofline.py reports the model as
+MODELLED: the git blobs of the files this model describes; benchmarks/roofline.py reports the model as
 stale when it changes (then update the model and MODELLED, and regenerate the report).
 """
 
 from __future__ import annotations
 
-from ..cost import BF16, FP32, Cost, Part
+from ..cost import BF16, FP32, SMS, Cost, Part, cdiv
+from ..dwconv3x3_gelu.cost import GELU_GRAD_FLOPS, WGRAD_FLOPS
 from ..dwconv3x3_gelu.cost import roofline as dwconv_roofline
 from .op import fused_fc2_applies
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "39a505311255004dfef155693d1d7189a74bd31d", "triton_kernels.py": "b98a553acb44b67f5bdc61063f5c690088c3753c"}
+MODELLED = {"op.py": "0093b72876ef2d6240234c2b54633031864b9054", "triton_kernels.py": "5e1b8bacaed1b12386fb816c43c37309625c8926"}
 
 
 def _gemm(name: str, m: int, n: int, k: int, read: float, write: float, note: str = "") -> Part:
@@ -50,12 +52,29 @@ def roofline(B: int, H: int, W: int, C: int, hidden: int, dtype_bytes: int = BF1
         ),
     )
     wgrad = 2 * C * hidden * FP32  # gw1, gw2 kept fp32 by the caller (mixed precision)
+    E = T * hidden
+    # the fused backward's weight-gradient kernels: 32 hidden channels x a group of pixel tiles per program, about
+    # 4 programs per SM; each group writes fp32 partials of (C x hidden) + 10 x hidden (+ C), summed by torch
+    groups = max(1, cdiv(4 * SMS, cdiv(hidden, 32)))
+    partials = groups * (C * hidden + 10 * hidden + C) * FP32
+    fused_bwd = (
+        # gout's tile is re-read by the hidden/32 programs of its group, which run side by side: from L2
+        Part("_stencil_wgrad_kernel (hidden: gW2, gb2, gy, gz, conv weight grads)", h + x + h + w + partials,
+             gemm_flops=2 * mm, other_flops=conv["forward"].other_flops + E * (GELU_GRAD_FLOPS + 1 + WGRAD_FLOPS),
+             note="h once (halo in L2), gout once, gz written; y and gy never stored"),
+        Part("_dwconv_gelu_linear_kernel (gx = conv_flipped(gz) W1)", h + w + x, gemm_flops=mm, other_flops=E * 18,
+             note="gz once (halo in L2), gx written; gh never stored"),
+        Part("_stencil_wgrad_kernel (gh: gW1, gb1)", h + x + partials, gemm_flops=mm, other_flops=E * 19,
+             note="gz once (halo in L2), x once; gh recomputed, never stored"),
+        Part("torch: group partial sums", 2 * partials, other_flops=partials / FP32,
+             note=f"{groups} groups of fp32 partials"),
+    )
     bwd = Cost(
         gemm_flops=4 * mm, other_flops=conv["forward"].other_flops + conv["backward"].other_flops,
         min_bytes=2 * x + h + 2 * w + x + wgrad,  # x, gout, h, weights in; gx, fp32 weight grads out
         exps=conv["backward"].exps,
         notes="x, h, grad out read; grad x and fp32 weight grads written; y recomputed from h for fc2's weight grad",
-        parts=(
+        parts=fused_bwd if fused_fc2_applies(C) else (
             *(Part(p.name + " (y recomputed)", p.bytes, p.gemm_flops, p.other_flops, p.note)
               for p in conv["forward"].parts),
             _gemm("gW2 = gout^T y", C, hidden, T, x + h, C * hidden * dtype_bytes),

@@ -12,8 +12,12 @@ Backward, with gout the output gradient (the dwconv3x3_gelu op gives the conv an
 
 The conv + GELU runs on the dwconv3x3_gelu op (its backend: "torch", "triton", "cpp", "cuda" or
 "auto"); the matmuls are PyTorch's, so this op has one implementation of its own. Where the conv's
-backend is Triton and fc2 has at most 128 outputs (MiT stages 1 and 2), the forward runs conv + GELU +
-fc2 as one kernel (triton_kernels.py): y is never written, which halves the layer's forward bytes.
+backend is Triton and fc1's inputs and fc2's outputs are at most 128 (MiT stages 1 and 2, bound by the
+bytes of the hidden tensors), Triton kernels with the conv in their prologue take over
+(triton_kernels.py): the forward runs conv + GELU + fc2 as one kernel (y never written, half the
+layer's forward bytes); the backward runs three kernels after fc1 (gW2, gb2, gy, gz and the conv's
+weight gradients in one; gx; gW1 and gb1) and never writes y, gy or gh, about a third of the unfused
+backward's bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     """(out, h): h = fc1(x) when save_hidden (kept for backward), else an empty tensor."""
     w1, b1, wc, bc, w2, b2 = in_dtype_of(x, w1, b1, wc, bc, w2, b2)
     h = F.linear(x, w1, b1)  # (B, N, 4C)
-    if _fused_fc2(h, w2, backend):  # y = GELU(conv(h)) never stored: fc2 reads it from registers
+    if _fused(h, backend, w2.shape[0]):  # y = GELU(conv(h)) never stored: fc2 reads it from registers
         from .triton_kernels import dwconv_gelu_linear_triton
 
         out = dwconv_gelu_linear_triton(h, (height, width), wc, bc, w2, b2, approximate)
@@ -53,9 +57,10 @@ def _op_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     return out, (h if save_hidden else h.new_empty(0))
 
 
-def _fused_fc2(h: torch.Tensor, w2: torch.Tensor, backend: str) -> bool:
-    """The conv + GELU + fc2 kernel (mix_ffn/triton_kernels.py) runs where the conv's backend resolves to
-    Triton and fc2 has at most its MAX_OUT_CHANNELS outputs; else the dwconv3x3_gelu op and a matmul."""
+def _fused(h: torch.Tensor, backend: str, *channels: int) -> bool:
+    """The fused kernels (mix_ffn/triton_kernels.py) run where the conv's backend resolves to Triton and each of
+    ``channels`` (fc2's outputs; in backward also fc1's inputs) is at most MAX_OUT_CHANNELS; else the
+    dwconv3x3_gelu op and matmuls."""
     from ..dwconv3x3_gelu.op import SPEC as DWCONV
 
     try:
@@ -63,7 +68,7 @@ def _fused_fc2(h: torch.Tensor, w2: torch.Tensor, backend: str) -> bool:
             return False
     except Exception:  # noqa: BLE001 - the unfused path raises the conv op's own error for this backend
         return False
-    return fused_fc2_applies(w2.shape[0])
+    return all(fused_fc2_applies(c) for c in channels)
 
 
 def _op_forward_fake(x, w1, b1, wc, bc, w2, b2, height, width, approximate, backend, save_hidden):
@@ -82,6 +87,14 @@ def _op_backward(gout: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch
         h = F.linear(x, w1, b1)  # recomputed fc1 output
     dt = h.dtype
     gout = gout.to(dt).contiguous()
+    if _fused(h, backend, w2.shape[0], w1.shape[1]):  # y, gy and gh never stored
+        from .triton_kernels import mix_ffn_bwd_triton
+
+        gx, gw1, gb1, gwc, gbc, gw2, gb2 = mix_ffn_bwd_triton(gout, x.to(dt), h, (height, width), wc, bc, w1, w2,
+                                                              approximate)
+        grads = [g.to(gdt) for g, gdt in zip((gw1, gb1, gwc, gbc, gw2), dtypes)]
+        return [gx.to(x.dtype), grads[0], grads[1] if b1 is not None else gout.new_empty(0), *grads[2:],
+                gb2.to(dtypes[-1]) if has_b2 else gout.new_empty(0)]
     y = torch.ops.segformer_fast.dwconv3x3_gelu(h, height, width, wc, bc, approximate, backend)  # recomputed
     hidden = h.shape[-1]
     gw2 = (gout.reshape(-1, gout.shape[-1]).t() @ y.reshape(-1, hidden)).to(w2.dtype)
