@@ -228,3 +228,54 @@ def test_triton_glue_rejects_bad_input():
         kernels.bn_relu_dropout_fwd_triton(torch.randn(4, 8), torch.ones(8), torch.zeros(8), p=1.0)
     with pytest.raises(ValueError, match="scale must be"):
         kernels.bn_relu_dropout_fwd_triton(torch.randn(4, 8), torch.ones(7), torch.zeros(8))
+
+
+@pytest.mark.parametrize("N, D, K, p, dropout2d", [
+    (70, 40, 19, 0.0, False), (97, 36, 150, 0.3, False), (50, 64, 5, 0.2, True), (33, 20, 256, 0.1, False),
+], ids=["K19", "K150-dropout", "K5-dropout2d", "K256"])
+def test_triton_fused_classifier_matches_unfused(N, D, K, p, dropout2d):
+    """dropout(relu(scale u + shift)) Wc^T + bc in one kernel against the fp64 oracle with the kernels' mask, and
+    in fp16 within twice the unfused path's error (d rounded to fp16 by the glue kernel, then an fp16 matmul) plus
+    one fp16 ulp; both class blocks (K past 16), rows and channels not multiples of the blocks."""
+    kernels = _triton_or_skip()
+    assert kernels.class_blocks(K)[0] + kernels.class_blocks(K)[1] >= K
+    g = torch.Generator().manual_seed(N + K)
+    u, wc = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(K, D, generator=g, dtype=torch.float64) * 0.2
+    scale, shift = torch.rand(D, generator=g, dtype=torch.float64) + 0.5, torch.randn(D, generator=g, dtype=torch.float64)
+    bc, hw = torch.randn(K, generator=g, dtype=torch.float64), 10
+    keep = kernels.dropout_keep_mask(5, N, D, p, hw, dropout2d) if p > 0 else torch.ones(N, D, dtype=torch.bool)
+    ref = (torch.relu(u * scale + shift) * keep / (1 - p)) @ wc.t() + bc
+    got = kernels.bn_relu_dropout_linear_triton(u.float(), scale, shift, wc.float(), bc.float(), p, 5, hw, dropout2d)
+    assert got.shape == (N, K) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    no_bias = kernels.bn_relu_dropout_linear_triton(u.float(), scale, shift, wc.float(), None, p, 5, hw, dropout2d)
+    torch.testing.assert_close(no_bias.double(), ref - bc, rtol=1e-5, atol=1e-5)
+    got16 = kernels.bn_relu_dropout_linear_triton(u.half(), scale, shift, wc.half(), bc.half(), p, 5, hw, dropout2d)
+    d16 = kernels.bn_relu_dropout_fwd_triton(u.half(), scale, shift, p, 5, hw, dropout2d)
+    unfused = (d16.float() @ wc.half().float().t() + bc.half().float()).half()
+    err, err_unfused = ((t.double() - ref).abs().max().item() for t in (got16, unfused))
+    assert got16.dtype == torch.float16
+    assert err <= 2 * err_unfused + 2**-10 * ref.abs().max().item(), (err, err_unfused)
+
+
+def test_triton_fused_classifier_runs_up_to_its_class_limit(monkeypatch):
+    """The training forward on the Triton glue uses the fused classifier up to MAX_CLASSES classes, the glue pass
+    and a matmul past it; both agree with the torch glue (p = 0)."""
+    kernels = _triton_or_skip()
+    calls = []
+    real = kernels.bn_relu_dropout_linear_triton
+    monkeypatch.setattr(kernels, "bn_relu_dropout_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 6, 3, 3, generator=g)]
+    A, a = [torch.randn(8, 4, generator=g), torch.randn(8, 6, generator=g)], [torch.randn(8, generator=g), None]
+    for K, fused in ((kernels.MAX_CLASSES, True), (kernels.MAX_CLASSES + 1, False)):
+        wc, bc = torch.randn(K, 8, generator=g) * 0.3, torch.randn(K, generator=g)
+        calls.clear()
+        outs = [all_mlp_decoder_train(feats, A, a, None, None, wc, bc, eps=1e-5, backend="torch", glue=glue)[0]
+                for glue in ("triton", "torch")]
+        assert calls == ([1] if fused else []), K
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="classes"):
+        kernels.class_blocks(kernels.MAX_CLASSES + 1)
+    with pytest.raises(ValueError, match=r"wc must be \(K, 8\)"):
+        kernels.bn_relu_dropout_linear_triton(torch.randn(4, 8), torch.ones(8), torch.zeros(8), torch.randn(3, 7), None)

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 
 from ..cost import BF16, FP32, LERP_MIN_FLOPS, Cost, Part
 from ..upsample_sum.cost import roofline as upsample_sum_roofline
+from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "91d356c3d99298850b3c3472d54df5fd9f9e902d", "triton_kernels.py": "0d6b8fc0d3e2f47efb03707effaf38b301e13040"}
+MODELLED = {"op.py": "baa8459771a6ea42d58d84e8341a4fc48d0fadb8", "triton_kernels.py": "8adca32a3e684aa211ef6bec79247621bf1217ef"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 
@@ -60,9 +61,17 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
         *up["forward"].parts,
         # per-channel sums of (u - u[0]) and its square, fp32 partials summed in a fixed order
         Part("triton: BN statistics (one read of u)", E * db + partials, other_flops=E * 3),
-        # d = dropout(relu(scale * u + shift)) in place on u
-        Part("triton: BN affine + ReLU + dropout (one pass)", E * 2 * db, other_flops=E * 4 + philox),
-        _gemm("classifier", T, K, D, E * db + K * D * db, T * K * db),
+        *(
+            # the classifier's prologue computes d = dropout(relu(scale * u + shift)) from u: d never stored; the
+            # classes in two power-of-two blocks (K = 150: 128 + 32 lanes), counted as computed
+            (Part("_bn_relu_dropout_linear_kernel", E * db + K * D * db + T * K * db,
+                  gemm_flops=2 * T * D * sum(class_blocks(K)), other_flops=E * 4 + philox,
+                  note=f"u once, logits once; {sum(class_blocks(K))} class lanes for K={K}"),)
+            if K <= MAX_CLASSES else
+            # d = dropout(relu(scale * u + shift)) in place on u, then cuBLAS
+            (Part("triton: BN affine + ReLU + dropout (one pass)", E * 2 * db, other_flops=E * 4 + philox),
+             _gemm("classifier", T, K, D, E * db + K * D * db, T * K * db))
+        ),
     ]
     fwd = Cost(
         gemm_flops=stage_mm + cls_mm, other_flops=up_min + E * (2 + 3),

@@ -32,8 +32,9 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
 
 - "torch": ATen passes (fp32 copies of u); dropout by torch, its generator state kept and restored
   for backward (under torch.compile the 1-byte mask is kept instead).
-- "triton" (triton_kernels.py, auto's choice on CUDA): one read of u for the statistics, one pass
-  for d; backward one reduction pass (which also writes d for the classifier's weight gradient)
+- "triton" (triton_kernels.py, auto's choice on CUDA): one read of u for the statistics, then the
+  classifier as a Triton GEMM whose prologue computes d from u (d never stored; up to 256 classes,
+  past that one pass for d and a cuBLAS GEMM); backward one reduction pass (which also writes d for the classifier's weight gradient)
   and one elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
   torch's default (CPU) generator, so torch.manual_seed reproduces a run and backward regenerates
   the mask from the seed; its draws are not torch.nn.functional.dropout's.
@@ -49,10 +50,11 @@ import torch.nn.functional as F
 
 from ...dispatch import Impl, OpSpec, register
 from ...utils.distributed import all_reduce_sum, sync_batch_stats
+from ..cost import next_pow2
 from ..math_utils import batch_norm_affine, batch_norm_backward, batch_stats, unbiased_var
 from ..upsample_sum.op import upsample_sum_nhwc
 
-__all__ = ["fold_weights", "all_mlp_decoder_eval", "all_mlp_decoder_train", "SPEC"]
+__all__ = ["fold_weights", "all_mlp_decoder_eval", "all_mlp_decoder_train", "SPEC", "MAX_CLASSES", "class_blocks"]
 
 
 def _stage(c: torch.Tensor, A: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
@@ -77,6 +79,24 @@ class _TrainCfg:
     backend: str
     group: object  # process group for SyncBatchNorm semantics, or None
     glue: str = "torch"  # the implementation of BN / ReLU / dropout: "torch" or "triton"
+
+
+MAX_CLASSES = 256  # the fused classifier's two class blocks cover at most 128 + 128 classes
+
+
+def class_blocks(K: int) -> tuple[int, int]:
+    """(BLOCK_N1, BLOCK_N2) of the fused classifier: the largest power of two <= K (16 to 128) and a power of two
+    (0, or 16 to 128) for the rest, so that K = 150 computes 128 + 32 lanes.
+
+    Example:
+        >>> class_blocks(150), class_blocks(19), class_blocks(16)
+        ((128, 32), (16, 16), (16, 0))
+    """
+    if not 1 <= K <= MAX_CLASSES:
+        raise ValueError(f"fused classifier: K={K} classes, it takes 1 to {MAX_CLASSES}")
+    n1 = min(128, max(16, 1 << (K.bit_length() - 1)))
+    rest = K - n1
+    return n1, 0 if rest <= 0 else max(16, next_pow2(rest))
 
 
 def _rng_state(device: torch.device):
@@ -209,8 +229,9 @@ def _draw_seed() -> int:
 
 
 def _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, shape):
-    """The forward after u in the Triton kernels: statistics in one read of u, then d in place on u."""
-    from .triton_kernels import bn_relu_dropout_fwd_triton, bn_stats_triton
+    """The forward after u in the Triton kernels: statistics in one read of u, then the classifier with d computed
+    in its prologue."""
+    from .triton_kernels import bn_relu_dropout_fwd_triton, bn_relu_dropout_linear_triton, bn_stats_triton
 
     B, H, W, D, K = shape
     mean, var = bn_stats_triton(u2)
@@ -222,8 +243,11 @@ def _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, shape):
     invstd = torch.rsqrt(var + cfg.eps)
     scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
     seed = _draw_seed() if cfg.p > 0 else 0
-    d = bn_relu_dropout_fwd_triton(u2, scale, shift, cfg.p, seed, H * W, cfg.dropout2d, out=u2)  # u is not kept
-    logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
+    if K <= MAX_CLASSES:  # d never stored: the classifier's prologue computes it from u
+        logits = bn_relu_dropout_linear_triton(u2, scale, shift, wc, bc, cfg.p, seed, H * W, cfg.dropout2d)
+    else:
+        d = bn_relu_dropout_fwd_triton(u2, scale, shift, cfg.p, seed, H * W, cfg.dropout2d, out=u2)  # u is not kept
+        logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
     ctx.cfg, ctx.count, ctx.seed, ctx.rng = cfg, count, seed, None
     ctx.save_for_backward(*feats, *A, *a, gamma, beta, wc, mean, invstd, None)
     var_unbiased = unbiased_var(var, count)

@@ -43,10 +43,12 @@ import triton
 import triton.language as tl
 
 from ...utils.debug import empty
-from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
+from ..triton_launch import check_interpreter_dtypes, dot_precision, gpu_launch_config
+from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["dropout_keep_mask", "bn_stats_triton", "bn_relu_dropout_fwd_triton", "bn_relu_dropout_bwd_reduce_triton",
-           "bn_relu_dropout_bwd_triton", "launch_config"]
+           "bn_relu_dropout_bwd_triton", "bn_relu_dropout_linear_triton", "class_blocks", "MAX_CLASSES",
+           "launch_config"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -197,6 +199,51 @@ def _bn_relu_dropout_bwd_kernel(u_ptr, g_ptr, gu_ptr, mean_ptr, invstd_ptr, scal
     xhat = (u - mean[None, :]) * invstd[None, :]
     gu = gscale[None, :] * (gy - c1[None, :] - xhat * c2[None, :])
     tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bn_relu_dropout_linear_kernel(u_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, out_ptr, seed, N, D, K, HW, p, inv_keep,
+                                   HAS_BC: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
+                                   PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
+    # logits = dropout(relu(scale * u + shift)) Wc^T + bc for BLOCK_R rows and every class: classes [0, BLOCK_N1)
+    # in one accumulator and [BLOCK_N1, BLOCK_N1 + BLOCK_N2) in a second (K = 150: 128 + 32 lanes, not 256), so
+    # d is computed once per element; rounded to u's dtype, as the unfused path stores it, before the dots
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    n1 = tl.arange(0, BLOCK_N1)
+    acc1 = tl.zeros((BLOCK_R, BLOCK_N1), dtype=tl.float32)
+    if BLOCK_N2 > 0:
+        n2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_N2), dtype=tl.float32)
+    dt = u_ptr.dtype.element_ty
+    for col0 in range(0, D, BLOCK_D):
+        cols = col0 + tl.arange(0, BLOCK_D)
+        mask_d = cols < D
+        m = row_ok[:, None] & mask_d[None, :]
+        scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
+        shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+        u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        keep = None
+        if HAS_DROPOUT:
+            keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+        d, _ = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
+        d = tl.where(m, d, 0.0).to(dt)
+        w1 = tl.load(wc_ptr + n1[None, :] * D + cols[:, None], mask=mask_d[:, None] & (n1 < K)[None, :], other=0.0)
+        acc1 += tl.dot(d, w1.to(dt), input_precision=PRECISION)
+        if BLOCK_N2 > 0:
+            w2 = tl.load(wc_ptr + n2[None, :] * D + cols[:, None], mask=mask_d[:, None] & (n2 < K)[None, :],
+                         other=0.0)
+            acc2 += tl.dot(d, w2.to(dt), input_precision=PRECISION)
+    if HAS_BC:
+        acc1 += tl.load(bc_ptr + n1, mask=n1 < K, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * K + n1[None, :], acc1.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (n1 < K)[None, :])
+    if BLOCK_N2 > 0:
+        if HAS_BC:
+            acc2 += tl.load(bc_ptr + n2, mask=n2 < K, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * K + n2[None, :], acc2.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (n2 < K)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,3 +398,32 @@ def bn_relu_dropout_bwd_triton(u: torch.Tensor, g: torch.Tensor, mean: torch.Ten
                                       HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, BLOCK_R=cfg["BLOCK_R"],
                                       BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return gu
+
+
+def bn_relu_dropout_linear_triton(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, wc: torch.Tensor,
+                                  bc: torch.Tensor | None, p: float = 0.0, seed: int = 0, HW: int = 1,
+                                  dropout2d: bool = False) -> torch.Tensor:
+    """logits = dropout(relu(scale * u + shift)) Wc^T + bc in one kernel, (N, K) in u's dtype; d is never stored.
+
+    Args:
+        u: (N, D) contiguous. scale, shift: (D,). wc: (K, D), K <= MAX_CLASSES; bc: (K,) or None. p, seed, HW,
+        dropout2d: the dropout, drawn as :func:`bn_relu_dropout_fwd_triton` draws it (the same mask).
+    """
+    N, D = _check("bn_relu_dropout_linear", u)
+    p, inv_keep = _dropout_args(p, HW, dropout2d)
+    scale, shift = _vec(scale, D, "scale"), _vec(shift, D, "shift")
+    if wc.dim() != 2 or wc.shape[1] != D or (bc is not None and bc.shape != (wc.shape[0],)):
+        raise ValueError(f"bn_relu_dropout_linear: wc must be (K, {D}) and bc (K,), got {tuple(wc.shape)} and "
+                         f"{None if bc is None else tuple(bc.shape)}")
+    K = wc.shape[0]
+    n1, n2 = class_blocks(K)
+    check_interpreter_dtypes("bn_relu_dropout_linear", u, wc, bc)
+    out = empty(N, K, dtype=u.dtype, device=u.device)
+    gpu = gpu_launch_config(u)
+    block_r = 64 if gpu else 32
+    _bn_relu_dropout_linear_kernel[(triton.cdiv(N, block_r),)](
+        u, scale, shift, wc.to(u.dtype).contiguous(), bc if bc is not None else scale, out, seed, N, D, K,
+        max(HW, 1), p, inv_keep, HAS_BC=bc is not None, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
+        PRECISION=dot_precision(u.dtype), BLOCK_R=block_r, BLOCK_D=32, BLOCK_N1=n1, BLOCK_N2=n2,
+        num_warps=8 if gpu else 1)
+    return out
