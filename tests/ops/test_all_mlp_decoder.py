@@ -259,23 +259,78 @@ def test_triton_fused_classifier_matches_unfused(N, D, K, p, dropout2d):
 
 
 def test_triton_fused_classifier_runs_up_to_its_class_limit(monkeypatch):
-    """The training forward on the Triton glue uses the fused classifier up to MAX_CLASSES classes, the glue pass
-    and a matmul past it; both agree with the torch glue (p = 0)."""
+    """The training decoder on the Triton glue fuses the classifier into its forward and both backward passes up
+    to MAX_CLASSES classes (two class blocks at 256), and runs the glue passes and matmuls past it; both agree with
+    the torch glue (p = 0), forward and every gradient."""
     kernels = _triton_or_skip()
     calls = []
-    real = kernels.bn_relu_dropout_linear_triton
-    monkeypatch.setattr(kernels, "bn_relu_dropout_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("bn_relu_dropout_linear_triton", "bn_relu_dropout_bwd_reduce_linear_triton",
+                 "bn_relu_dropout_bwd_linear_triton"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     g = torch.Generator().manual_seed(3)
     feats = [torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 6, 3, 3, generator=g)]
     A, a = [torch.randn(8, 4, generator=g), torch.randn(8, 6, generator=g)], [torch.randn(8, generator=g), None]
+    gamma, beta = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
     for K, fused in ((kernels.MAX_CLASSES, True), (kernels.MAX_CLASSES + 1, False)):
         wc, bc = torch.randn(K, 8, generator=g) * 0.3, torch.randn(K, generator=g)
-        calls.clear()
-        outs = [all_mlp_decoder_train(feats, A, a, None, None, wc, bc, eps=1e-5, backend="torch", glue=glue)[0]
-                for glue in ("triton", "torch")]
-        assert calls == ([1] if fused else []), K
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        go = torch.randn(2, K, 6, 6, generator=g)
+        results = []
+        for glue in ("triton", "torch"):
+            ins = [t.clone().requires_grad_() for t in (*feats, *A, a[0], gamma, beta, wc, bc)]
+            calls.clear()
+            out = all_mlp_decoder_train(ins[:2], ins[2:4], [ins[4], None], *ins[5:], eps=1e-5, backend="torch",
+                                        glue=glue)[0]
+            results.append([out, *torch.autograd.grad(out, ins, go)])
+            if glue == "triton":
+                assert len(calls) == (3 if fused else 0), (K, calls)
+        for x, y in zip(*results):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="classes"):
         kernels.class_blocks(kernels.MAX_CLASSES + 1)
     with pytest.raises(ValueError, match=r"wc must be \(K, 8\)"):
         kernels.bn_relu_dropout_linear_triton(torch.randn(4, 8), torch.ones(8), torch.zeros(8), torch.randn(3, 7), None)
+
+
+@pytest.mark.parametrize("N, D, K, p, dropout2d", [
+    (70, 40, 19, 0.0, False), (97, 36, 150, 0.3, False), (50, 64, 5, 0.2, True),
+], ids=["K19", "K150-dropout", "K5-dropout2d"])
+def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d):
+    """Both backward passes with g = gl Wc computed per tile against fp64 (d from the kernels' mask): sum(gy),
+    sum(gy xhat), dWc = gl^T d, dbc = sum gl and dL/du; fp16 within twice the unfused fp16 path's error plus one
+    fp16 ulp of each result's scale."""
+    kernels = _triton_or_skip()
+    g = torch.Generator().manual_seed(N * K)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u, gl, wc = r(N, D), r(N, K), r(K, D) * 0.2
+    mean, invstd = r(D) * 0.1, torch.rand(D, generator=g, dtype=torch.float64) + 0.5
+    scale, shift, gscale = 1 + 0.2 * r(D), 0.3 * r(D), 1 + 0.2 * r(D)
+    hw = 10
+    keep = kernels.dropout_keep_mask(5, N, D, p, hw, dropout2d) if p > 0 else torch.ones(N, D, dtype=torch.bool)
+    y = u * scale + shift
+    live = (y > 0) & keep
+    d = torch.where(live, y / (1 - p), 0.0)
+    gy = torch.where(live, (gl @ wc) / (1 - p), 0.0)
+    xhat = (u - mean) * invstd
+    sums = [gy.sum(0), (gy * xhat).sum(0), gl.t() @ d, gl.sum(0)]
+    gu = gscale * (gy - sums[0] / N - xhat * sums[1] / N)
+    drop = (p, 5, hw, dropout2d)
+    vec = [t.float() for t in (mean, invstd, scale, shift)]
+
+    def run(dt):
+        got = kernels.bn_relu_dropout_bwd_reduce_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, *drop)
+        return [*got, kernels.bn_relu_dropout_bwd_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, gscale.float(),
+                                                                 sums[0].float(), sums[1].float(), N, *drop)]
+
+    for name, a, ref in zip(("sum_g", "sum_gx", "dWc", "dbc", "gu"), run(torch.float32), [*sums, gu]):
+        assert a.shape == ref.shape and a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+    u16, gl16, wc16 = u.half(), gl.half(), wc.half()
+    g16 = (gl16.float() @ wc16.float()).half()  # the unfused GEMM's fp16 g
+    d16, sg16, sgx16 = kernels.bn_relu_dropout_bwd_reduce_triton(u16, g16, *vec, *drop)
+    gu16 = kernels.bn_relu_dropout_bwd_triton(u16, g16, *vec, gscale.float(), sums[0].float(), sums[1].float(), N,
+                                              *drop)
+    unfused = [sg16, sgx16, (gl16.float().t() @ d16.float()).half(), gl16.float().sum(0), gu16]
+    for name, a, b, ref in zip(("sum_g", "sum_gx", "dWc", "dbc", "gu"), run(torch.float16), unfused, [*sums, gu]):
+        err, err_unfused = ((t.double() - ref).abs().max().item() for t in (a, b))
+        assert err <= 2 * err_unfused + 2**-10 * ref.abs().max().item(), (name, err, err_unfused)

@@ -22,9 +22,10 @@ from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "baa8459771a6ea42d58d84e8341a4fc48d0fadb8", "triton_kernels.py": "8adca32a3e684aa211ef6bec79247621bf1217ef"}
+MODELLED = {"op.py": "307c403763ad87fc89c2b448a507f2ddf41dcadf", "triton_kernels.py": "dc81aeac4011669d29c03b95952da7473f2b2b74"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
+LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
 
 
 def _gemm(name: str, m: int, n: int, k: int, read: float, write: float) -> Part:
@@ -81,16 +82,33 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
                f"an implementation also writes and reads it once more, {2 * E * db / 1e9:.2f} GB, not counted)"),
         parts=tuple(fwd_parts),
     )
+    # the classifier fused into both backward passes (K <= MAX_CLASSES): g = gl Wc per tile (padded class lanes,
+    # counted as computed), never stored; pass 1 also sums gl^T d (dWc, d never stored) and gl (dbc) into fp32
+    # partials of LINEAR_PROGRAMS row ranges; gl's tile is re-read by the D / 64 channel blocks of its rows, which
+    # run side by side (L2)
+    lanes = sum(class_blocks(K)) if K <= MAX_CLASSES else K
+    lin_partials = LINEAR_PROGRAMS * (2 * D + K * D + K) * FP32
+    fused_bwd = (
+        Part("_bn_relu_dropout_bwd_linear_kernel (pass 1: sums, dWc, dbc)", E * db + T * K * db + K * D * db
+             + lin_partials, gemm_flops=2 * 2 * T * D * lanes, other_flops=E * 10 + philox,
+             note="u and gl once; g and d never stored"),
+        Part("torch: pass 1 partial sums", lin_partials + (2 * D + K * D + K) * FP32, other_flops=lin_partials / FP32),
+        Part("_bn_relu_dropout_bwd_linear_kernel (pass 2: dL/du)", E * db + T * K * db + K * D * db + E * db,
+             gemm_flops=2 * T * D * lanes, other_flops=E * 10 + philox, note="u and gl once, dL/du written"),
+    )
     bwd_parts = [
         *stages(" (recomputed)"),
         *(Part(q.name + " (u recomputed)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in up["forward"].parts),
-        _gemm("g = gl Wc", T, D, K, T * K * db + K * D * db, E * db),
-        # reads u and g; gy = g * keep / (1 - p) * [y > 0] on the fly; sums of gy and gy * xhat; writes d again
-        Part("triton: BN backward pass 1 (sums, d recomputed)", E * 3 * db + partials, other_flops=E * 10 + philox),
-        _gemm("dWc = gl^T d", K, D, T, T * K * db + E * db, K * D * db),
-        Part("torch: dbc = gl.sum", T * K * db, other_flops=T * K),
-        # reads u and g, writes dL/du in place on g, in u's dtype
-        Part("triton: BN backward pass 2 (dL/du)", E * 3 * db, other_flops=E * 10 + philox),
+        *(fused_bwd if K <= MAX_CLASSES else (
+            _gemm("g = gl Wc", T, D, K, T * K * db + K * D * db, E * db),
+            # reads u and g; gy = g * keep / (1 - p) * [y > 0] on the fly; sums of gy and gy * xhat; writes d again
+            Part("triton: BN backward pass 1 (sums, d recomputed)", E * 3 * db + partials,
+                 other_flops=E * 10 + philox),
+            _gemm("dWc = gl^T d", K, D, T, T * K * db + E * db, K * D * db),
+            Part("torch: dbc = gl.sum", T * K * db, other_flops=T * K),
+            # reads u and g, writes dL/du in place on g, in u's dtype
+            Part("triton: BN backward pass 2 (dL/du)", E * 3 * db, other_flops=E * 10 + philox),
+        )),
         *up["backward"].parts,
     ]
     for i, (n, c, f) in enumerate(zip(pix, channels, feat)):

@@ -258,14 +258,27 @@ def _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, shape):
 def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs, shape):
     """The glue's backward in two Triton passes over the recomputed u: (dL/du (N, D) in u's dtype, dgamma,
     dbeta, dWc, dbc)."""
-    from .triton_kernels import bn_relu_dropout_bwd_reduce_triton, bn_relu_dropout_bwd_triton
+    from .triton_kernels import (bn_relu_dropout_bwd_linear_triton, bn_relu_dropout_bwd_reduce_linear_triton,
+                                 bn_relu_dropout_bwd_reduce_triton, bn_relu_dropout_bwd_triton)
 
     cfg = ctx.cfg
     B, H, W, D, K = shape
     scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
     gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(u2.dtype)  # (B*H*W, K)
-    g = gl @ wc.to(u2.dtype)  # (B*H*W, D) dL/dd
     args = (cfg.p, ctx.seed, H * W, cfg.dropout2d)
+    gscale = invstd if gamma is None else gamma.float() * invstd
+    if K <= MAX_CLASSES:  # g = gl Wc and d computed per tile in both passes, never stored
+        gl = gl.contiguous()
+        sum_g, sum_gx, dwc, dbc = bn_relu_dropout_bwd_reduce_linear_triton(u2, gl, wc, mean, invstd, scale, shift,
+                                                                           *args)
+        dgamma, dbeta = sum_gx, sum_g  # this rank's: DDP averages them
+        if cfg.group is not None:
+            sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
+        gu = bn_relu_dropout_bwd_linear_triton(u2, gl, wc, mean, invstd, scale, shift, gscale, sum_g, sum_gx,
+                                               ctx.count, *args)
+        return (gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc.to(wc.dtype) if needs[2] else None,
+                dbc.to(wc.dtype) if needs[3] else None)
+    g = gl @ wc.to(u2.dtype)  # (B*H*W, D) dL/dd
     # pass 1: sum(gy), sum(gy * xhat) and the forward's d again (for dWc), one read of u and g
     d, sum_g, sum_gx = bn_relu_dropout_bwd_reduce_triton(u2, g, mean, invstd, scale, shift, *args)
     dwc = gl.t() @ d if needs[2] else None
@@ -274,7 +287,6 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
     dgamma, dbeta = sum_gx, sum_g  # this rank's: DDP averages them
     if cfg.group is not None:
         sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
-    gscale = invstd if gamma is None else gamma.float() * invstd
     # pass 2: dL/du, in place on g
     gu = bn_relu_dropout_bwd_triton(u2, g, mean, invstd, scale, shift, gscale, sum_g, sum_gx, ctx.count, *args, out=g)
     return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc

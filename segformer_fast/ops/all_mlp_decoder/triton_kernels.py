@@ -47,7 +47,8 @@ from ..triton_launch import check_interpreter_dtypes, dot_precision, gpu_launch_
 from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["dropout_keep_mask", "bn_stats_triton", "bn_relu_dropout_fwd_triton", "bn_relu_dropout_bwd_reduce_triton",
-           "bn_relu_dropout_bwd_triton", "bn_relu_dropout_linear_triton", "class_blocks", "MAX_CLASSES",
+           "bn_relu_dropout_bwd_triton", "bn_relu_dropout_linear_triton", "bn_relu_dropout_bwd_reduce_linear_triton",
+           "bn_relu_dropout_bwd_linear_triton", "class_blocks", "MAX_CLASSES",
            "launch_config"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -246,6 +247,102 @@ def _bn_relu_dropout_linear_kernel(u_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, 
                  mask=row_ok[:, None] & (n2 < K)[None, :])
 
 
+@triton.jit
+def _class_rows(gl_ptr, rows, row_ok, K, n, dt):
+    # rows of the logits' gradient gl (N, K) for the classes n, (BLOCK_R, len(n)) in dt, zero past N and K
+    return tl.load(gl_ptr + rows[:, None] * K + n[None, :], mask=row_ok[:, None] & (n < K)[None, :], other=0.0).to(dt)
+
+
+@triton.jit
+def _class_cols(wc_ptr, n, cols, mask_d, K, D, dt):
+    # the classifier's weight Wc (K, D) at classes n x channels cols, (len(n), BLOCK_D) in dt
+    return tl.load(wc_ptr + n[:, None] * D + cols[None, :], mask=(n < K)[:, None] & mask_d[None, :], other=0.0).to(dt)
+
+
+@triton.jit
+def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, wpart_ptr, bpart_ptr, mean_ptr,
+                                       invstd_ptr, scale_ptr, shift_ptr, gscale_ptr, c1_ptr, c2_ptr,
+                                       seed, N, D, K, HW, P, ROWS_PER_PROG, p, inv_keep,
+                                       REDUCE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
+                                       PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                                       BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
+    # The glue's backward with the classifier's g = dL/dd = gl Wc computed per row tile (tl.dot, g rounded to u's
+    # dtype as the unfused GEMM stores it), never stored. A program owns BLOCK_D channels (its Wc columns stay in
+    # registers) and ROWS_PER_PROG rows.
+    # REDUCE (pass 1): part[0/1, pid] = sums of gy and gy * xhat; wpart[pid] = gl^T d (its dWc columns), d
+    #   recomputed and never stored; bpart[pid] = sum gl (dbc), from the first channel block's programs.
+    # else (pass 2): gu = gscale * (gy - c1 - xhat * c2).
+    cb = tl.program_id(0)
+    pid = tl.program_id(1)
+    dt = u_ptr.dtype.element_ty
+    col0 = cb * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    mean = tl.load(mean_ptr + cols, mask=mask_d, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=mask_d, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    n1 = tl.arange(0, BLOCK_N1)
+    w1 = _class_cols(wc_ptr, n1, cols, mask_d, K, D, dt)
+    if BLOCK_N2 > 0:
+        n2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
+        w2 = _class_cols(wc_ptr, n2, cols, mask_d, K, D, dt)
+    if REDUCE:
+        s1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dw1 = tl.zeros((BLOCK_N1, BLOCK_D), dtype=tl.float32)
+        b1 = tl.zeros((BLOCK_N1,), dtype=tl.float32)
+        if BLOCK_N2 > 0:
+            dw2 = tl.zeros((BLOCK_N2, BLOCK_D), dtype=tl.float32)
+            b2 = tl.zeros((BLOCK_N2,), dtype=tl.float32)
+    else:
+        gscale = tl.load(gscale_ptr + cols, mask=mask_d, other=0.0)
+        c1 = tl.load(c1_ptr + cols, mask=mask_d, other=0.0)
+        c2 = tl.load(c2_ptr + cols, mask=mask_d, other=0.0)
+    row0 = pid.to(tl.int64) * ROWS_PER_PROG
+    for r in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = row0 + r + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        m = row_ok[:, None] & mask_d[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        gl1 = _class_rows(gl_ptr, rows, row_ok, K, n1, dt)
+        g = tl.dot(gl1, w1, input_precision=PRECISION)
+        if BLOCK_N2 > 0:
+            gl2 = _class_rows(gl_ptr, rows, row_ok, K, n2, dt)
+            g = tl.dot(gl2, w2, g, input_precision=PRECISION)
+        g = g.to(dt).to(tl.float32)
+        keep = None
+        if HAS_DROPOUT:
+            keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+        d, live = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
+        gy = tl.where(live & m, g * inv_keep, 0.0)
+        xhat = (u - mean[None, :]) * invstd[None, :]
+        if REDUCE:
+            s1 += tl.sum(gy, axis=0)
+            s2 += tl.sum(gy * xhat, axis=0)
+            d = tl.where(m, d, 0.0).to(dt)  # the forward's d, rounded as stored there
+            dw1 += tl.dot(tl.trans(gl1), d, input_precision=PRECISION)
+            b1 += tl.sum(gl1.to(tl.float32), axis=0)
+            if BLOCK_N2 > 0:
+                dw2 += tl.dot(tl.trans(gl2), d, input_precision=PRECISION)
+                b2 += tl.sum(gl2.to(tl.float32), axis=0)
+        else:
+            gu = gscale[None, :] * (gy - c1[None, :] - xhat * c2[None, :])
+            tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=m)
+    if REDUCE:
+        pid64 = pid.to(tl.int64)
+        tl.store(part_ptr + pid64 * D + cols, s1, mask=mask_d)
+        tl.store(part_ptr + (P + pid64) * D + cols, s2, mask=mask_d)
+        first = n1 * 0 + cb == 0  # a vector: the interpreter mistypes scalar & block masks
+        tl.store(wpart_ptr + (pid64 * K + n1[:, None]) * D + cols[None, :], dw1, mask=(n1 < K)[:, None] & mask_d[None, :])
+        tl.store(bpart_ptr + pid64 * K + n1, b1, mask=(n1 < K) & first)
+        if BLOCK_N2 > 0:
+            tl.store(wpart_ptr + (pid64 * K + n2[:, None]) * D + cols[None, :], dw2,
+                     mask=(n2 < K)[:, None] & mask_d[None, :])
+            tl.store(bpart_ptr + pid64 * K + n2, b2, mask=(n2 < K) & (n2 * 0 + cb == 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 
@@ -427,3 +524,67 @@ def bn_relu_dropout_linear_triton(u: torch.Tensor, scale: torch.Tensor, shift: t
         PRECISION=dot_precision(u.dtype), BLOCK_R=block_r, BLOCK_D=32, BLOCK_N1=n1, BLOCK_N2=n2,
         num_warps=8 if gpu else 1)
     return out
+
+
+def _linear_bwd_config(u: torch.Tensor) -> dict:
+    """The fused backward's tile: BLOCK_R rows x BLOCK_D channels (a program's Wc columns and, in pass 1, its dWc
+    block stay in registers: (160, 64) each for K = 150; fp32 16 x 32), about REDUCE_PROGRAMS row ranges per
+    channel block. No spills at sm_90 or sm_80 (AOT report)."""
+    if gpu_launch_config(u):
+        block_d = 32 if u.dtype == torch.float32 else 64  # fp32 operands and exact-fp32 dots: half the columns
+        return dict(BLOCK_R=16 if u.dtype == torch.float32 else 32, BLOCK_D=block_d, num_warps=8, num_stages=1,
+                    REDUCE_PROGRAMS=128)
+    return dict(BLOCK_R=32, BLOCK_D=32, num_warps=1, num_stages=1, REDUCE_PROGRAMS=3)
+
+
+def _linear_bwd(u, gl, wc, vecs, cvecs, p, seed, HW, dropout2d, reduce: bool):
+    N, D = _check("bn_relu_dropout_bwd_linear", u)
+    if gl.dim() != 2 or gl.shape[0] != N or wc.shape != (gl.shape[1], D):
+        raise ValueError(f"bn_relu_dropout_bwd_linear: gl must be (N={N}, K) and wc (K, {D}), got {tuple(gl.shape)} "
+                         f"and {tuple(wc.shape)}")
+    check_interpreter_dtypes("bn_relu_dropout_bwd_linear", u, gl, wc)
+    K = gl.shape[1]
+    n1, n2 = class_blocks(K)
+    p, inv_keep = _dropout_args(p, HW, dropout2d)
+    cfg = _linear_bwd_config(u)
+    P, per = _reduce_split(N, cfg)
+    gl, wc = gl.to(u.dtype).contiguous(), wc.to(u.dtype).contiguous()
+    f32 = dict(dtype=torch.float32, device=u.device)
+    part = empty(2, P, D, **f32) if reduce else vecs[0]
+    wpart = empty(P, K, D, **f32) if reduce else vecs[0]
+    bpart = empty(P, K, **f32) if reduce else vecs[0]
+    gu = vecs[0] if reduce else empty(N, D, dtype=u.dtype, device=u.device)
+    _bn_relu_dropout_bwd_linear_kernel[(triton.cdiv(D, cfg["BLOCK_D"]), P)](
+        u, gl, wc, gu, part, wpart, bpart, *vecs, *cvecs, seed, N, D, K, max(HW, 1), P, per, p, inv_keep,
+        REDUCE=reduce, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, PRECISION=dot_precision(u.dtype),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N1=n1, BLOCK_N2=n2, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    if reduce:
+        sum_g, sum_gx = part.sum(1)  # fixed-order reductions over the row ranges
+        return sum_g, sum_gx, wpart.sum(0), bpart.sum(0)
+    return gu
+
+
+def bn_relu_dropout_bwd_reduce_linear_triton(u: torch.Tensor, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
+                                             invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                             p: float = 0.0, seed: int = 0, HW: int = 1, dropout2d: bool = False
+                                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass 1 with the classifier fused: (sum(gy) (D,), sum(gy * xhat) (D,), dWc = gl^T d (K, D),
+    dbc = sum gl (K,)), all fp32. gl (N, K) is the logits' gradient, wc (K, D) the classifier, K <= MAX_CLASSES;
+    g = gl Wc and d are computed per tile and never stored."""
+    vecs = [_vec(t, u.shape[-1], name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"),
+                                                         (shift, "shift"))]
+    return _linear_bwd(u, gl, wc, vecs, vecs[:3], p, seed, HW, dropout2d, reduce=True)
+
+
+def bn_relu_dropout_bwd_linear_triton(u: torch.Tensor, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
+                                      invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                      gscale: torch.Tensor, sum_g: torch.Tensor, sum_gx: torch.Tensor, count: int,
+                                      p: float = 0.0, seed: int = 0, HW: int = 1, dropout2d: bool = False
+                                      ) -> torch.Tensor:
+    """Backward pass 2 with the classifier fused: dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, g = gl Wc
+    recomputed per tile; (N, D) in u's dtype."""
+    D = u.shape[-1]
+    vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
+    cvecs = [_vec(gscale, D, "gscale"), _vec(sum_g, D, "sum_g") / count, _vec(sum_gx, D, "sum_gx") / count]
+    return _linear_bwd(u, gl, wc, vecs, cvecs, p, seed, HW, dropout2d, reduce=False)
