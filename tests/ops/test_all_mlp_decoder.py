@@ -319,10 +319,14 @@ def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d)
 
     def run(dt):
         got = kernels.bn_relu_dropout_bwd_reduce_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, *drop)
-        return [*got, kernels.bn_relu_dropout_bwd_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, gscale.float(),
-                                                                 sums[0].float(), sums[1].float(), N, *drop)]
+        return [*got, *kernels.bn_relu_dropout_bwd_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, gscale.float(),
+                                                                  sums[0].float(), sums[1].float(), N, *drop)]
 
-    for name, a, ref in zip(("sum_g", "sum_gx", "dWc", "dbc", "gu"), run(torch.float32), [*sums, gu]):
+    got32 = run(torch.float32)
+    # a sum of N fp32 values: within a few fp32 ulps of N * max |gu|
+    torch.testing.assert_close(got32[5].double(), gu.sum(0), rtol=1e-5, atol=1e-6 * N * gu.abs().max().item(),
+                               msg="gu column sums")
+    for name, a, ref in zip(("sum_g", "sum_gx", "dWc", "dbc", "gu"), got32, [*sums, gu]):
         assert a.shape == ref.shape and a.dtype == torch.float32, name
         torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
     u16, gl16, wc16 = u.half(), gl.half(), wc.half()

@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "307c403763ad87fc89c2b448a507f2ddf41dcadf", "triton_kernels.py": "dc81aeac4011669d29c03b95952da7473f2b2b74"}
+MODELLED = {"op.py": "7534d1ffffc80cf7b2ecc38339952c33669e4c1d", "triton_kernels.py": "b61a2cfb7f496118133708c4a16e8f6838d525fb"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
@@ -111,12 +111,13 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
         )),
         *up["backward"].parts,
     ]
+    if K > MAX_CLASSES:  # every stage's bias gradient is sum(gu) (the fused pass 2 sums it as it writes gu)
+        bwd_parts.append(Part("torch: grad a = gu.sum (all stages)", E * db, other_flops=E))
     for i, (n, c, f) in enumerate(zip(pix, channels, feat)):
         bwd_parts += [
             _gemm(f"stage {i + 1} grad c = gz A", n, c, D, n * D * db + D * c * db, f * db),
-            Part(f"torch: stage {i + 1} NCHW -> NHWC copy (for grad A)", 2 * f * db),
-            _gemm(f"stage {i + 1} grad A = gz^T c", D, c, n, n * D * db + f * db, D * c * db),
-            Part(f"torch: stage {i + 1} grad a = gz.sum", n * D * db, other_flops=n * D),
+            # per image c_b (C, h*w) gz_b (h*w, D) on the NCHW features (no NHWC copy), then a sum over images
+            _gemm(f"stage {i + 1} grad A = sum_b c_b gz_b", D, c, n, n * D * db + f * db, 2 * B * c * D * db),
         ]
     bwd = Cost(
         gemm_flops=3 * stage_mm + 2 * cls_mm, other_flops=up_min + E * (2 + 3 + 8) + up["backward"].other_flops,

@@ -176,6 +176,13 @@ class _DecoderTrainFunction(torch.autograd.Function):
                                                           needs[3 * n : 3 * n + 4], (B, H, W, D, K))
         gu = gu.to(feats[0].dtype).view(B, H, W, D)
         sizes = [s for c in feats for s in (c.shape[2], c.shape[3])]
+        # Every stage's bias gradient is sum(dL/du): the upsampling adjoint keeps a gradient's total (the bilinear
+        # weights of each output pixel sum to one), so sum(gz_i) = sum(gu) for all i. The fused Triton pass 2 sums
+        # gu as it writes it; else one sum of gu serves all stages.
+        gu_sum = getattr(ctx, "gu_sum", None)
+        ctx.gu_sum = None
+        if gu_sum is None and any(needs[2 * n : 3 * n]):
+            gu_sum = gu.view(-1, D).sum(0, dtype=torch.float32)
         gz = torch.ops.segformer_fast.upsample_sum_backward(gu, sizes, [], None, None, False, False, False, cfg.backend)
         del gu
         grad_feats, grad_A, grad_a = [], [], []
@@ -187,9 +194,12 @@ class _DecoderTrainFunction(torch.autograd.Function):
                 grad_feats.append(gc.to(c.dtype))
             else:
                 grad_feats.append(None)
-            x = c.permute(0, 2, 3, 1).reshape(-1, C)
-            grad_A.append((gz2.t() @ x.to(gz2.dtype)).to(Ai.dtype) if needs[n + i] else None)
-            grad_a.append(gz2.sum(0).to(Ai.dtype) if needs[2 * n + i] else None)
+            if needs[n + i]:  # sum over images of c_b (C, h*w) gz_b (h*w, D): the NCHW features, no NHWC copy
+                gA = torch.bmm(c.reshape(B, C, -1).to(gz2.dtype), gz[i].reshape(B, -1, D)).sum(0, dtype=torch.float32).t()
+                grad_A.append(gA.to(Ai.dtype))
+            else:
+                grad_A.append(None)
+            grad_a.append(gu_sum.to(Ai.dtype) if needs[2 * n + i] else None)
         return (None, *grad_feats, *grad_A, *grad_a, dgamma, dbeta, dwc, dbc)
 
 
@@ -274,8 +284,9 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
         dgamma, dbeta = sum_gx, sum_g  # this rank's: DDP averages them
         if cfg.group is not None:
             sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
-        gu = bn_relu_dropout_bwd_linear_triton(u2, gl, wc, mean, invstd, scale, shift, gscale, sum_g, sum_gx,
-                                               ctx.count, *args)
+        gu, gu_sum = bn_relu_dropout_bwd_linear_triton(u2, gl, wc, mean, invstd, scale, shift, gscale, sum_g, sum_gx,
+                                                       ctx.count, *args)
+        ctx.gu_sum = gu_sum  # every stage's bias gradient (see the backward)
         return (gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc.to(wc.dtype) if needs[2] else None,
                 dbc.to(wc.dtype) if needs[3] else None)
     g = gl @ wc.to(u2.dtype)  # (B*H*W, D) dL/dd

@@ -271,7 +271,7 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
     # registers) and ROWS_PER_PROG rows.
     # REDUCE (pass 1): part[0/1, pid] = sums of gy and gy * xhat; wpart[pid] = gl^T d (its dWc columns), d
     #   recomputed and never stored; bpart[pid] = sum gl (dbc), from the first channel block's programs.
-    # else (pass 2): gu = gscale * (gy - c1 - xhat * c2).
+    # else (pass 2): gu = gscale * (gy - c1 - xhat * c2) and part[pid] = its fp32 column sums.
     cb = tl.program_id(0)
     pid = tl.program_id(1)
     dt = u_ptr.dtype.element_ty
@@ -299,6 +299,7 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
         gscale = tl.load(gscale_ptr + cols, mask=mask_d, other=0.0)
         c1 = tl.load(c1_ptr + cols, mask=mask_d, other=0.0)
         c2 = tl.load(c2_ptr + cols, mask=mask_d, other=0.0)
+        s_gu = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row0 = pid.to(tl.int64) * ROWS_PER_PROG
     for r in range(0, ROWS_PER_PROG, BLOCK_R):
         rows = row0 + r + tl.arange(0, BLOCK_R)
@@ -330,6 +331,7 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
         else:
             gu = gscale[None, :] * (gy - c1[None, :] - xhat * c2[None, :])
             tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=m)
+            s_gu += tl.sum(tl.where(m, gu, 0.0), axis=0)
     if REDUCE:
         pid64 = pid.to(tl.int64)
         tl.store(part_ptr + pid64 * D + cols, s1, mask=mask_d)
@@ -341,6 +343,8 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
             tl.store(wpart_ptr + (pid64 * K + n2[:, None]) * D + cols[None, :], dw2,
                      mask=(n2 < K)[:, None] & mask_d[None, :])
             tl.store(bpart_ptr + pid64 * K + n2, b2, mask=(n2 < K) & (n2 * 0 + cb == 0))
+    else:
+        tl.store(part_ptr + pid.to(tl.int64) * D + cols, s_gu, mask=mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +554,7 @@ def _linear_bwd(u, gl, wc, vecs, cvecs, p, seed, HW, dropout2d, reduce: bool):
     P, per = _reduce_split(N, cfg)
     gl, wc = gl.to(u.dtype).contiguous(), wc.to(u.dtype).contiguous()
     f32 = dict(dtype=torch.float32, device=u.device)
-    part = empty(2, P, D, **f32) if reduce else vecs[0]
+    part = empty(2 if reduce else 1, P, D, **f32)
     wpart = empty(P, K, D, **f32) if reduce else vecs[0]
     bpart = empty(P, K, **f32) if reduce else vecs[0]
     gu = vecs[0] if reduce else empty(N, D, dtype=u.dtype, device=u.device)
@@ -562,7 +566,7 @@ def _linear_bwd(u, gl, wc, vecs, cvecs, p, seed, HW, dropout2d, reduce: bool):
     if reduce:
         sum_g, sum_gx = part.sum(1)  # fixed-order reductions over the row ranges
         return sum_g, sum_gx, wpart.sum(0), bpart.sum(0)
-    return gu
+    return gu, part[0].sum(0)
 
 
 def bn_relu_dropout_bwd_reduce_linear_triton(u: torch.Tensor, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
@@ -582,8 +586,8 @@ def bn_relu_dropout_bwd_linear_triton(u: torch.Tensor, gl: torch.Tensor, wc: tor
                                       gscale: torch.Tensor, sum_g: torch.Tensor, sum_gx: torch.Tensor, count: int,
                                       p: float = 0.0, seed: int = 0, HW: int = 1, dropout2d: bool = False
                                       ) -> torch.Tensor:
-    """Backward pass 2 with the classifier fused: dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, g = gl Wc
-    recomputed per tile; (N, D) in u's dtype."""
+    """Backward pass 2 with the classifier fused: (dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, (N, D) in
+    u's dtype; its column sums (D,) fp32, from the values before rounding), g = gl Wc recomputed per tile."""
     D = u.shape[-1]
     vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
     cvecs = [_vec(gscale, D, "gscale"), _vec(sum_g, D, "sum_g") / count, _vec(sum_gx, D, "sum_gx") / count]
