@@ -115,6 +115,7 @@ def _cases(model: str, image: int, batch: int, dtype):
         bn_relu_dropout_bwd_triton,
         bn_relu_dropout_fwd_triton,
         bn_relu_dropout_linear_triton,
+        bn_stats_gather_triton,
         bn_stats_triton,
     )
     from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_bwd, dwconv3x3_gelu_fwd
@@ -180,8 +181,11 @@ def _cases(model: str, image: int, batch: int, dtype):
     cases += [
         ("all_mlp_decoder", "BN statistics", tag, partial(bn_stats_triton, u2)),
         ("all_mlp_decoder", "BN + ReLU + dropout fwd", tag, partial(bn_relu_dropout_fwd_triton, u2, v, v, *drop, out=u2)),
-        ("all_mlp_decoder", "classifier with BN + ReLU + dropout prologue", tag,
-         partial(bn_relu_dropout_linear_triton, u2, v, v, t(cfg.num_classes, D), t(cfg.num_classes), *drop)),
+        ("all_mlp_decoder", "BN statistics, u gathered from the stage maps", tag,
+         partial(bn_stats_gather_triton, maps, H, H)),
+        ("all_mlp_decoder", "classifier, u gathered and BN + ReLU + dropout in its prologue", tag,
+         partial(bn_relu_dropout_linear_triton, maps, H, H, v, v, t(cfg.num_classes, D), t(cfg.num_classes), p, 1234,
+                 cfg.decoder_dropout2d)),
         ("all_mlp_decoder", "bwd pass 1 (sums, d)", tag,
          partial(bn_relu_dropout_bwd_reduce_triton, u2, g2, v, v, v, v, *drop)),
         ("all_mlp_decoder", "bwd pass 2 (dL/du)", tag,

@@ -98,7 +98,7 @@ def _oracle(feats, A, a, gamma, beta, wc, bc, keep, p, eps=1e-5):
     return logits, mean, var * n / (n - 1)
 
 
-def _triton_case(B, dtype, p, dropout2d=False, nan=False):
+def _triton_case(B, dtype, p, dropout2d=False, nan=False, up="torch"):
     kernels = _triton_or_skip()
     g = torch.Generator().manual_seed(1)
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
@@ -128,7 +128,7 @@ def _triton_case(B, dtype, p, dropout2d=False, nan=False):
     def fast(t, glue="triton", p=p):
         torch.manual_seed(123)
         return all_mlp_decoder_train(t["feats"], t["A"], t["a"], t["gamma"], t["beta"], t["wc"], t["bc"], eps=1e-5,
-                                     p=p, dropout2d=dropout2d, backend="torch", glue=glue)
+                                     p=p, dropout2d=dropout2d, backend=up, glue=glue)
 
     def oracle(t, p=p):
         return _oracle(t["feats"], t["A"], t["a"], t["gamma"], t["beta"], t["wc"], t["bc"], keep, p)
@@ -147,15 +147,20 @@ _NAMES = ["logits", "mean", "var"] + [f"feat{i}" for i in range(4)] + [f"A{i}" f
     [f"a{i}" for i in range(4)] + ["bn_weight", "bn_bias", "cls_weight", "cls_bias"]
 
 
-@pytest.mark.parametrize("B, dtype, p, dropout2d", [
-    (3, torch.float32, 0.1, False),
-    (1, torch.float32, 0.0, False),
-    (3, torch.float32, 0.1, True),
-    (3, torch.float16, 0.1, False),
-    (1, torch.float16, 0.0, False),
-], ids=["b3-fp32-p0.1", "b1-fp32-p0", "b3-fp32-p0.1-2d", "b3-fp16-p0.1", "b1-fp16-p0"])
-def test_triton_glue_matches_oracle_forward_and_every_gradient(B, dtype, p, dropout2d):
-    fast, exact, lowp = _triton_case(B, dtype, p, dropout2d)
+@pytest.mark.parametrize("B, dtype, p, dropout2d, up", [
+    (3, torch.float32, 0.1, False, "torch"),
+    (1, torch.float32, 0.0, False, "torch"),
+    (3, torch.float32, 0.1, True, "torch"),
+    (3, torch.float16, 0.1, False, "torch"),
+    (1, torch.float16, 0.0, False, "torch"),
+    (3, torch.float32, 0.1, False, "triton"),
+    (3, torch.float16, 0.1, True, "triton"),
+], ids=["b3-fp32-p0.1", "b1-fp32-p0", "b3-fp32-p0.1-2d", "b3-fp16-p0.1", "b1-fp16-p0", "b3-fp32-p0.1-gather",
+        "b3-fp16-p0.1-2d-gather"])
+def test_triton_glue_matches_oracle_forward_and_every_gradient(B, dtype, p, dropout2d, up):
+    """The Triton glue, forward and every gradient; with upsample_sum on Triton ("gather") the forward gathers u
+    from the stage maps in its kernels (u never stored)."""
+    fast, exact, lowp = _triton_case(B, dtype, p, dropout2d, up=up)
     assert len(fast) == len(_NAMES)
     for name, x, ref, err_low in zip(_NAMES, fast, exact, lowp or [None] * len(fast)):
         assert x is not None and x.dtype in (dtype, torch.float32), name
@@ -230,32 +235,57 @@ def test_triton_glue_rejects_bad_input():
         kernels.bn_relu_dropout_fwd_triton(torch.randn(4, 8), torch.ones(7), torch.zeros(8))
 
 
-@pytest.mark.parametrize("N, D, K, p, dropout2d", [
-    (70, 40, 19, 0.0, False), (97, 36, 150, 0.3, False), (50, 64, 5, 0.2, True), (33, 20, 256, 0.1, False),
+@pytest.mark.parametrize("B, H, W, D, K, p, dropout2d", [
+    (2, 5, 7, 40, 19, 0.0, False), (1, 97, 1, 36, 150, 0.3, False), (5, 2, 5, 64, 5, 0.2, True),
+    (3, 11, 1, 20, 256, 0.1, False),
 ], ids=["K19", "K150-dropout", "K5-dropout2d", "K256"])
-def test_triton_fused_classifier_matches_unfused(N, D, K, p, dropout2d):
-    """dropout(relu(scale u + shift)) Wc^T + bc in one kernel against the fp64 oracle with the kernels' mask, and
-    in fp16 within twice the unfused path's error (d rounded to fp16 by the glue kernel, then an fp16 matmul) plus
-    one fp16 ulp; both class blocks (K past 16), rows and channels not multiples of the blocks."""
+def test_triton_fused_classifier_matches_unfused(B, H, W, D, K, p, dropout2d):
+    """dropout(relu(scale u + shift)) Wc^T + bc in one kernel (u given as the one map) against the fp64 oracle with
+    the kernels' mask, and in fp16 within twice the unfused path's error (d rounded to fp16 by the glue kernel,
+    then an fp16 matmul) plus one fp16 ulp; both class blocks (K past 16), rows and channels not multiples of the
+    blocks."""
     kernels = _triton_or_skip()
     assert kernels.class_blocks(K)[0] + kernels.class_blocks(K)[1] >= K
+    N, hw = B * H * W, H * W
     g = torch.Generator().manual_seed(N + K)
     u, wc = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(K, D, generator=g, dtype=torch.float64) * 0.2
     scale, shift = torch.rand(D, generator=g, dtype=torch.float64) + 0.5, torch.randn(D, generator=g, dtype=torch.float64)
-    bc, hw = torch.randn(K, generator=g, dtype=torch.float64), 10
+    bc = torch.randn(K, generator=g, dtype=torch.float64)
     keep = kernels.dropout_keep_mask(5, N, D, p, hw, dropout2d) if p > 0 else torch.ones(N, D, dtype=torch.bool)
     ref = (torch.relu(u * scale + shift) * keep / (1 - p)) @ wc.t() + bc
-    got = kernels.bn_relu_dropout_linear_triton(u.float(), scale, shift, wc.float(), bc.float(), p, 5, hw, dropout2d)
+
+    def fused(t, w, b):
+        return kernels.bn_relu_dropout_linear_triton([t.view(B, H, W, D)], H, W, scale, shift, w, b, p, 5, dropout2d)
+
+    got = fused(u.float(), wc.float(), bc.float())
     assert got.shape == (N, K) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-    no_bias = kernels.bn_relu_dropout_linear_triton(u.float(), scale, shift, wc.float(), None, p, 5, hw, dropout2d)
-    torch.testing.assert_close(no_bias.double(), ref - bc, rtol=1e-5, atol=1e-5)
-    got16 = kernels.bn_relu_dropout_linear_triton(u.half(), scale, shift, wc.half(), bc.half(), p, 5, hw, dropout2d)
+    torch.testing.assert_close(fused(u.float(), wc.float(), None).double(), ref - bc, rtol=1e-5, atol=1e-5)
+    got16 = fused(u.half(), wc.half(), bc.half())
     d16 = kernels.bn_relu_dropout_fwd_triton(u.half(), scale, shift, p, 5, hw, dropout2d)
     unfused = (d16.float() @ wc.half().float().t() + bc.half().float()).half()
     err, err_unfused = ((t.double() - ref).abs().max().item() for t in (got16, unfused))
     assert got16.dtype == torch.float16
     assert err <= 2 * err_unfused + 2**-10 * ref.abs().max().item(), (err, err_unfused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_gathered_u_is_upsample_sums(dtype):
+    """The statistics and the classifier gathering u from the stage maps equal, bit for bit, the same kernels on the
+    u the upsample_sum op's Triton kernel stores (the backward recomputes u that way)."""
+    kernels = _triton_or_skip()
+    from segformer_fast.ops.upsample_sum.triton_kernels import upsample_sum_fwd_triton
+
+    g = torch.Generator().manual_seed(4)
+    B, D, K, (H, W) = 2, 40, 19, _TRI_SIZES[0]
+    maps = [torch.randn(B, h, w, D, generator=g).to(dtype) for h, w in _TRI_SIZES]
+    u = upsample_sum_fwd_triton(maps, H, W, None, None, False)
+    for got, want in zip(kernels.bn_stats_gather_triton(maps, H, W), kernels.bn_stats_triton(u.view(-1, D))):
+        assert torch.equal(got, want)
+    scale, shift, wc = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g), torch.randn(K, D, generator=g).to(dtype)
+    args = (scale, shift, wc, None, 0.2, 9)
+    assert torch.equal(kernels.bn_relu_dropout_linear_triton(maps, H, W, *args),
+                       kernels.bn_relu_dropout_linear_triton([u], H, W, *args))
 
 
 def test_triton_fused_classifier_runs_up_to_its_class_limit(monkeypatch):
@@ -289,7 +319,8 @@ def test_triton_fused_classifier_runs_up_to_its_class_limit(monkeypatch):
     with pytest.raises(ValueError, match="classes"):
         kernels.class_blocks(kernels.MAX_CLASSES + 1)
     with pytest.raises(ValueError, match=r"wc must be \(K, 8\)"):
-        kernels.bn_relu_dropout_linear_triton(torch.randn(4, 8), torch.ones(8), torch.zeros(8), torch.randn(3, 7), None)
+        kernels.bn_relu_dropout_linear_triton([torch.randn(1, 2, 2, 8)], 2, 2, torch.ones(8), torch.zeros(8),
+                                              torch.randn(3, 7), None)
 
 
 @pytest.mark.parametrize("N, D, K, p, dropout2d", [
@@ -338,3 +369,22 @@ def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d)
     for name, a, b, ref in zip(("sum_g", "sum_gx", "dWc", "dbc", "gu"), run(torch.float16), unfused, [*sums, gu]):
         err, err_unfused = ((t.double() - ref).abs().max().item() for t in (a, b))
         assert err <= 2 * err_unfused + 2**-10 * ref.abs().max().item(), (name, err, err_unfused)
+
+
+def test_triton_forward_gathers_u_only_with_upsample_sum_on_triton(monkeypatch):
+    """With upsample_sum on Triton the training forward gathers u from the stage maps in its kernels; on another
+    upsample_sum backend it reads the op's u. Both give the same logits."""
+    kernels = _triton_or_skip()
+    calls = []
+    real = kernels.bn_stats_gather_triton
+    monkeypatch.setattr(kernels, "bn_stats_gather_triton", lambda *a, **k: calls.append("gather") or real(*a, **k))
+    feats = [torch.randn(2, 4, 6, 6), torch.randn(2, 6, 3, 3)]
+    A, a = [torch.randn(8, 4), torch.randn(8, 6)], [torch.randn(8), None]
+    wc, bc = torch.randn(19, 8), torch.randn(19)
+    outs = {}
+    for backend in ("triton", "torch"):
+        calls.clear()
+        outs[backend] = all_mlp_decoder_train(feats, A, a, None, None, wc, bc, eps=1e-5, backend=backend,
+                                              glue="triton")[0]
+        assert calls == (["gather"] if backend == "triton" else []), backend
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "7534d1ffffc80cf7b2ecc38339952c33669e4c1d", "triton_kernels.py": "b61a2cfb7f496118133708c4a16e8f6838d525fb"}
+MODELLED = {"op.py": "e22a6dbfcaeed352fe16e0467caca27fd45dc6f5", "triton_kernels.py": "bc5d031465d9a4aa4fc1e3ccdab6961fa007330e"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
@@ -57,22 +57,30 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
             parts.append(_gemm(f"stage {i + 1} z = A c + a{tag}", n, D, c, f * db + D * c * db, n * D * db))
         return parts
 
+    # K <= MAX_CLASSES with upsample_sum on Triton (what benchmarks/roofline.py models): u is never stored; the
+    # statistics kernel and the classifier's prologue gather it from the stage maps, each with the upsample_sum
+    # kernel's flops (its 4-tap gathers; tap re-reads in cache), reading the maps once each
+    maps_bytes = sum(B * h * w * D * db for h, w in sizes)
+    gather = up["forward"].kernel_other_flops
+    lanes_f = sum(class_blocks(K)) if K <= MAX_CLASSES else K
     fwd_parts = [
         *stages(""),
-        *up["forward"].parts,
-        # per-channel sums of (u - u[0]) and its square, fp32 partials summed in a fixed order
-        Part("triton: BN statistics (one read of u)", E * db + partials, other_flops=E * 3),
-        *(
-            # the classifier's prologue computes d = dropout(relu(scale * u + shift)) from u: d never stored; the
-            # classes in two power-of-two blocks (K = 150: 128 + 32 lanes), counted as computed
-            (Part("_bn_relu_dropout_linear_kernel", E * db + K * D * db + T * K * db,
-                  gemm_flops=2 * T * D * sum(class_blocks(K)), other_flops=E * 4 + philox,
-                  note=f"u once, logits once; {sum(class_blocks(K))} class lanes for K={K}"),)
-            if K <= MAX_CLASSES else
+        *((
+            Part("_bn_stats_gather_kernel", maps_bytes + partials, other_flops=gather + E * 3,
+                 note="the stage maps once (u gathered, never stored); sums of (u - u[0]) and its square"),
+            # d = dropout(relu(scale * u + shift)) from the gathered u: neither stored; the classes in two
+            # power-of-two blocks (K = 150: 128 + 32 lanes), counted as computed
+            Part("_bn_relu_dropout_linear_kernel (u gathered)", maps_bytes + K * D * db + T * K * db,
+                 gemm_flops=2 * T * D * lanes_f, other_flops=gather + E * 4 + philox,
+                 note=f"the stage maps once, logits once; {lanes_f} class lanes for K={K}"),
+        ) if K <= MAX_CLASSES else (
+            *up["forward"].parts,
+            # per-channel sums of (u - u[0]) and its square, fp32 partials summed in a fixed order
+            Part("triton: BN statistics (one read of u)", E * db + partials, other_flops=E * 3),
             # d = dropout(relu(scale * u + shift)) in place on u, then cuBLAS
-            (Part("triton: BN affine + ReLU + dropout (one pass)", E * 2 * db, other_flops=E * 4 + philox),
-             _gemm("classifier", T, K, D, E * db + K * D * db, T * K * db))
-        ),
+            Part("triton: BN affine + ReLU + dropout (one pass)", E * 2 * db, other_flops=E * 4 + philox),
+            _gemm("classifier", T, K, D, E * db + K * D * db, T * K * db),
+        )),
     ]
     fwd = Cost(
         gemm_flops=stage_mm + cls_mm, other_flops=up_min + E * (2 + 3),

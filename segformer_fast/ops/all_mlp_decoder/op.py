@@ -131,6 +131,8 @@ class _DecoderTrainFunction(torch.autograd.Function):
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
         z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
+        if cfg.glue == "triton" and _gathers(cfg, z, K):  # u never stored: both kernels gather it from z
+            return _triton_forward(ctx, cfg, z, feats, A, a, gamma, beta, wc, bc, (B, H, W, D, K))
         u = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend)  # (B, H, W, D)
         del z
         u2 = u.view(-1, D)
@@ -238,14 +240,30 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
 
 
-def _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, shape):
-    """The forward after u in the Triton kernels: statistics in one read of u, then the classifier with d computed
-    in its prologue."""
-    from .triton_kernels import bn_relu_dropout_fwd_triton, bn_relu_dropout_linear_triton, bn_stats_triton
+def _gathers(cfg: _TrainCfg, z: list[torch.Tensor], K: int) -> bool:
+    """Whether the Triton glue's forward gathers u from the stage maps (statistics, then the classifier with u and d
+    computed in its prologue) instead of running the upsample_sum op: where that op's backend resolves to Triton
+    (whose gather the kernels share, so the backward's recomputed u is the forward's, bit for bit) and the
+    classifier fits the fused kernel (K <= MAX_CLASSES)."""
+    from ..upsample_sum.op import SPEC as UPSAMPLE
+
+    try:
+        return K <= MAX_CLASSES and UPSAMPLE.resolve(cfg.backend, z[0]).backend == "triton"
+    except Exception:  # noqa: BLE001 - the unfused path raises the upsample_sum op's own error for this backend
+        return False
+
+
+def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
+    """The forward after the stage maps in the Triton kernels. ``u``: the list of stage maps (u gathered from them
+    by the statistics kernel and the classifier's prologue, never stored), or u itself (N, D) (one read for the
+    statistics, then the classifier with d computed in its prologue, or past MAX_CLASSES a pass for d and cuBLAS)."""
+    from .triton_kernels import (bn_relu_dropout_fwd_triton, bn_relu_dropout_linear_triton, bn_stats_gather_triton,
+                                 bn_stats_triton)
 
     B, H, W, D, K = shape
-    mean, var = bn_stats_triton(u2)
-    count = u2.shape[0]
+    maps = u if isinstance(u, list) else [u.view(B, H, W, D)]
+    mean, var = bn_stats_gather_triton(maps, H, W) if isinstance(u, list) else bn_stats_triton(u)
+    count = B * H * W
     if cfg.group is not None:
         mean, var, count = sync_batch_stats(mean, var, count, cfg.group)
     if count <= 1:
@@ -254,8 +272,9 @@ def _triton_forward(ctx, cfg, u2, feats, A, a, gamma, beta, wc, bc, shape):
     scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
     seed = _draw_seed() if cfg.p > 0 else 0
     if K <= MAX_CLASSES:  # d never stored: the classifier's prologue computes it from u
-        logits = bn_relu_dropout_linear_triton(u2, scale, shift, wc, bc, cfg.p, seed, H * W, cfg.dropout2d)
+        logits = bn_relu_dropout_linear_triton(maps, H, W, scale, shift, wc, bc, cfg.p, seed, cfg.dropout2d)
     else:
+        u2 = u.view(-1, D)
         d = bn_relu_dropout_fwd_triton(u2, scale, shift, cfg.p, seed, H * W, cfg.dropout2d, out=u2)  # u is not kept
         logits = torch.addmm(bc, d, wc.t()) if bc is not None else d @ wc.t()  # (B*H*W, K)
     ctx.cfg, ctx.count, ctx.seed, ctx.rng = cfg, count, seed, None

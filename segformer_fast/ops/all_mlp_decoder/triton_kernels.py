@@ -44,10 +44,11 @@ import triton.language as tl
 
 from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes, dot_precision, gpu_launch_config
+from ..upsample_sum.triton_kernels import MAX_MAPS, _gather_sum, _map_args
 from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["dropout_keep_mask", "bn_stats_triton", "bn_relu_dropout_fwd_triton", "bn_relu_dropout_bwd_reduce_triton",
-           "bn_relu_dropout_bwd_triton", "bn_relu_dropout_linear_triton", "bn_relu_dropout_bwd_reduce_linear_triton",
+           "bn_relu_dropout_bwd_triton", "bn_relu_dropout_linear_triton", "bn_stats_gather_triton", "bn_relu_dropout_bwd_reduce_linear_triton",
            "bn_relu_dropout_bwd_linear_triton", "class_blocks", "MAX_CLASSES",
            "launch_config"]
 
@@ -96,6 +97,48 @@ def _bn_stats_kernel(u_ptr, part_ptr, N, D, P, ROWS_PER_PROG, BLOCK_R: tl.conste
         rows = row0 + r + tl.arange(0, BLOCK_R)
         m = (rows < N)[:, None] & mask_d[None, :]
         x = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.where(m, x - k[None, :], 0.0)
+        s1 += x
+        s2 += x * x
+    tl.store(part_ptr + pid.to(tl.int64) * D + cols, tl.sum(s1, axis=0), mask=mask_d)
+    tl.store(part_ptr + (P + pid).to(tl.int64) * D + cols, tl.sum(s2, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+            rows, cols, m, H, W, D, NUM_MAPS: tl.constexpr):
+    # u = upsample_sum(z_0..z_3) at the flat pixel rows (b * H + oh) * W + ow and channels cols, (BLOCK_R, BLOCK_D)
+    # fp32 rounded to the maps' dtype: the upsample_sum op's Triton gather, and the value it stores
+    ow = rows % W
+    oh = (rows // W) % H
+    b = rows // (W * H)
+    u = _gather_sum(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, b, oh, ow, cols, m, D, NUM_MAPS)
+    return u.to(z0_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _bn_stats_gather_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
+                            h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                            N, H, W, D, P, ROWS_PER_PROG, NUM_MAPS: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    # _bn_stats_kernel on u gathered from the stage maps (u never stored); k = u[0], written by the first programs
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    r = tl.arange(0, BLOCK_R)
+    first = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, (r * 0).to(tl.int64), cols, (r == 0)[:, None] & mask_d[None, :], H, W, D, NUM_MAPS)
+    k = tl.sum(tl.where((r == 0)[:, None], first, 0.0), axis=0)  # u[0] exactly: the other rows add zeros
+    tl.store(k_ptr + cols, k, mask=mask_d & (cols * 0 + pid == 0))
+    s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    row0 = pid.to(tl.int64) * ROWS_PER_PROG
+    for i in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = row0 + i + r
+        m = (rows < N)[:, None] & mask_d[None, :]
+        x = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, rows, cols, m, H, W, D, NUM_MAPS)
         x = tl.where(m, x - k[None, :], 0.0)
         s1 += x
         s2 += x * x
@@ -203,13 +246,16 @@ def _bn_relu_dropout_bwd_kernel(u_ptr, g_ptr, gu_ptr, mean_ptr, invstd_ptr, scal
 
 
 @triton.jit
-def _bn_relu_dropout_linear_kernel(u_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, out_ptr, seed, N, D, K, HW, p, inv_keep,
+def _bn_relu_dropout_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, out_ptr,
+                                   h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                                   seed, N, H, W, D, K, p, inv_keep, NUM_MAPS: tl.constexpr,
                                    HAS_BC: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
                                    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
-    # logits = dropout(relu(scale * u + shift)) Wc^T + bc for BLOCK_R rows and every class: classes [0, BLOCK_N1)
-    # in one accumulator and [BLOCK_N1, BLOCK_N1 + BLOCK_N2) in a second (K = 150: 128 + 32 lanes, not 256), so
-    # d is computed once per element; rounded to u's dtype, as the unfused path stores it, before the dots
+    # logits = dropout(relu(scale * u + shift)) Wc^T + bc for BLOCK_R rows and every class, u = upsample_sum(z_i)
+    # gathered per tile (never stored): classes [0, BLOCK_N1) in one accumulator and [BLOCK_N1, BLOCK_N1 + BLOCK_N2)
+    # in a second (K = 150: 128 + 32 lanes, not 256), so u and d are computed once per element; d rounded to the
+    # maps' dtype, as the unfused path stores it, before the dots
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     n1 = tl.arange(0, BLOCK_N1)
@@ -217,25 +263,26 @@ def _bn_relu_dropout_linear_kernel(u_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, 
     if BLOCK_N2 > 0:
         n2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
         acc2 = tl.zeros((BLOCK_R, BLOCK_N2), dtype=tl.float32)
-    dt = u_ptr.dtype.element_ty
+    dt = z0_ptr.dtype.element_ty
     for col0 in range(0, D, BLOCK_D):
         cols = col0 + tl.arange(0, BLOCK_D)
         mask_d = cols < D
         m = row_ok[:, None] & mask_d[None, :]
         scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
         shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
-        u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        u = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, rows, cols, m, H, W, D, NUM_MAPS)
         keep = None
         if HAS_DROPOUT:
-            keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+            keep = _keep(seed, rows, col0, D, H * W, p, DROPOUT2D, BLOCK_R, BLOCK_D)
         d, _ = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
         d = tl.where(m, d, 0.0).to(dt)
-        w1 = tl.load(wc_ptr + n1[None, :] * D + cols[:, None], mask=mask_d[:, None] & (n1 < K)[None, :], other=0.0)
-        acc1 += tl.dot(d, w1.to(dt), input_precision=PRECISION)
+        wt1 = tl.load(wc_ptr + n1[None, :] * D + cols[:, None], mask=mask_d[:, None] & (n1 < K)[None, :], other=0.0)
+        acc1 += tl.dot(d, wt1.to(dt), input_precision=PRECISION)
         if BLOCK_N2 > 0:
-            w2 = tl.load(wc_ptr + n2[None, :] * D + cols[:, None], mask=mask_d[:, None] & (n2 < K)[None, :],
+            wt2 = tl.load(wc_ptr + n2[None, :] * D + cols[:, None], mask=mask_d[:, None] & (n2 < K)[None, :],
                          other=0.0)
-            acc2 += tl.dot(d, w2.to(dt), input_precision=PRECISION)
+            acc2 += tl.dot(d, wt2.to(dt), input_precision=PRECISION)
     if HAS_BC:
         acc1 += tl.load(bc_ptr + n1, mask=n1 < K, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * K + n1[None, :], acc1.to(out_ptr.dtype.element_ty),
@@ -501,32 +548,69 @@ def bn_relu_dropout_bwd_triton(u: torch.Tensor, g: torch.Tensor, mean: torch.Ten
     return gu
 
 
-def bn_relu_dropout_linear_triton(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, wc: torch.Tensor,
-                                  bc: torch.Tensor | None, p: float = 0.0, seed: int = 0, HW: int = 1,
+def _maps(op: str, maps: list[torch.Tensor], H: int, W: int) -> tuple[list[torch.Tensor], list, int, int]:
+    """The stage maps (1..4 contiguous (B, h_i, w_i, D), one dtype) as the gather takes them: 4 pointers, their
+    (h, w, scale_h, scale_w), N = B * H * W rows and D."""
+    if not 1 <= len(maps) <= MAX_MAPS:
+        raise ValueError(f"{op}: 1 to {MAX_MAPS} maps, got {len(maps)}")
+    B, D = maps[0].shape[0], maps[0].shape[-1]
+    for m in maps:
+        if m.dim() != 4 or m.shape[0] != B or m.shape[3] != D or not m.is_contiguous() or m.dtype != maps[0].dtype:
+            raise ValueError(f"{op}: maps must be contiguous (B={B}, h, w, D={D}) tensors of one dtype, got "
+                             f"{[(tuple(t.shape), t.dtype) for t in maps]}")
+    if maps[0].dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{op} (triton): maps must be float32, float16 or bfloat16, got {maps[0].dtype}")
+    check_interpreter_dtypes(op, *maps)
+    N = B * H * W
+    if N == 0 or D == 0:
+        raise ValueError(f"{op}: u is empty, (B, H, W, D) = {(B, H, W, D)}")
+    return [maps[min(i, len(maps) - 1)] for i in range(MAX_MAPS)], _map_args(maps, H, W), N, D
+
+
+def bn_stats_gather_triton(maps: list[torch.Tensor], H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bn_stats_triton` of u = upsample_sum(maps, (H, W)) (rounded to the maps' dtype as the op stores it),
+    gathered from the maps tile by tile: u is never stored. Returns (mean, biased var), fp32 (D,) each."""
+    zs, args, N, D = _maps("bn_stats", maps, H, W)
+    cfg = launch_config(maps[0])
+    P, per = _reduce_split(N, cfg)
+    part = empty(2, P, D, dtype=torch.float32, device=maps[0].device)
+    k = empty(D, dtype=torch.float32, device=maps[0].device)
+    _bn_stats_gather_kernel[(P, triton.cdiv(D, cfg["BLOCK_D"]))](
+        *zs, part, k, *args, N, H, W, D, P, per, NUM_MAPS=len(maps), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"])
+    s1, s2 = part.sum(1).div_(N)  # E[u - k], E[(u - k)^2], fixed order
+    return k + s1, (s2 - s1 * s1).clamp_min_(0.0)
+
+
+def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scale: torch.Tensor, shift: torch.Tensor,
+                                  wc: torch.Tensor, bc: torch.Tensor | None, p: float = 0.0, seed: int = 0,
                                   dropout2d: bool = False) -> torch.Tensor:
-    """logits = dropout(relu(scale * u + shift)) Wc^T + bc in one kernel, (N, K) in u's dtype; d is never stored.
+    """logits = dropout(relu(scale * u + shift)) Wc^T + bc in one kernel, u = upsample_sum(maps, (H, W)) gathered
+    per tile; (B*H*W, K) in the maps' dtype. Neither u nor d is stored.
 
     Args:
-        u: (N, D) contiguous. scale, shift: (D,). wc: (K, D), K <= MAX_CLASSES; bc: (K,) or None. p, seed, HW,
-        dropout2d: the dropout, drawn as :func:`bn_relu_dropout_fwd_triton` draws it (the same mask).
+        maps: 1..4 contiguous (B, h_i, w_i, D), one dtype (one (B, H, W, D) map: u itself). scale, shift: (D,).
+        wc: (K, D), K <= MAX_CLASSES; bc: (K,) or None. p, seed, dropout2d: the dropout, drawn as
+        :func:`bn_relu_dropout_fwd_triton` draws it with HW = H * W (the same mask).
     """
-    N, D = _check("bn_relu_dropout_linear", u)
-    p, inv_keep = _dropout_args(p, HW, dropout2d)
+    zs, args, N, D = _maps("bn_relu_dropout_linear", maps, H, W)
+    p, inv_keep = _dropout_args(p, H * W, dropout2d)
     scale, shift = _vec(scale, D, "scale"), _vec(shift, D, "shift")
     if wc.dim() != 2 or wc.shape[1] != D or (bc is not None and bc.shape != (wc.shape[0],)):
         raise ValueError(f"bn_relu_dropout_linear: wc must be (K, {D}) and bc (K,), got {tuple(wc.shape)} and "
                          f"{None if bc is None else tuple(bc.shape)}")
     K = wc.shape[0]
     n1, n2 = class_blocks(K)
-    check_interpreter_dtypes("bn_relu_dropout_linear", u, wc, bc)
-    out = empty(N, K, dtype=u.dtype, device=u.device)
-    gpu = gpu_launch_config(u)
+    check_interpreter_dtypes("bn_relu_dropout_linear", wc, bc)
+    out = empty(N, K, dtype=maps[0].dtype, device=maps[0].device)
+    gpu = gpu_launch_config(maps[0])
     block_r = 64 if gpu else 32
+    stages = 1 if maps[0].dtype == torch.float32 else 3  # fp32 pipelined: 16-44 B spilled at sm_90/sm_80
     _bn_relu_dropout_linear_kernel[(triton.cdiv(N, block_r),)](
-        u, scale, shift, wc.to(u.dtype).contiguous(), bc if bc is not None else scale, out, seed, N, D, K,
-        max(HW, 1), p, inv_keep, HAS_BC=bc is not None, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
-        PRECISION=dot_precision(u.dtype), BLOCK_R=block_r, BLOCK_D=32, BLOCK_N1=n1, BLOCK_N2=n2,
-        num_warps=8 if gpu else 1)
+        *zs, scale, shift, wc.to(maps[0].dtype).contiguous(), bc if bc is not None else scale, out, *args, seed, N, H,
+        W, D, K, p, inv_keep, NUM_MAPS=len(maps), HAS_BC=bc is not None, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
+        PRECISION=dot_precision(maps[0].dtype), BLOCK_R=block_r, BLOCK_D=32, BLOCK_N1=n1, BLOCK_N2=n2,
+        num_warps=8 if gpu else 1, num_stages=stages)
     return out
 
 
