@@ -190,12 +190,12 @@ def _cases(model: str, image: int, batch: int, dtype):
          partial(bn_relu_dropout_bwd_reduce_triton, u2, g2, v, v, v, v, *drop)),
         ("all_mlp_decoder", "bwd pass 2 (dL/du)", tag,
          partial(bn_relu_dropout_bwd_triton, u2, g2, v, v, v, v, v, v, v, N, *drop, out=g2)),
-        ("all_mlp_decoder", "bwd pass 1, classifier fused (sums, dWc, dbc)", tag,
-         partial(bn_relu_dropout_bwd_reduce_linear_triton, u2, t(N, cfg.num_classes), t(cfg.num_classes, D), v, v, v,
-                 v, *drop)),
-        ("all_mlp_decoder", "bwd pass 2, classifier fused (dL/du)", tag,
-         partial(bn_relu_dropout_bwd_linear_triton, u2, t(N, cfg.num_classes), t(cfg.num_classes, D), v, v, v, v, v,
-                 v, v, N, *drop)),
+        ("all_mlp_decoder", "bwd pass 1, u gathered, classifier fused (sums, dWc, dbc)", tag,
+         partial(bn_relu_dropout_bwd_reduce_linear_triton, maps, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D),
+                 v, v, v, v, p, 1234, cfg.decoder_dropout2d)),
+        ("all_mlp_decoder", "bwd pass 2, u gathered, classifier fused (dL/du)", tag,
+         partial(bn_relu_dropout_bwd_linear_triton, maps, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D), v, v, v,
+                 v, v, v, v, N, p, 1234, cfg.decoder_dropout2d)),
     ]
     K = cfg.num_classes
     logits, labels = t(batch, H, H, K), t(batch, image, image, dt=torch.int64)

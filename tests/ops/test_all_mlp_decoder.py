@@ -254,8 +254,11 @@ def test_triton_fused_classifier_matches_unfused(B, H, W, D, K, p, dropout2d):
     keep = kernels.dropout_keep_mask(5, N, D, p, hw, dropout2d) if p > 0 else torch.ones(N, D, dtype=torch.bool)
     ref = (torch.relu(u * scale + shift) * keep / (1 - p)) @ wc.t() + bc
 
-    def fused(t, w, b):
-        return kernels.bn_relu_dropout_linear_triton([t.view(B, H, W, D)], H, W, scale, shift, w, b, p, 5, dropout2d)
+    def fused(t, w, b):  # u itself (read), then u as the one map (gathered): the same logits
+        out = kernels.bn_relu_dropout_linear_triton(t, H, W, scale, shift, w, b, p, 5, dropout2d)
+        assert torch.equal(out, kernels.bn_relu_dropout_linear_triton([t.view(B, H, W, D)], H, W, scale, shift, w, b,
+                                                                      p, 5, dropout2d))
+        return out
 
     got = fused(u.float(), wc.float(), bc.float())
     assert got.shape == (N, K) and got.dtype == torch.float32
@@ -336,7 +339,7 @@ def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d)
     u, gl, wc = r(N, D), r(N, K), r(K, D) * 0.2
     mean, invstd = r(D) * 0.1, torch.rand(D, generator=g, dtype=torch.float64) + 0.5
     scale, shift, gscale = 1 + 0.2 * r(D), 0.3 * r(D), 1 + 0.2 * r(D)
-    hw = 10
+    hw = 10 if N % 10 == 0 else N  # pixels per image (H = 1 x W = hw)
     keep = kernels.dropout_keep_mask(5, N, D, p, hw, dropout2d) if p > 0 else torch.ones(N, D, dtype=torch.bool)
     y = u * scale + shift
     live = (y > 0) & keep
@@ -345,13 +348,14 @@ def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d)
     xhat = (u - mean) * invstd
     sums = [gy.sum(0), (gy * xhat).sum(0), gl.t() @ d, gl.sum(0)]
     gu = gscale * (gy - sums[0] / N - xhat * sums[1] / N)
-    drop = (p, 5, hw, dropout2d)
+    drop = (p, 5, dropout2d)
     vec = [t.float() for t in (mean, invstd, scale, shift)]
 
     def run(dt):
-        got = kernels.bn_relu_dropout_bwd_reduce_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, *drop)
-        return [*got, *kernels.bn_relu_dropout_bwd_linear_triton(u.to(dt), gl.to(dt), wc.to(dt), *vec, gscale.float(),
-                                                                  sums[0].float(), sums[1].float(), N, *drop)]
+        got = kernels.bn_relu_dropout_bwd_reduce_linear_triton(u.to(dt), 1, hw, gl.to(dt), wc.to(dt), *vec, *drop)
+        return [*got, *kernels.bn_relu_dropout_bwd_linear_triton(u.to(dt), 1, hw, gl.to(dt), wc.to(dt), *vec,
+                                                                  gscale.float(), sums[0].float(), sums[1].float(), N,
+                                                                  *drop)]
 
     got32 = run(torch.float32)
     # a sum of N fp32 values: within a few fp32 ulps of N * max |gu|
@@ -362,9 +366,9 @@ def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d)
         torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
     u16, gl16, wc16 = u.half(), gl.half(), wc.half()
     g16 = (gl16.float() @ wc16.float()).half()  # the unfused GEMM's fp16 g
-    d16, sg16, sgx16 = kernels.bn_relu_dropout_bwd_reduce_triton(u16, g16, *vec, *drop)
+    d16, sg16, sgx16 = kernels.bn_relu_dropout_bwd_reduce_triton(u16, g16, *vec, p, 5, hw, dropout2d)
     gu16 = kernels.bn_relu_dropout_bwd_triton(u16, g16, *vec, gscale.float(), sums[0].float(), sums[1].float(), N,
-                                              *drop)
+                                              p, 5, hw, dropout2d)
     unfused = [sg16, sgx16, (gl16.float().t() @ d16.float()).half(), gl16.float().sum(0), gu16]
     for name, a, b, ref in zip(("sum_g", "sum_gx", "dWc", "dbc", "gu"), run(torch.float16), unfused, [*sums, gu]):
         err, err_unfused = ((t.double() - ref).abs().max().item() for t in (a, b))

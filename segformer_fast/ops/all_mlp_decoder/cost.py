@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "e22a6dbfcaeed352fe16e0467caca27fd45dc6f5", "triton_kernels.py": "bc5d031465d9a4aa4fc1e3ccdab6961fa007330e"}
+MODELLED = {"op.py": "d64e7c3dd38e2399d4becc98e95d95129716bd3a", "triton_kernels.py": "7c1a056feb51f3b7af97d660a77e272f52df12ec"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
@@ -96,17 +96,20 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     # run side by side (L2)
     lanes = sum(class_blocks(K)) if K <= MAX_CLASSES else K
     lin_partials = LINEAR_PROGRAMS * (2 * D + K * D + K) * FP32
+    # with upsample_sum on Triton both passes gather u from the recomputed stage maps (u never stored)
     fused_bwd = (
-        Part("_bn_relu_dropout_bwd_linear_kernel (pass 1: sums, dWc, dbc)", E * db + T * K * db + K * D * db
-             + lin_partials, gemm_flops=2 * 2 * T * D * lanes, other_flops=E * 10 + philox,
-             note="u and gl once; g and d never stored"),
+        Part("_bn_relu_dropout_bwd_linear_kernel (pass 1: sums, dWc, dbc; u gathered)", maps_bytes + T * K * db
+             + K * D * db + lin_partials, gemm_flops=2 * 2 * T * D * lanes, other_flops=gather + E * 10 + philox,
+             note="the stage maps and gl once; u, g and d never stored"),
         Part("torch: pass 1 partial sums", lin_partials + (2 * D + K * D + K) * FP32, other_flops=lin_partials / FP32),
-        Part("_bn_relu_dropout_bwd_linear_kernel (pass 2: dL/du)", E * db + T * K * db + K * D * db + E * db,
-             gemm_flops=2 * T * D * lanes, other_flops=E * 10 + philox, note="u and gl once, dL/du written"),
+        Part("_bn_relu_dropout_bwd_linear_kernel (pass 2: dL/du; u gathered)", maps_bytes + T * K * db + K * D * db
+             + E * db, gemm_flops=2 * T * D * lanes, other_flops=gather + E * 10 + philox,
+             note="the stage maps and gl once, dL/du written"),
     )
     bwd_parts = [
         *stages(" (recomputed)"),
-        *(Part(q.name + " (u recomputed)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in up["forward"].parts),
+        *(() if K <= MAX_CLASSES else
+          (Part(q.name + " (u recomputed)", q.bytes, q.gemm_flops, q.other_flops, q.note) for q in up["forward"].parts)),
         *(fused_bwd if K <= MAX_CLASSES else (
             _gemm("g = gl Wc", T, D, K, T * K * db + K * D * db, E * db),
             # reads u and g; gy = g * keep / (1 - p) * [y > 0] on the fly; sums of gy and gy * xhat; writes d again

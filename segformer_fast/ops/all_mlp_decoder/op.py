@@ -32,9 +32,12 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
 
 - "torch": ATen passes (fp32 copies of u); dropout by torch, its generator state kept and restored
   for backward (under torch.compile the 1-byte mask is kept instead).
-- "triton" (triton_kernels.py, auto's choice on CUDA): one read of u for the statistics, then the
-  classifier as a Triton GEMM whose prologue computes d from u (d never stored; up to 256 classes,
-  past that one pass for d and a cuBLAS GEMM); backward one reduction pass (which also writes d for the classifier's weight gradient)
+- "triton" (triton_kernels.py, auto's choice on CUDA): up to 256 classes the classifier is a Triton
+  GEMM whose prologue computes d from u (d never stored), in forward and in both backward passes
+  (g = dL/dd recomputed per tile; pass 1 also sums dWc and dbc), and with upsample_sum on Triton u
+  itself is gathered from the stage maps by each of these kernels and by the statistics kernel: u
+  is never stored, forward or backward. Otherwise: one read of u for the statistics, one pass for
+  d and a cuBLAS GEMM; backward one reduction pass (which also writes d for the classifier's weight gradient)
   and one elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
   torch's default (CPU) generator, so torch.manual_seed reproduces a run and backward regenerates
   the mask from the seed; its draws are not torch.nn.functional.dropout's.
@@ -168,7 +171,10 @@ class _DecoderTrainFunction(torch.autograd.Function):
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
         z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
-        u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
+        if cfg.glue == "triton" and _gathers(cfg, z, K):  # u gathered from z in both passes, never stored
+            u2 = z
+        else:
+            u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
         del z
         if cfg.glue == "triton":
             gu, dgamma, dbeta, dwc, dbc = _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd,
@@ -241,10 +247,10 @@ def _draw_seed() -> int:
 
 
 def _gathers(cfg: _TrainCfg, z: list[torch.Tensor], K: int) -> bool:
-    """Whether the Triton glue's forward gathers u from the stage maps (statistics, then the classifier with u and d
-    computed in its prologue) instead of running the upsample_sum op: where that op's backend resolves to Triton
-    (whose gather the kernels share, so the backward's recomputed u is the forward's, bit for bit) and the
-    classifier fits the fused kernel (K <= MAX_CLASSES)."""
+    """Whether the Triton glue gathers u from the stage maps in its kernels (forward: the statistics, then the
+    classifier with u and d computed in its prologue; backward: both passes) instead of running the upsample_sum
+    op: where that op's backend resolves to Triton (whose gather the kernels share: the same u, bit for bit, in
+    every pass) and the classifier fits the fused kernels (K <= MAX_CLASSES). u is then never stored."""
     from ..upsample_sum.op import SPEC as UPSAMPLE
 
     try:
@@ -261,8 +267,7 @@ def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
                                  bn_stats_triton)
 
     B, H, W, D, K = shape
-    maps = u if isinstance(u, list) else [u.view(B, H, W, D)]
-    mean, var = bn_stats_gather_triton(maps, H, W) if isinstance(u, list) else bn_stats_triton(u)
+    mean, var = bn_stats_gather_triton(u, H, W) if isinstance(u, list) else bn_stats_triton(u)
     count = B * H * W
     if cfg.group is not None:
         mean, var, count = sync_batch_stats(mean, var, count, cfg.group)
@@ -272,7 +277,7 @@ def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
     scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
     seed = _draw_seed() if cfg.p > 0 else 0
     if K <= MAX_CLASSES:  # d never stored: the classifier's prologue computes it from u
-        logits = bn_relu_dropout_linear_triton(maps, H, W, scale, shift, wc, bc, cfg.p, seed, cfg.dropout2d)
+        logits = bn_relu_dropout_linear_triton(u, H, W, scale, shift, wc, bc, cfg.p, seed, cfg.dropout2d)
     else:
         u2 = u.view(-1, D)
         d = bn_relu_dropout_fwd_triton(u2, scale, shift, cfg.p, seed, H * W, cfg.dropout2d, out=u2)  # u is not kept
@@ -285,26 +290,27 @@ def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
 
 
 def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs, shape):
-    """The glue's backward in two Triton passes over the recomputed u: (dL/du (N, D) in u's dtype, dgamma,
-    dbeta, dWc, dbc)."""
+    """The glue's backward in two Triton passes over the recomputed u (N, D), or over u gathered from the stage
+    maps ``u2`` (a list; the fused classifier only): (dL/du (N, D) in u's dtype, dgamma, dbeta, dWc, dbc)."""
     from .triton_kernels import (bn_relu_dropout_bwd_linear_triton, bn_relu_dropout_bwd_reduce_linear_triton,
                                  bn_relu_dropout_bwd_reduce_triton, bn_relu_dropout_bwd_triton)
 
     cfg = ctx.cfg
     B, H, W, D, K = shape
     scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
-    gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(u2.dtype)  # (B*H*W, K)
+    dt = u2[0].dtype if isinstance(u2, list) else u2.dtype
+    gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(dt)  # (B*H*W, K)
     args = (cfg.p, ctx.seed, H * W, cfg.dropout2d)
     gscale = invstd if gamma is None else gamma.float() * invstd
     if K <= MAX_CLASSES:  # g = gl Wc and d computed per tile in both passes, never stored
-        gl = gl.contiguous()
-        sum_g, sum_gx, dwc, dbc = bn_relu_dropout_bwd_reduce_linear_triton(u2, gl, wc, mean, invstd, scale, shift,
-                                                                           *args)
+        gl, fused_args = gl.contiguous(), (cfg.p, ctx.seed, cfg.dropout2d)
+        sum_g, sum_gx, dwc, dbc = bn_relu_dropout_bwd_reduce_linear_triton(u2, H, W, gl, wc, mean, invstd, scale,
+                                                                           shift, *fused_args)
         dgamma, dbeta = sum_gx, sum_g  # this rank's: DDP averages them
         if cfg.group is not None:
             sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
-        gu, gu_sum = bn_relu_dropout_bwd_linear_triton(u2, gl, wc, mean, invstd, scale, shift, gscale, sum_g, sum_gx,
-                                                       ctx.count, *args)
+        gu, gu_sum = bn_relu_dropout_bwd_linear_triton(u2, H, W, gl, wc, mean, invstd, scale, shift, gscale, sum_g,
+                                                       sum_gx, ctx.count, *fused_args)
         ctx.gu_sum = gu_sum  # every stage's bias gradient (see the backward)
         return (gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc.to(wc.dtype) if needs[2] else None,
                 dbc.to(wc.dtype) if needs[3] else None)

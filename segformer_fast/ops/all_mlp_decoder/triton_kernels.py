@@ -118,6 +118,18 @@ def _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, 
 
 
 @triton.jit
+def _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+            rows, cols, m, H, W, D, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr):
+    # u at (rows, cols), fp32: gathered from the stage maps (GATHER), else loaded from z0_ptr, u itself (N, D)
+    if GATHER:
+        u = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, rows, cols, m, H, W, D, NUM_MAPS)
+    else:
+        u = tl.load(z0_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    return u
+
+
+@triton.jit
 def _bn_stats_gather_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
                             h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
                             N, H, W, D, P, ROWS_PER_PROG, NUM_MAPS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -248,7 +260,7 @@ def _bn_relu_dropout_bwd_kernel(u_ptr, g_ptr, gu_ptr, mean_ptr, invstd_ptr, scal
 @triton.jit
 def _bn_relu_dropout_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, out_ptr,
                                    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                                   seed, N, H, W, D, K, p, inv_keep, NUM_MAPS: tl.constexpr,
+                                   seed, N, H, W, D, K, p, inv_keep, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr,
                                    HAS_BC: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
                                    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
@@ -270,8 +282,8 @@ def _bn_relu_dropout_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, scale_ptr, sh
         m = row_ok[:, None] & mask_d[None, :]
         scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
         shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
-        u = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, rows, cols, m, H, W, D, NUM_MAPS)
+        u = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, rows, cols, m, H, W, D, NUM_MAPS, GATHER)
         keep = None
         if HAS_DROPOUT:
             keep = _keep(seed, rows, col0, D, H * W, p, DROPOUT2D, BLOCK_R, BLOCK_D)
@@ -307,13 +319,16 @@ def _class_cols(wc_ptr, n, cols, mask_d, K, D, dt):
 
 
 @triton.jit
-def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, wpart_ptr, bpart_ptr, mean_ptr,
-                                       invstd_ptr, scale_ptr, shift_ptr, gscale_ptr, c1_ptr, c2_ptr,
-                                       seed, N, D, K, HW, P, ROWS_PER_PROG, p, inv_keep,
+def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, wpart_ptr,
+                                       bpart_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, gscale_ptr, c1_ptr, c2_ptr,
+                                       h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                                       seed, N, H, W, D, K, P, ROWS_PER_PROG, p, inv_keep,
+                                       NUM_MAPS: tl.constexpr, GATHER: tl.constexpr,
                                        REDUCE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
                                        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                        BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
-    # The glue's backward with the classifier's g = dL/dd = gl Wc computed per row tile (tl.dot, g rounded to u's
+    # The glue's backward with u gathered from the stage maps (GATHER; else read: z0 is u) and the classifier's
+    # g = dL/dd = gl Wc computed per row tile (tl.dot, g rounded to u's
     # dtype as the unfused GEMM stores it), never stored. A program owns BLOCK_D channels (its Wc columns stay in
     # registers) and ROWS_PER_PROG rows.
     # REDUCE (pass 1): part[0/1, pid] = sums of gy and gy * xhat; wpart[pid] = gl^T d (its dWc columns), d
@@ -321,7 +336,7 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
     # else (pass 2): gu = gscale * (gy - c1 - xhat * c2) and part[pid] = its fp32 column sums.
     cb = tl.program_id(0)
     pid = tl.program_id(1)
-    dt = u_ptr.dtype.element_ty
+    dt = z0_ptr.dtype.element_ty
     col0 = cb * BLOCK_D
     cols = col0 + tl.arange(0, BLOCK_D)
     mask_d = cols < D
@@ -330,10 +345,10 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
     scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
     n1 = tl.arange(0, BLOCK_N1)
-    w1 = _class_cols(wc_ptr, n1, cols, mask_d, K, D, dt)
+    wt1 = _class_cols(wc_ptr, n1, cols, mask_d, K, D, dt)
     if BLOCK_N2 > 0:
         n2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
-        w2 = _class_cols(wc_ptr, n2, cols, mask_d, K, D, dt)
+        wt2 = _class_cols(wc_ptr, n2, cols, mask_d, K, D, dt)
     if REDUCE:
         s1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -353,16 +368,17 @@ def _bn_relu_dropout_bwd_linear_kernel(u_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, 
         row_ok = rows < N
         m = row_ok[:, None] & mask_d[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3,
+                    sh3, sw3, rows, cols, m, H, W, D, NUM_MAPS, GATHER)
         gl1 = _class_rows(gl_ptr, rows, row_ok, K, n1, dt)
-        g = tl.dot(gl1, w1, input_precision=PRECISION)
+        g = tl.dot(gl1, wt1, input_precision=PRECISION)
         if BLOCK_N2 > 0:
             gl2 = _class_rows(gl_ptr, rows, row_ok, K, n2, dt)
-            g = tl.dot(gl2, w2, g, input_precision=PRECISION)
+            g = tl.dot(gl2, wt2, g, input_precision=PRECISION)
         g = g.to(dt).to(tl.float32)
         keep = None
         if HAS_DROPOUT:
-            keep = _keep(seed, rows, col0, D, HW, p, DROPOUT2D, BLOCK_R, BLOCK_D)
+            keep = _keep(seed, rows, col0, D, H * W, p, DROPOUT2D, BLOCK_R, BLOCK_D)
         d, live = _relu_dropout(u, scale, shift, keep, inv_keep, HAS_DROPOUT)
         gy = tl.where(live & m, g * inv_keep, 0.0)
         xhat = (u - mean[None, :]) * invstd[None, :]
@@ -567,6 +583,18 @@ def _maps(op: str, maps: list[torch.Tensor], H: int, W: int) -> tuple[list[torch
     return [maps[min(i, len(maps) - 1)] for i in range(MAX_MAPS)], _map_args(maps, H, W), N, D
 
 
+def _u_source(op: str, u, H: int, W: int) -> tuple[list[torch.Tensor], list, int, int, bool]:
+    """The kernels' view of u: a list of stage maps (gathered, see :func:`_maps`; GATHER) or u itself, a contiguous
+    (N = B * H * W, D) tensor (read). Returns (4 pointers, the maps' 16 sizes and scales, N, D, GATHER)."""
+    if isinstance(u, (list, tuple)):
+        zs, args, N, D = _maps(op, list(u), H, W)
+        return zs, args, N, D, True
+    N, D = _check(op, u)
+    if N % max(H * W, 1):
+        raise ValueError(f"{op}: u has {N} rows, not a multiple of H * W = {H * W}")
+    return [u] * MAX_MAPS, [1, 1, 1.0, 1.0] * MAX_MAPS, N, D, False
+
+
 def bn_stats_gather_triton(maps: list[torch.Tensor], H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`bn_stats_triton` of u = upsample_sum(maps, (H, W)) (rounded to the maps' dtype as the op stores it),
     gathered from the maps tile by tile: u is never stored. Returns (mean, biased var), fp32 (D,) each."""
@@ -589,11 +617,11 @@ def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scal
     per tile; (B*H*W, K) in the maps' dtype. Neither u nor d is stored.
 
     Args:
-        maps: 1..4 contiguous (B, h_i, w_i, D), one dtype (one (B, H, W, D) map: u itself). scale, shift: (D,).
+        maps: 1..4 contiguous (B, h_i, w_i, D) of one dtype, or u itself, (B*H*W, D) contiguous. scale, shift: (D,).
         wc: (K, D), K <= MAX_CLASSES; bc: (K,) or None. p, seed, dropout2d: the dropout, drawn as
         :func:`bn_relu_dropout_fwd_triton` draws it with HW = H * W (the same mask).
     """
-    zs, args, N, D = _maps("bn_relu_dropout_linear", maps, H, W)
+    zs, args, N, D, gather = _u_source("bn_relu_dropout_linear", maps, H, W)
     p, inv_keep = _dropout_args(p, H * W, dropout2d)
     scale, shift = _vec(scale, D, "scale"), _vec(shift, D, "shift")
     if wc.dim() != 2 or wc.shape[1] != D or (bc is not None and bc.shape != (wc.shape[0],)):
@@ -602,77 +630,81 @@ def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scal
     K = wc.shape[0]
     n1, n2 = class_blocks(K)
     check_interpreter_dtypes("bn_relu_dropout_linear", wc, bc)
-    out = empty(N, K, dtype=maps[0].dtype, device=maps[0].device)
-    gpu = gpu_launch_config(maps[0])
+    z0 = zs[0]
+    out = empty(N, K, dtype=z0.dtype, device=z0.device)
+    gpu = gpu_launch_config(z0)
     block_r = 64 if gpu else 32
-    stages = 1 if maps[0].dtype == torch.float32 else 3  # fp32 pipelined: 16-44 B spilled at sm_90/sm_80
+    stages = 1 if z0.dtype == torch.float32 else 3  # fp32 pipelined: 16-44 B spilled at sm_90/sm_80
     _bn_relu_dropout_linear_kernel[(triton.cdiv(N, block_r),)](
-        *zs, scale, shift, wc.to(maps[0].dtype).contiguous(), bc if bc is not None else scale, out, *args, seed, N, H,
-        W, D, K, p, inv_keep, NUM_MAPS=len(maps), HAS_BC=bc is not None, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
-        PRECISION=dot_precision(maps[0].dtype), BLOCK_R=block_r, BLOCK_D=32, BLOCK_N1=n1, BLOCK_N2=n2,
-        num_warps=8 if gpu else 1, num_stages=stages)
+        *zs, scale, shift, wc.to(z0.dtype).contiguous(), bc if bc is not None else scale, out, *args, seed, N, H,
+        W, D, K, p, inv_keep, NUM_MAPS=len(maps) if gather else 1, GATHER=gather, HAS_BC=bc is not None,
+        HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, PRECISION=dot_precision(z0.dtype), BLOCK_R=block_r, BLOCK_D=32,
+        BLOCK_N1=n1, BLOCK_N2=n2, num_warps=8 if gpu else 1, num_stages=stages)
     return out
 
 
-def _linear_bwd_config(u: torch.Tensor) -> dict:
+def _linear_bwd_config(u: torch.Tensor, reduce: bool) -> dict:
     """The fused backward's tile: BLOCK_R rows x BLOCK_D channels (a program's Wc columns and, in pass 1, its dWc
-    block stay in registers: (160, 64) each for K = 150; fp32 16 x 32), about REDUCE_PROGRAMS row ranges per
-    channel block. No spills at sm_90 or sm_80 (AOT report)."""
+    block stay in registers: (160, 64) each for K = 150 in 16 bits, (160, 32) in fp32), about REDUCE_PROGRAMS row
+    ranges per channel block. Pass 1 holds more (dWc, the sums): 16 rows a tile. No spills at sm_90 or sm_80 with u
+    gathered from four maps (AOT report)."""
     if gpu_launch_config(u):
-        block_d = 32 if u.dtype == torch.float32 else 64  # fp32 operands and exact-fp32 dots: half the columns
-        return dict(BLOCK_R=16 if u.dtype == torch.float32 else 32, BLOCK_D=block_d, num_warps=8, num_stages=1,
-                    REDUCE_PROGRAMS=128)
+        fp32 = u.dtype == torch.float32
+        return dict(BLOCK_R=16 if reduce or fp32 else 32, BLOCK_D=32 if fp32 else 64,
+                    num_warps=4 if fp32 and not reduce else 8, num_stages=1, REDUCE_PROGRAMS=128)
     return dict(BLOCK_R=32, BLOCK_D=32, num_warps=1, num_stages=1, REDUCE_PROGRAMS=3)
 
 
-def _linear_bwd(u, gl, wc, vecs, cvecs, p, seed, HW, dropout2d, reduce: bool):
-    N, D = _check("bn_relu_dropout_bwd_linear", u)
+def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool):
+    op = "bn_relu_dropout_bwd_linear"
+    zs, args, N, D, gather = _u_source(op, u, H, W)
+    z0 = zs[0]
     if gl.dim() != 2 or gl.shape[0] != N or wc.shape != (gl.shape[1], D):
-        raise ValueError(f"bn_relu_dropout_bwd_linear: gl must be (N={N}, K) and wc (K, {D}), got {tuple(gl.shape)} "
-                         f"and {tuple(wc.shape)}")
-    check_interpreter_dtypes("bn_relu_dropout_bwd_linear", u, gl, wc)
+        raise ValueError(f"{op}: gl must be (N={N}, K) and wc (K, {D}), got {tuple(gl.shape)} and {tuple(wc.shape)}")
+    check_interpreter_dtypes(op, gl, wc)
     K = gl.shape[1]
     n1, n2 = class_blocks(K)
-    p, inv_keep = _dropout_args(p, HW, dropout2d)
-    cfg = _linear_bwd_config(u)
+    p, inv_keep = _dropout_args(p, H * W, dropout2d)
+    cfg = _linear_bwd_config(z0, reduce)
     P, per = _reduce_split(N, cfg)
-    gl, wc = gl.to(u.dtype).contiguous(), wc.to(u.dtype).contiguous()
-    f32 = dict(dtype=torch.float32, device=u.device)
+    gl, wc = gl.to(z0.dtype).contiguous(), wc.to(z0.dtype).contiguous()
+    f32 = dict(dtype=torch.float32, device=z0.device)
     part = empty(2 if reduce else 1, P, D, **f32)
     wpart = empty(P, K, D, **f32) if reduce else vecs[0]
     bpart = empty(P, K, **f32) if reduce else vecs[0]
-    gu = vecs[0] if reduce else empty(N, D, dtype=u.dtype, device=u.device)
+    gu = vecs[0] if reduce else empty(N, D, dtype=z0.dtype, device=z0.device)
     _bn_relu_dropout_bwd_linear_kernel[(triton.cdiv(D, cfg["BLOCK_D"]), P)](
-        u, gl, wc, gu, part, wpart, bpart, *vecs, *cvecs, seed, N, D, K, max(HW, 1), P, per, p, inv_keep,
-        REDUCE=reduce, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, PRECISION=dot_precision(u.dtype),
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N1=n1, BLOCK_N2=n2, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        *zs, gl, wc, gu, part, wpart, bpart, *vecs, *cvecs, *args, seed, N, H, W, D, K, P, per, p, inv_keep,
+        NUM_MAPS=len(u) if gather else 1, GATHER=gather, REDUCE=reduce, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
+        PRECISION=dot_precision(z0.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N1=n1, BLOCK_N2=n2,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if reduce:
         sum_g, sum_gx = part.sum(1)  # fixed-order reductions over the row ranges
         return sum_g, sum_gx, wpart.sum(0), bpart.sum(0)
     return gu, part[0].sum(0)
 
 
-def bn_relu_dropout_bwd_reduce_linear_triton(u: torch.Tensor, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
-                                             invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                                             p: float = 0.0, seed: int = 0, HW: int = 1, dropout2d: bool = False
+def bn_relu_dropout_bwd_reduce_linear_triton(u, H: int, W: int, gl: torch.Tensor, wc: torch.Tensor,
+                                             mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor,
+                                             shift: torch.Tensor, p: float = 0.0, seed: int = 0, dropout2d: bool = False
                                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass 1 with the classifier fused: (sum(gy) (D,), sum(gy * xhat) (D,), dWc = gl^T d (K, D),
-    dbc = sum gl (K,)), all fp32. gl (N, K) is the logits' gradient, wc (K, D) the classifier, K <= MAX_CLASSES;
-    g = gl Wc and d are computed per tile and never stored."""
-    vecs = [_vec(t, u.shape[-1], name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"),
-                                                         (shift, "shift"))]
-    return _linear_bwd(u, gl, wc, vecs, vecs[:3], p, seed, HW, dropout2d, reduce=True)
+    dbc = sum gl (K,)), all fp32. u: the stage maps (u gathered per tile, never stored) or u itself (B*H*W, D);
+    gl (B*H*W, K) is the logits' gradient, wc (K, D) the classifier, K <= MAX_CLASSES; g = gl Wc and d are computed
+    per tile and never stored."""
+    D = u[0].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
+    vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
+    return _linear_bwd(u, H, W, gl, wc, vecs, vecs[:3], p, seed, dropout2d, reduce=True)
 
 
-def bn_relu_dropout_bwd_linear_triton(u: torch.Tensor, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
+def bn_relu_dropout_bwd_linear_triton(u, H: int, W: int, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
                                       invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                                       gscale: torch.Tensor, sum_g: torch.Tensor, sum_gx: torch.Tensor, count: int,
-                                      p: float = 0.0, seed: int = 0, HW: int = 1, dropout2d: bool = False
-                                      ) -> torch.Tensor:
-    """Backward pass 2 with the classifier fused: (dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, (N, D) in
-    u's dtype; its column sums (D,) fp32, from the values before rounding), g = gl Wc recomputed per tile."""
-    D = u.shape[-1]
+                                      p: float = 0.0, seed: int = 0, dropout2d: bool = False
+                                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward pass 2 with the classifier fused: (dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, (B*H*W, D)
+    in u's dtype; its column sums (D,) fp32, from the values before rounding), u and g = gl Wc as in pass 1."""
+    D = u[0].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
     vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
     cvecs = [_vec(gscale, D, "gscale"), _vec(sum_g, D, "sum_g") / count, _vec(sum_gx, D, "sum_gx") / count]
-    return _linear_bwd(u, gl, wc, vecs, cvecs, p, seed, HW, dropout2d, reduce=False)
+    return _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce=False)
