@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "d64e7c3dd38e2399d4becc98e95d95129716bd3a", "triton_kernels.py": "7c1a056feb51f3b7af97d660a77e272f52df12ec"}
+MODELLED = {"op.py": "d64e7c3dd38e2399d4becc98e95d95129716bd3a", "triton_kernels.py": "bc39ba578f36019577918ec3d1f336e1a8ba3fac"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)

@@ -84,27 +84,6 @@ def _dropout_mask_kernel(mask_ptr, seed, N, D, HW, p, DROPOUT2D: tl.constexpr,
 
 
 @triton.jit
-def _bn_stats_kernel(u_ptr, part_ptr, N, D, P, ROWS_PER_PROG, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # partial sums of (u - u[0]) and its square over ROWS_PER_PROG rows -> part[0, pid], part[1, pid]
-    pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = cols < D
-    k = tl.load(u_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,) the shift, row 0
-    s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    row0 = pid.to(tl.int64) * ROWS_PER_PROG
-    for r in range(0, ROWS_PER_PROG, BLOCK_R):
-        rows = row0 + r + tl.arange(0, BLOCK_R)
-        m = (rows < N)[:, None] & mask_d[None, :]
-        x = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        x = tl.where(m, x - k[None, :], 0.0)
-        s1 += x
-        s2 += x * x
-    tl.store(part_ptr + pid.to(tl.int64) * D + cols, tl.sum(s1, axis=0), mask=mask_d)
-    tl.store(part_ptr + (P + pid).to(tl.int64) * D + cols, tl.sum(s2, axis=0), mask=mask_d)
-
-
-@triton.jit
 def _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
             rows, cols, m, H, W, D, NUM_MAPS: tl.constexpr):
     # u = upsample_sum(z_0..z_3) at the flat pixel rows (b * H + oh) * W + ow and channels cols, (BLOCK_R, BLOCK_D)
@@ -130,17 +109,18 @@ def _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, 
 
 
 @triton.jit
-def _bn_stats_gather_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
-                            h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-                            N, H, W, D, P, ROWS_PER_PROG, NUM_MAPS: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-    # _bn_stats_kernel on u gathered from the stage maps (u never stored); k = u[0], written by the first programs
+def _bn_stats_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
+                     h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+                     N, H, W, D, P, ROWS_PER_PROG, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # partial sums of (u - k) and its square over ROWS_PER_PROG rows -> part[0, pid], part[1, pid], k = u[0] (written
+    # by the first programs); u read (z0 is u) or gathered from the stage maps (GATHER, never stored)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
     r = tl.arange(0, BLOCK_R)
-    first = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, (r * 0).to(tl.int64), cols, (r == 0)[:, None] & mask_d[None, :], H, W, D, NUM_MAPS)
+    first = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, (r * 0).to(tl.int64), cols, (r == 0)[:, None] & mask_d[None, :], H, W, D, NUM_MAPS, GATHER)
     k = tl.sum(tl.where((r == 0)[:, None], first, 0.0), axis=0)  # u[0] exactly: the other rows add zeros
     tl.store(k_ptr + cols, k, mask=mask_d & (cols * 0 + pid == 0))
     s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
@@ -149,13 +129,20 @@ def _bn_stats_gather_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
     for i in range(0, ROWS_PER_PROG, BLOCK_R):
         rows = row0 + i + r
         m = (rows < N)[:, None] & mask_d[None, :]
-        x = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, rows, cols, m, H, W, D, NUM_MAPS)
+        x = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
+                    sw3, rows, cols, m, H, W, D, NUM_MAPS, GATHER)
         x = tl.where(m, x - k[None, :], 0.0)
         s1 += x
         s2 += x * x
     tl.store(part_ptr + pid.to(tl.int64) * D + cols, tl.sum(s1, axis=0), mask=mask_d)
     tl.store(part_ptr + (P + pid).to(tl.int64) * D + cols, tl.sum(s2, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _bn_vectors(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, cols, mask_d):
+    # the per-channel BatchNorm vectors (fp32) at channels cols
+    return (tl.load(mean_ptr + cols, mask=mask_d, other=0.0), tl.load(invstd_ptr + cols, mask=mask_d, other=0.0),
+            tl.load(scale_ptr + cols, mask=mask_d, other=0.0), tl.load(shift_ptr + cols, mask=mask_d, other=0.0))
 
 
 @triton.jit
@@ -200,10 +187,7 @@ def _bn_relu_dropout_bwd_reduce_kernel(u_ptr, g_ptr, d_ptr, part_ptr, mean_ptr, 
     col0 = tl.program_id(1) * BLOCK_D
     cols = col0 + tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    mean = tl.load(mean_ptr + cols, mask=mask_d, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=mask_d, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    mean, invstd, scale, shift = _bn_vectors(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, cols, mask_d)
     s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     row0 = pid.to(tl.int64) * ROWS_PER_PROG
@@ -237,10 +221,7 @@ def _bn_relu_dropout_bwd_kernel(u_ptr, g_ptr, gu_ptr, mean_ptr, invstd_ptr, scal
     cols = col0 + tl.arange(0, BLOCK_D)
     mask_d = cols < D
     m = (rows < N)[:, None] & mask_d[None, :]
-    mean = tl.load(mean_ptr + cols, mask=mask_d, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=mask_d, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    mean, invstd, scale, shift = _bn_vectors(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, cols, mask_d)
     gscale = tl.load(gscale_ptr + cols, mask=mask_d, other=0.0)
     c1 = tl.load(c1_ptr + cols, mask=mask_d, other=0.0)
     c2 = tl.load(c2_ptr + cols, mask=mask_d, other=0.0)
@@ -340,10 +321,7 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, gl_ptr, w
     col0 = cb * BLOCK_D
     cols = col0 + tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    mean = tl.load(mean_ptr + cols, mask=mask_d, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=mask_d, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
+    mean, invstd, scale, shift = _bn_vectors(mean_ptr, invstd_ptr, scale_ptr, shift_ptr, cols, mask_d)
     n1 = tl.arange(0, BLOCK_N1)
     wt1 = _class_cols(wc_ptr, n1, cols, mask_d, K, D, dt)
     if BLOCK_N2 > 0:
@@ -480,21 +458,6 @@ def dropout_keep_mask(seed: int, N: int, D: int, p: float, HW: int = 1, dropout2
     return mask.bool()
 
 
-def bn_stats_triton(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance of u (N, D), fp32 (D,) each, from one read of u."""
-    N, D = _check("bn_stats", u)
-    cfg = launch_config(u)
-    P, per = _reduce_split(N, cfg)
-    part = empty(2, P, D, dtype=torch.float32, device=u.device)
-    grid = (P, triton.cdiv(D, cfg["BLOCK_D"]))
-    _bn_stats_kernel[grid](u, part, N, D, P, per, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
-                           num_warps=cfg["num_warps"])
-    s1, s2 = part.sum(1).div_(N)  # E[u - k], E[(u - k)^2], fixed order
-    mean = u[0].float() + s1
-    var = (s2 - s1 * s1).clamp_min_(0.0)
-    return mean, var
-
-
 def bn_relu_dropout_fwd_triton(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p: float = 0.0,
                                seed: int = 0, HW: int = 1, dropout2d: bool = False,
                                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -595,17 +558,26 @@ def _u_source(op: str, u, H: int, W: int) -> tuple[list[torch.Tensor], list, int
     return [u] * MAX_MAPS, [1, 1, 1.0, 1.0] * MAX_MAPS, N, D, False
 
 
+def bn_stats_triton(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of u (N, D), fp32 (D,) each, from one read of u."""
+    return _bn_stats(u, 1, u.shape[0] if u.dim() == 2 else 0)
+
+
 def bn_stats_gather_triton(maps: list[torch.Tensor], H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`bn_stats_triton` of u = upsample_sum(maps, (H, W)) (rounded to the maps' dtype as the op stores it),
     gathered from the maps tile by tile: u is never stored. Returns (mean, biased var), fp32 (D,) each."""
-    zs, args, N, D = _maps("bn_stats", maps, H, W)
-    cfg = launch_config(maps[0])
+    return _bn_stats(list(maps), H, W)
+
+
+def _bn_stats(u, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    zs, args, N, D, gather = _u_source("bn_stats", u, H, W)
+    cfg = launch_config(zs[0])
     P, per = _reduce_split(N, cfg)
-    part = empty(2, P, D, dtype=torch.float32, device=maps[0].device)
-    k = empty(D, dtype=torch.float32, device=maps[0].device)
-    _bn_stats_gather_kernel[(P, triton.cdiv(D, cfg["BLOCK_D"]))](
-        *zs, part, k, *args, N, H, W, D, P, per, NUM_MAPS=len(maps), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"])
+    part = empty(2, P, D, dtype=torch.float32, device=zs[0].device)
+    k = empty(D, dtype=torch.float32, device=zs[0].device)
+    _bn_stats_kernel[(P, triton.cdiv(D, cfg["BLOCK_D"]))](
+        *zs, part, k, *args, N, H, W, D, P, per, NUM_MAPS=len(u) if gather else 1, GATHER=gather,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     s1, s2 = part.sum(1).div_(N)  # E[u - k], E[(u - k)^2], fixed order
     return k + s1, (s2 - s1 * s1).clamp_min_(0.0)
 
