@@ -117,6 +117,7 @@ def _cases(model: str, image: int, batch: int, dtype):
         bn_relu_dropout_linear_triton,
         bn_stats_gather_triton,
         bn_stats_triton,
+        StageOne,
     )
     from segformer_fast.ops.dwconv3x3_gelu.triton_kernels import dwconv3x3_gelu_bwd, dwconv3x3_gelu_fwd
     from segformer_fast.ops.mix_ffn.triton_kernels import dwconv_gelu_linear_triton, fused_fc2_applies, mix_ffn_bwd_triton
@@ -175,6 +176,10 @@ def _cases(model: str, image: int, batch: int, dtype):
          partial(upsample_sum_bwd_triton, grad, hws, maps, out, scale, True, True, True)),
     ]
     N, p = batch * H * H, cfg.decoder_dropout
+    # what the training decoder's gathering kernels read: the finest stage as its features (its map computed in the
+    # kernels), the coarser stages' maps
+    C1 = cfg.hidden_sizes[0]
+    src = [StageOne(t(batch, C1, H, H), t(D, C1), t(D)), *maps[1:]]
     u2, g2, v = t(N, D), t(N, D), t(D, dt=torch.float32)  # the training decoder's u, dL/dd; per-channel vectors
     tag = f"u ({N}, {D}), dropout {p:g}"
     drop = (p, 1234, H * H, cfg.decoder_dropout2d)  # p, seed, pixels per image, dropout2d
@@ -182,19 +187,19 @@ def _cases(model: str, image: int, batch: int, dtype):
         ("all_mlp_decoder", "BN statistics", tag, partial(bn_stats_triton, u2)),
         ("all_mlp_decoder", "BN + ReLU + dropout fwd", tag, partial(bn_relu_dropout_fwd_triton, u2, v, v, *drop, out=u2)),
         ("all_mlp_decoder", "BN statistics, u gathered from the stage maps", tag,
-         partial(bn_stats_gather_triton, maps, H, H)),
+         partial(bn_stats_gather_triton, src, H, H)),
         ("all_mlp_decoder", "classifier, u gathered and BN + ReLU + dropout in its prologue", tag,
-         partial(bn_relu_dropout_linear_triton, maps, H, H, v, v, t(cfg.num_classes, D), t(cfg.num_classes), p, 1234,
+         partial(bn_relu_dropout_linear_triton, src, H, H, v, v, t(cfg.num_classes, D), t(cfg.num_classes), p, 1234,
                  cfg.decoder_dropout2d)),
         ("all_mlp_decoder", "bwd pass 1 (sums, d)", tag,
          partial(bn_relu_dropout_bwd_reduce_triton, u2, g2, v, v, v, v, *drop)),
         ("all_mlp_decoder", "bwd pass 2 (dL/du)", tag,
          partial(bn_relu_dropout_bwd_triton, u2, g2, v, v, v, v, v, v, v, N, *drop, out=g2)),
         ("all_mlp_decoder", "bwd pass 1, u gathered, classifier fused (sums, dWc, dbc)", tag,
-         partial(bn_relu_dropout_bwd_reduce_linear_triton, maps, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D),
+         partial(bn_relu_dropout_bwd_reduce_linear_triton, src, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D),
                  v, v, v, v, p, 1234, cfg.decoder_dropout2d)),
         ("all_mlp_decoder", "bwd pass 2, u gathered, classifier fused (dL/du)", tag,
-         partial(bn_relu_dropout_bwd_linear_triton, maps, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D), v, v, v,
+         partial(bn_relu_dropout_bwd_linear_triton, src, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D), v, v, v,
                  v, v, v, v, N, p, 1234, cfg.decoder_dropout2d)),
     ]
     K = cfg.num_classes

@@ -392,3 +392,32 @@ def test_triton_forward_gathers_u_only_with_upsample_sum_on_triton(monkeypatch):
                                               glue="triton")[0]
         assert calls == (["gather"] if backend == "triton" else []), backend
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_stage_one_computed_in_kernel():
+    """The finest stage given as its features (StageOne: z_1 = A c + a computed by a tl.dot in each kernel, never
+    stored) gives, in fp32, the statistics, logits and both backward passes of the same kernels on z_1 computed
+    beforehand, bit for bit; bad features are named."""
+    kernels = _triton_or_skip()
+    g = torch.Generator().manual_seed(5)
+    B, D, K, C1, (H, W) = 2, 40, 19, 12, _TRI_SIZES[0]
+    c1, A1, a1 = torch.randn(B, C1, H, W, generator=g), torch.randn(D, C1, generator=g) * 0.3, torch.randn(D, generator=g)
+    rest = [torch.randn(B, h, w, D, generator=g) for h, w in _TRI_SIZES[1:]]
+    z1 = (c1.permute(0, 2, 3, 1).reshape(-1, C1) @ A1.t() + a1).view(B, H, W, D)
+    src, maps = [kernels.StageOne(c1, A1, a1), *rest], [z1, *rest]
+    scale, shift, wc = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g), torch.randn(K, D, generator=g)
+    gl, mean, invstd = torch.randn(B * H * W, K, generator=g), torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
+
+    def run(u):
+        out = [*kernels.bn_stats_gather_triton(u, H, W),
+               kernels.bn_relu_dropout_linear_triton(u, H, W, scale, shift, wc, None, 0.2, 3)]
+        red = kernels.bn_relu_dropout_bwd_reduce_linear_triton(u, H, W, gl, wc, mean, invstd, scale, shift, 0.2, 3)
+        return out + [*red, *kernels.bn_relu_dropout_bwd_linear_triton(u, H, W, gl, wc, mean, invstd, scale, shift,
+                                                                        scale, red[0], red[1], B * H * W, 0.2, 3)]
+
+    for x, y in zip(run(src), run(maps)):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="finest stage's features"):
+        kernels.bn_stats_gather_triton([kernels.StageOne(c1[:, :, :4], A1, a1), *rest], H, W)
+    with pytest.raises(ValueError, match="finest stage's A"):
+        kernels.bn_stats_gather_triton([kernels.StageOne(c1, A1[:, :5], a1), *rest], H, W)

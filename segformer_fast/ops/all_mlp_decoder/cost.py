@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 from ..cost import BF16, FP32, LERP_MIN_FLOPS, Cost, Part
 from ..upsample_sum.cost import roofline as upsample_sum_roofline
-from .op import MAX_CLASSES, class_blocks
+from .op import MAX_CLASSES, MAX_STAGE_ONE_CHANNELS, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "d64e7c3dd38e2399d4becc98e95d95129716bd3a", "triton_kernels.py": "bc39ba578f36019577918ec3d1f336e1a8ba3fac"}
+MODELLED = {"op.py": "2f625680b6b90e0fa5f721e9804f00e06ce1a1f1", "triton_kernels.py": "79564e7041747044a92cb89b69366fdabb6545ce"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
@@ -49,29 +49,37 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     # the reductions' fp32 partials: (2, P, D) written, then read by torch's sum over P
     partials = 2 * (2 * REDUCE_PROGRAMS * D * FP32) + 2 * D * FP32
 
+    # K <= MAX_CLASSES with upsample_sum on Triton (what benchmarks/roofline.py models): u is never stored. The
+    # kernels that need it (statistics, classifier; backward passes 1 and 2) gather it: the finest stage from its
+    # features (z_1 = A_1 c_1 + a_1 by a tl.dot per tile: its map, GEMM and NHWC copy are gone; C_1 <= 128), the
+    # other stages from their maps with the upsample_sum kernel's flops (4-tap gathers, tap re-reads in cache)
+    fused = K <= MAX_CLASSES
+    one = fused and len(sizes) > 1 and channels[0] <= MAX_STAGE_ONE_CHANNELS
+    first = 1 if one else 0
+    maps_bytes = (feat[0] * db + D * channels[0] * db if one else 0) + sum(
+        B * h * w * D * db for h, w in sizes[first:])
+    gather = up["forward"].kernel_other_flops * (len(sizes) - first) / len(sizes)
+    one_mm = 2 * T * channels[0] * D if one else 0  # the stage-one dot in each gathering kernel
+
     def stages(tag: str) -> list[Part]:
         parts = []
-        for i, (n, c, f) in enumerate(zip(pix, channels, feat)):
+        for i, (n, c, f) in list(enumerate(zip(pix, channels, feat)))[first:]:
             # c.permute(0, 2, 3, 1).reshape(-1, C) of an NCHW-contiguous map is a copy
             parts.append(Part(f"torch: stage {i + 1} NCHW -> NHWC copy{tag}", 2 * f * db))
             parts.append(_gemm(f"stage {i + 1} z = A c + a{tag}", n, D, c, f * db + D * c * db, n * D * db))
         return parts
 
-    # K <= MAX_CLASSES with upsample_sum on Triton (what benchmarks/roofline.py models): u is never stored; the
-    # statistics kernel and the classifier's prologue gather it from the stage maps, each with the upsample_sum
-    # kernel's flops (its 4-tap gathers; tap re-reads in cache), reading the maps once each
-    maps_bytes = sum(B * h * w * D * db for h, w in sizes)
-    gather = up["forward"].kernel_other_flops
     lanes_f = sum(class_blocks(K)) if K <= MAX_CLASSES else K
     fwd_parts = [
         *stages(""),
         *((
-            Part("_bn_stats_gather_kernel", maps_bytes + partials, other_flops=gather + E * 3,
+            Part("_bn_stats_kernel (u gathered)", maps_bytes + partials, gemm_flops=one_mm,
+                 other_flops=gather + E * 3,
                  note="the stage maps once (u gathered, never stored); sums of (u - u[0]) and its square"),
             # d = dropout(relu(scale * u + shift)) from the gathered u: neither stored; the classes in two
             # power-of-two blocks (K = 150: 128 + 32 lanes), counted as computed
             Part("_bn_relu_dropout_linear_kernel (u gathered)", maps_bytes + K * D * db + T * K * db,
-                 gemm_flops=2 * T * D * lanes_f, other_flops=gather + E * 4 + philox,
+                 gemm_flops=2 * T * D * lanes_f + one_mm, other_flops=gather + E * 4 + philox,
                  note=f"the stage maps once, logits once; {lanes_f} class lanes for K={K}"),
         ) if K <= MAX_CLASSES else (
             *up["forward"].parts,
@@ -99,11 +107,12 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     # with upsample_sum on Triton both passes gather u from the recomputed stage maps (u never stored)
     fused_bwd = (
         Part("_bn_relu_dropout_bwd_linear_kernel (pass 1: sums, dWc, dbc; u gathered)", maps_bytes + T * K * db
-             + K * D * db + lin_partials, gemm_flops=2 * 2 * T * D * lanes, other_flops=gather + E * 10 + philox,
+             + K * D * db + lin_partials, gemm_flops=2 * 2 * T * D * lanes + one_mm,
+             other_flops=gather + E * 10 + philox,
              note="the stage maps and gl once; u, g and d never stored"),
         Part("torch: pass 1 partial sums", lin_partials + (2 * D + K * D + K) * FP32, other_flops=lin_partials / FP32),
         Part("_bn_relu_dropout_bwd_linear_kernel (pass 2: dL/du; u gathered)", maps_bytes + T * K * db + K * D * db
-             + E * db, gemm_flops=2 * T * D * lanes, other_flops=gather + E * 10 + philox,
+             + E * db, gemm_flops=2 * T * D * lanes + one_mm, other_flops=gather + E * 10 + philox,
              note="the stage maps and gl once, dL/du written"),
     )
     bwd_parts = [

@@ -57,7 +57,8 @@ from ..cost import next_pow2
 from ..math_utils import batch_norm_affine, batch_norm_backward, batch_stats, unbiased_var
 from ..upsample_sum.op import upsample_sum_nhwc
 
-__all__ = ["fold_weights", "all_mlp_decoder_eval", "all_mlp_decoder_train", "SPEC", "MAX_CLASSES", "class_blocks"]
+__all__ = ["fold_weights", "all_mlp_decoder_eval", "all_mlp_decoder_train", "SPEC", "MAX_CLASSES", "MAX_STAGE_ONE_CHANNELS",
+           "class_blocks"]
 
 
 def _stage(c: torch.Tensor, A: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
@@ -84,6 +85,7 @@ class _TrainCfg:
     glue: str = "torch"  # the implementation of BN / ReLU / dropout: "torch" or "triton"
 
 
+MAX_STAGE_ONE_CHANNELS = 128  # the gathering kernels' finest-stage features: one (C1, BLOCK_D) block of A per tile
 MAX_CLASSES = 256  # the fused classifier's two class blocks cover at most 128 + 128 classes
 
 
@@ -133,9 +135,10 @@ class _DecoderTrainFunction(torch.autograd.Function):
         gamma, beta, wc, bc = tensors[3 * n : 3 * n + 4]
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
+        if cfg.glue == "triton" and _gathers(cfg, feats[0], K):  # u never stored: both kernels gather it
+            return _triton_forward(ctx, cfg, _gather_source(feats, A, a), feats, A, a, gamma, beta, wc, bc,
+                                   (B, H, W, D, K))
         z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
-        if cfg.glue == "triton" and _gathers(cfg, z, K):  # u never stored: both kernels gather it from z
-            return _triton_forward(ctx, cfg, z, feats, A, a, gamma, beta, wc, bc, (B, H, W, D, K))
         u = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend)  # (B, H, W, D)
         del z
         u2 = u.view(-1, D)
@@ -170,12 +173,12 @@ class _DecoderTrainFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]  # one per tensor input
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
-        z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
-        if cfg.glue == "triton" and _gathers(cfg, z, K):  # u gathered from z in both passes, never stored
-            u2 = z
+        if cfg.glue == "triton" and _gathers(cfg, feats[0], K):  # u gathered in both passes, never stored
+            u2 = _gather_source(feats, A, a)
         else:
+            z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
             u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
-        del z
+            del z
         if cfg.glue == "triton":
             gu, dgamma, dbeta, dwc, dbc = _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd,
                                                            needs[3 * n : 3 * n + 4], (B, H, W, D, K))
@@ -246,7 +249,18 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
 
 
-def _gathers(cfg: _TrainCfg, z: list[torch.Tensor], K: int) -> bool:
+def _gather_source(feats, A, a) -> list:
+    """What the gathering kernels read: the finest stage as its features (its map z_1 = A_1 c_1 + a_1 computed in the
+    kernels, never stored) where it has at most MAX_STAGE_ONE_CHANNELS channels, and the other stages' maps."""
+    from .triton_kernels import MAX_STAGE_ONE_CHANNELS, StageOne
+
+    if len(feats) > 1 and feats[0].shape[1] <= MAX_STAGE_ONE_CHANNELS:
+        first = [StageOne(feats[0].contiguous(), A[0], a[0])]
+        return first + [_stage(c, Ai, ai) for c, Ai, ai in zip(feats[1:], A[1:], a[1:])]
+    return [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
+
+
+def _gathers(cfg: _TrainCfg, like: torch.Tensor, K: int) -> bool:
     """Whether the Triton glue gathers u from the stage maps in its kernels (forward: the statistics, then the
     classifier with u and d computed in its prologue; backward: both passes) instead of running the upsample_sum
     op: where that op's backend resolves to Triton (whose gather the kernels share: the same u, bit for bit, in
@@ -254,7 +268,7 @@ def _gathers(cfg: _TrainCfg, z: list[torch.Tensor], K: int) -> bool:
     from ..upsample_sum.op import SPEC as UPSAMPLE
 
     try:
-        return K <= MAX_CLASSES and UPSAMPLE.resolve(cfg.backend, z[0]).backend == "triton"
+        return K <= MAX_CLASSES and UPSAMPLE.resolve(cfg.backend, like).backend == "triton"
     except Exception:  # noqa: BLE001 - the unfused path raises the upsample_sum op's own error for this backend
         return False
 
@@ -298,7 +312,7 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
     cfg = ctx.cfg
     B, H, W, D, K = shape
     scale, shift = batch_norm_affine(_float(gamma), _float(beta), mean, invstd)
-    dt = u2[0].dtype if isinstance(u2, list) else u2.dtype
+    dt = u2[-1].dtype if isinstance(u2, list) else u2.dtype
     gl = grad_logits.permute(0, 2, 3, 1).reshape(-1, K).to(dt)  # (B*H*W, K)
     args = (cfg.p, ctx.seed, H * W, cfg.dropout2d)
     gscale = invstd if gamma is None else gamma.float() * invstd

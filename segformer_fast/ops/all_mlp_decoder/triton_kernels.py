@@ -38,18 +38,20 @@ when its uniform is >= p.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes, dot_precision, gpu_launch_config
-from ..upsample_sum.triton_kernels import MAX_MAPS, _gather_sum, _map_args
-from .op import MAX_CLASSES, class_blocks
+from ..upsample_sum.triton_kernels import MAX_MAPS, _gather, _gather_sum, _map_args
+from .op import MAX_CLASSES, MAX_STAGE_ONE_CHANNELS, class_blocks
 
 __all__ = ["dropout_keep_mask", "bn_stats_triton", "bn_relu_dropout_fwd_triton", "bn_relu_dropout_bwd_reduce_triton",
            "bn_relu_dropout_bwd_triton", "bn_relu_dropout_linear_triton", "bn_stats_gather_triton", "bn_relu_dropout_bwd_reduce_linear_triton",
-           "bn_relu_dropout_bwd_linear_triton", "class_blocks", "MAX_CLASSES",
+           "bn_relu_dropout_bwd_linear_triton", "class_blocks", "MAX_CLASSES", "StageOne", "MAX_STAGE_ONE_CHANNELS",
            "launch_config"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,21 +99,56 @@ def _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, 
 
 
 @triton.jit
-def _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
-            rows, cols, m, H, W, D, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr):
-    # u at (rows, cols), fp32: gathered from the stage maps (GATHER), else loaded from z0_ptr, u itself (N, D)
+def _stage_one(c_ptr, aw_ptr, ab_ptr, C1, rows, cols, N, H, W, D, dt, HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr,
+               PRECISION: tl.constexpr):
+    # the finest stage's map z_1 = A_1 c_1 + a_1 at (rows, cols) from its NCHW features (B, C1, H, W): one tl.dot,
+    # rounded to dt as the stage GEMM stores z_1; (BLOCK_R, BLOCK_D) fp32
+    HW = H * W
+    cc = tl.arange(0, BLOCK_C1)
+    c_ok = cc < C1
+    x = tl.load(c_ptr + ((rows // HW) * C1 * HW + rows % HW)[:, None] + (cc * HW)[None, :],
+                mask=(rows < N)[:, None] & c_ok[None, :], other=0.0)
+    w = tl.load(aw_ptr + cols[None, :] * C1 + cc[:, None], mask=c_ok[:, None] & (cols < D)[None, :], other=0.0)
+    z = tl.dot(x.to(dt), w.to(dt), input_precision=PRECISION)
+    if HAS_AB:
+        z += tl.load(ab_ptr + cols, mask=cols < D, other=0.0).to(dt).to(tl.float32)[None, :]
+    return z.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1,
+            h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
+            rows, cols, m, N, H, W, D, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr, HAS_C1: tl.constexpr,
+            HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr, PRECISION: tl.constexpr):
+    # u at (rows, cols), fp32. GATHER: u = upsample_sum of the stage maps, gathered (the maps z0.. ; with HAS_C1 the
+    # finest map is computed here from its features, and z0.. are the coarser NUM_MAPS), rounded to the maps' dtype
+    # as the op stores u. Else loaded from z0_ptr, u itself (N, D).
     if GATHER:
-        u = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, rows, cols, m, H, W, D, NUM_MAPS)
+        if HAS_C1:
+            dt = z0_ptr.dtype.element_ty
+            ow = rows % W
+            oh = (rows // W) % H
+            b = rows // (W * H)
+            u = _stage_one(f1_ptr, aw_ptr, ab_ptr, C1, rows, cols, N, H, W, D, dt, HAS_AB, BLOCK_C1, PRECISION)
+            u += _gather(z0_ptr, h0, w0, sh0, sw0, b, oh, ow, cols, m, D)  # the upsample_sum kernel's order
+            if NUM_MAPS > 1:
+                u += _gather(z1_ptr, h1, w1, sh1, sw1, b, oh, ow, cols, m, D)
+            if NUM_MAPS > 2:
+                u += _gather(z2_ptr, h2, w2, sh2, sw2, b, oh, ow, cols, m, D)
+            u = u.to(dt).to(tl.float32)
+        else:
+            u = _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3,
+                        sh3, sw3, rows, cols, m, H, W, D, NUM_MAPS)
     else:
         u = tl.load(z0_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
     return u
 
 
 @triton.jit
-def _bn_stats_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
+def _bn_stats_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, part_ptr, k_ptr,
                      h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
                      N, H, W, D, P, ROWS_PER_PROG, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr,
+                     HAS_C1: tl.constexpr, HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # partial sums of (u - k) and its square over ROWS_PER_PROG rows -> part[0, pid], part[1, pid], k = u[0] (written
     # by the first programs); u read (z0 is u) or gathered from the stage maps (GATHER, never stored)
@@ -119,8 +156,9 @@ def _bn_stats_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
     r = tl.arange(0, BLOCK_R)
-    first = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, (r * 0).to(tl.int64), cols, (r == 0)[:, None] & mask_d[None, :], H, W, D, NUM_MAPS, GATHER)
+    first = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, h0, w0, sh0, sw0, h1, w1, sh1, sw1,
+                    h2, w2, sh2, sw2, h3, w3, sh3, sw3, (r * 0).to(tl.int64), cols, (r == 0)[:, None] & mask_d[None, :], N, H, W, D, NUM_MAPS, GATHER, HAS_C1, HAS_AB,
+                    BLOCK_C1, PRECISION)
     k = tl.sum(tl.where((r == 0)[:, None], first, 0.0), axis=0)  # u[0] exactly: the other rows add zeros
     tl.store(k_ptr + cols, k, mask=mask_d & (cols * 0 + pid == 0))
     s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
@@ -129,8 +167,9 @@ def _bn_stats_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, part_ptr, k_ptr,
     for i in range(0, ROWS_PER_PROG, BLOCK_R):
         rows = row0 + i + r
         m = (rows < N)[:, None] & mask_d[None, :]
-        x = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, rows, cols, m, H, W, D, NUM_MAPS, GATHER)
+        x = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, h0, w0, sh0, sw0, h1, w1, sh1, sw1,
+                    h2, w2, sh2, sw2, h3, w3, sh3, sw3, rows, cols, m, N, H, W, D, NUM_MAPS, GATHER, HAS_C1, HAS_AB,
+                    BLOCK_C1, PRECISION)
         x = tl.where(m, x - k[None, :], 0.0)
         s1 += x
         s2 += x * x
@@ -239,9 +278,11 @@ def _bn_relu_dropout_bwd_kernel(u_ptr, g_ptr, gu_ptr, mean_ptr, invstd_ptr, scal
 
 
 @triton.jit
-def _bn_relu_dropout_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, scale_ptr, shift_ptr, wc_ptr, bc_ptr, out_ptr,
+def _bn_relu_dropout_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, scale_ptr, shift_ptr,
+                                   wc_ptr, bc_ptr, out_ptr,
                                    h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
                                    seed, N, H, W, D, K, p, inv_keep, NUM_MAPS: tl.constexpr, GATHER: tl.constexpr,
+                                   HAS_C1: tl.constexpr, HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr,
                                    HAS_BC: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
                                    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
@@ -263,8 +304,9 @@ def _bn_relu_dropout_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, scale_ptr, sh
         m = row_ok[:, None] & mask_d[None, :]
         scale = tl.load(scale_ptr + cols, mask=mask_d, other=0.0)
         shift = tl.load(shift_ptr + cols, mask=mask_d, other=0.0)
-        u = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3,
-                    sw3, rows, cols, m, H, W, D, NUM_MAPS, GATHER)
+        u = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, h0, w0, sh0, sw0, h1, w1, sh1, sw1,
+                    h2, w2, sh2, sw2, h3, w3, sh3, sw3, rows, cols, m, N, H, W, D, NUM_MAPS, GATHER, HAS_C1, HAS_AB,
+                    BLOCK_C1, PRECISION)
         keep = None
         if HAS_DROPOUT:
             keep = _keep(seed, rows, col0, D, H * W, p, DROPOUT2D, BLOCK_R, BLOCK_D)
@@ -300,11 +342,13 @@ def _class_cols(wc_ptr, n, cols, mask_d, K, D, dt):
 
 
 @triton.jit
-def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, gl_ptr, wc_ptr, gu_ptr, part_ptr, wpart_ptr,
+def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, gl_ptr, wc_ptr,
+                                       gu_ptr, part_ptr, wpart_ptr,
                                        bpart_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, gscale_ptr, c1_ptr, c2_ptr,
                                        h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3, sh3, sw3,
                                        seed, N, H, W, D, K, P, ROWS_PER_PROG, p, inv_keep,
-                                       NUM_MAPS: tl.constexpr, GATHER: tl.constexpr,
+                                       NUM_MAPS: tl.constexpr, GATHER: tl.constexpr, HAS_C1: tl.constexpr,
+                                       HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr,
                                        REDUCE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
                                        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                        BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
@@ -346,8 +390,9 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, gl_ptr, w
         row_ok = rows < N
         m = row_ok[:, None] & mask_d[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        u = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, h2, w2, sh2, sw2, h3, w3,
-                    sh3, sw3, rows, cols, m, H, W, D, NUM_MAPS, GATHER)
+        u = _u_tile(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, aw_ptr, ab_ptr, C1, h0, w0, sh0, sw0, h1, w1, sh1, sw1,
+                    h2, w2, sh2, sw2, h3, w3, sh3, sw3, rows, cols, m, N, H, W, D, NUM_MAPS, GATHER, HAS_C1, HAS_AB,
+                    BLOCK_C1, PRECISION)
         gl1 = _class_rows(gl_ptr, rows, row_ok, K, n1, dt)
         g = tl.dot(gl1, wt1, input_precision=PRECISION)
         if BLOCK_N2 > 0:
@@ -546,16 +591,47 @@ def _maps(op: str, maps: list[torch.Tensor], H: int, W: int) -> tuple[list[torch
     return [maps[min(i, len(maps) - 1)] for i in range(MAX_MAPS)], _map_args(maps, H, W), N, D
 
 
-def _u_source(op: str, u, H: int, W: int) -> tuple[list[torch.Tensor], list, int, int, bool]:
-    """The kernels' view of u: a list of stage maps (gathered, see :func:`_maps`; GATHER) or u itself, a contiguous
-    (N = B * H * W, D) tensor (read). Returns (4 pointers, the maps' 16 sizes and scales, N, D, GATHER)."""
-    if isinstance(u, (list, tuple)):
-        zs, args, N, D = _maps(op, list(u), H, W)
-        return zs, args, N, D, True
-    N, D = _check(op, u)
-    if N % max(H * W, 1):
-        raise ValueError(f"{op}: u has {N} rows, not a multiple of H * W = {H * W}")
-    return [u] * MAX_MAPS, [1, 1, 1.0, 1.0] * MAX_MAPS, N, D, False
+class StageOne(NamedTuple):
+    """The finest stage given by its features instead of its map: z_1 = A c + a is computed inside the kernels that
+    gather u (one tl.dot per tile), so it is never stored. c: (B, C1, H, W) contiguous NCHW, C1 <= 128; A: (D, C1);
+    a: (D,) or None."""
+
+    c: torch.Tensor
+    A: torch.Tensor
+    a: torch.Tensor | None
+
+
+def _u_source(op: str, u, H: int, W: int) -> tuple[list, list, list, int, int, dict]:
+    """The kernels' view of u: u itself, a contiguous (N = B * H * W, D) tensor (read); or a list of stage maps
+    (gathered, see :func:`_maps`), the first of which may be a :class:`StageOne`. Returns (the 4 map pointers, the
+    stage-one arguments (c, A, a, C1), the maps' 16 sizes and scales, N, D, the source's constexprs)."""
+    if not isinstance(u, (list, tuple)):
+        N, D = _check(op, u)
+        if N % max(H * W, 1):
+            raise ValueError(f"{op}: u has {N} rows, not a multiple of H * W = {H * W}")
+        meta = dict(NUM_MAPS=1, GATHER=False, HAS_C1=False, HAS_AB=False, BLOCK_C1=16)
+        return [u] * MAX_MAPS, [u, u, u, 1], [1, 1, 1.0, 1.0] * MAX_MAPS, N, D, meta
+    u = list(u)
+    one = u[0] if u and isinstance(u[0], StageOne) else None
+    rest = u[1:] if one is not None else u
+    zs, args, N, D = _maps(op, rest, H, W)
+    if one is None:
+        meta = dict(NUM_MAPS=len(rest), GATHER=True, HAS_C1=False, HAS_AB=False, BLOCK_C1=16)
+        return zs, [zs[0], zs[0], zs[0], 1], args, N, D, meta
+    c, A, a = one
+    B = rest[0].shape[0]
+    if (c.dim() != 4 or c.shape[0] != B or tuple(c.shape[2:]) != (H, W) or not c.is_contiguous()
+            or c.dtype != rest[0].dtype or not 1 <= c.shape[1] <= MAX_STAGE_ONE_CHANNELS):
+        raise ValueError(f"{op}: the finest stage's features must be a contiguous (B={B}, C1 <= "
+                         f"{MAX_STAGE_ONE_CHANNELS}, {H}, {W}) {rest[0].dtype} tensor, got {tuple(c.shape)} {c.dtype}")
+    C1 = c.shape[1]
+    if tuple(A.shape) != (D, C1) or (a is not None and tuple(a.shape) != (D,)):
+        raise ValueError(f"{op}: the finest stage's A must be ({D}, {C1}) and a ({D},), got {tuple(A.shape)} and "
+                         f"{None if a is None else tuple(a.shape)}")
+    A = A.contiguous()
+    meta = dict(NUM_MAPS=len(rest), GATHER=True, HAS_C1=True, HAS_AB=a is not None,
+                BLOCK_C1=max(16, triton.next_power_of_2(C1)))
+    return zs, [c, A, a.contiguous() if a is not None else A, C1], args, N, D, meta
 
 
 def bn_stats_triton(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -570,13 +646,15 @@ def bn_stats_gather_triton(maps: list[torch.Tensor], H: int, W: int) -> tuple[to
 
 
 def _bn_stats(u, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
-    zs, args, N, D, gather = _u_source("bn_stats", u, H, W)
+    zs, src, args, N, D, meta = _u_source("bn_stats", u, H, W)
     cfg = launch_config(zs[0])
+    if meta["HAS_C1"] and zs[0].dtype == torch.float32 and gpu_launch_config(zs[0]):
+        cfg["BLOCK_D"] = 32  # the stage-one dot in exact fp32 (FMAs) on 128 channels spills 10 KB
     P, per = _reduce_split(N, cfg)
     part = empty(2, P, D, dtype=torch.float32, device=zs[0].device)
     k = empty(D, dtype=torch.float32, device=zs[0].device)
     _bn_stats_kernel[(P, triton.cdiv(D, cfg["BLOCK_D"]))](
-        *zs, part, k, *args, N, H, W, D, P, per, NUM_MAPS=len(u) if gather else 1, GATHER=gather,
+        *zs, *src, part, k, *args, N, H, W, D, P, per, **meta, PRECISION=dot_precision(zs[0].dtype),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     s1, s2 = part.sum(1).div_(N)  # E[u - k], E[(u - k)^2], fixed order
     return k + s1, (s2 - s1 * s1).clamp_min_(0.0)
@@ -593,7 +671,7 @@ def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scal
         wc: (K, D), K <= MAX_CLASSES; bc: (K,) or None. p, seed, dropout2d: the dropout, drawn as
         :func:`bn_relu_dropout_fwd_triton` draws it with HW = H * W (the same mask).
     """
-    zs, args, N, D, gather = _u_source("bn_relu_dropout_linear", maps, H, W)
+    zs, src, args, N, D, meta = _u_source("bn_relu_dropout_linear", maps, H, W)
     p, inv_keep = _dropout_args(p, H * W, dropout2d)
     scale, shift = _vec(scale, D, "scale"), _vec(shift, D, "shift")
     if wc.dim() != 2 or wc.shape[1] != D or (bc is not None and bc.shape != (wc.shape[0],)):
@@ -605,11 +683,12 @@ def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scal
     z0 = zs[0]
     out = empty(N, K, dtype=z0.dtype, device=z0.device)
     gpu = gpu_launch_config(z0)
-    block_r = 64 if gpu else 32
-    stages = 1 if z0.dtype == torch.float32 else 3  # fp32 pipelined: 16-44 B spilled at sm_90/sm_80
+    fp32 = z0.dtype == torch.float32
+    block_r = 64 if gpu and not fp32 else 32  # fp32: 64 rows spill 24 B at sm_90 with the stage-one dot
+    stages = 1 if fp32 else 3  # fp32 pipelined: 16-44 B spilled at sm_90/sm_80
     _bn_relu_dropout_linear_kernel[(triton.cdiv(N, block_r),)](
-        *zs, scale, shift, wc.to(z0.dtype).contiguous(), bc if bc is not None else scale, out, *args, seed, N, H,
-        W, D, K, p, inv_keep, NUM_MAPS=len(maps) if gather else 1, GATHER=gather, HAS_BC=bc is not None,
+        *zs, *src, scale, shift, wc.to(z0.dtype).contiguous(), bc if bc is not None else scale, out, *args, seed, N,
+        H, W, D, K, p, inv_keep, **meta, HAS_BC=bc is not None,
         HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d, PRECISION=dot_precision(z0.dtype), BLOCK_R=block_r, BLOCK_D=32,
         BLOCK_N1=n1, BLOCK_N2=n2, num_warps=8 if gpu else 1, num_stages=stages)
     return out
@@ -629,7 +708,7 @@ def _linear_bwd_config(u: torch.Tensor, reduce: bool) -> dict:
 
 def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool):
     op = "bn_relu_dropout_bwd_linear"
-    zs, args, N, D, gather = _u_source(op, u, H, W)
+    zs, src, args, N, D, meta = _u_source(op, u, H, W)
     z0 = zs[0]
     if gl.dim() != 2 or gl.shape[0] != N or wc.shape != (gl.shape[1], D):
         raise ValueError(f"{op}: gl must be (N={N}, K) and wc (K, {D}), got {tuple(gl.shape)} and {tuple(wc.shape)}")
@@ -646,8 +725,8 @@ def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool):
     bpart = empty(P, K, **f32) if reduce else vecs[0]
     gu = vecs[0] if reduce else empty(N, D, dtype=z0.dtype, device=z0.device)
     _bn_relu_dropout_bwd_linear_kernel[(triton.cdiv(D, cfg["BLOCK_D"]), P)](
-        *zs, gl, wc, gu, part, wpart, bpart, *vecs, *cvecs, *args, seed, N, H, W, D, K, P, per, p, inv_keep,
-        NUM_MAPS=len(u) if gather else 1, GATHER=gather, REDUCE=reduce, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
+        *zs, *src, gl, wc, gu, part, wpart, bpart, *vecs, *cvecs, *args, seed, N, H, W, D, K, P, per, p, inv_keep,
+        **meta, REDUCE=reduce, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
         PRECISION=dot_precision(z0.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N1=n1, BLOCK_N2=n2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if reduce:
@@ -664,7 +743,7 @@ def bn_relu_dropout_bwd_reduce_linear_triton(u, H: int, W: int, gl: torch.Tensor
     dbc = sum gl (K,)), all fp32. u: the stage maps (u gathered per tile, never stored) or u itself (B*H*W, D);
     gl (B*H*W, K) is the logits' gradient, wc (K, D) the classifier, K <= MAX_CLASSES; g = gl Wc and d are computed
     per tile and never stored."""
-    D = u[0].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
+    D = u[-1].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
     vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
     return _linear_bwd(u, H, W, gl, wc, vecs, vecs[:3], p, seed, dropout2d, reduce=True)
 
@@ -676,7 +755,7 @@ def bn_relu_dropout_bwd_linear_triton(u, H: int, W: int, gl: torch.Tensor, wc: t
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward pass 2 with the classifier fused: (dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, (B*H*W, D)
     in u's dtype; its column sums (D,) fp32, from the values before rounding), u and g = gl Wc as in pass 1."""
-    D = u[0].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
+    D = u[-1].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
     vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
     cvecs = [_vec(gscale, D, "gscale"), _vec(sum_g, D, "sum_g") / count, _vec(sum_gx, D, "sum_gx") / count]
     return _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce=False)
