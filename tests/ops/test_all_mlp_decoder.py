@@ -375,9 +375,9 @@ def test_triton_fused_classifier_backward_matches_unfused(N, D, K, p, dropout2d)
         assert err <= 2 * err_unfused + 2**-10 * ref.abs().max().item(), (name, err, err_unfused)
 
 
-def test_triton_forward_gathers_u_only_with_upsample_sum_on_triton(monkeypatch):
-    """With upsample_sum on Triton the training forward gathers u from the stage maps in its kernels; on another
-    upsample_sum backend it reads the op's u. Both give the same logits."""
+def test_triton_forward_gathers_u_unless_another_upsample_backend_is_named(monkeypatch):
+    """With upsample_sum's backend "auto" or "triton" the training glue gathers u from the stage maps in its
+    kernels; with another backend named it reads that op's u. All give the same logits."""
     kernels = _triton_or_skip()
     calls = []
     real = kernels.bn_stats_gather_triton
@@ -386,12 +386,13 @@ def test_triton_forward_gathers_u_only_with_upsample_sum_on_triton(monkeypatch):
     A, a = [torch.randn(8, 4), torch.randn(8, 6)], [torch.randn(8), None]
     wc, bc = torch.randn(19, 8), torch.randn(19)
     outs = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "auto", "torch"):
         calls.clear()
         outs[backend] = all_mlp_decoder_train(feats, A, a, None, None, wc, bc, eps=1e-5, backend=backend,
                                               glue="triton")[0]
-        assert calls == (["gather"] if backend == "triton" else []), backend
-    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)
+        assert calls == (["gather"] if backend != "torch" else []), backend
+    for backend in ("triton", "auto"):
+        torch.testing.assert_close(outs[backend], outs["torch"], rtol=1e-5, atol=1e-5)
 
 
 def test_triton_stage_one_computed_in_kernel():

@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, MAX_STAGE_ONE_CHANNELS, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "2f625680b6b90e0fa5f721e9804f00e06ce1a1f1", "triton_kernels.py": "79564e7041747044a92cb89b69366fdabb6545ce"}
+MODELLED = {"op.py": "84dfd7349ccccd9ffa6872629f894e929c5a6345", "triton_kernels.py": "79564e7041747044a92cb89b69366fdabb6545ce"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
@@ -49,7 +49,7 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     # the reductions' fp32 partials: (2, P, D) written, then read by torch's sum over P
     partials = 2 * (2 * REDUCE_PROGRAMS * D * FP32) + 2 * D * FP32
 
-    # K <= MAX_CLASSES with upsample_sum on Triton (what benchmarks/roofline.py models): u is never stored. The
+    # K <= MAX_CLASSES, upsample_sum "auto" (what benchmarks/roofline.py models): u is never stored. The
     # kernels that need it (statistics, classifier; backward passes 1 and 2) gather it: the finest stage from its
     # features (z_1 = A_1 c_1 + a_1 by a tl.dot per tile: its map, GEMM and NHWC copy are gone; C_1 <= 128), the
     # other stages from their maps with the upsample_sum kernel's flops (4-tap gathers, tap re-reads in cache)

@@ -34,9 +34,10 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
   for backward (under torch.compile the 1-byte mask is kept instead).
 - "triton" (triton_kernels.py, auto's choice on CUDA): up to 256 classes the classifier is a Triton
   GEMM whose prologue computes d from u (d never stored), in forward and in both backward passes
-  (g = dL/dd recomputed per tile; pass 1 also sums dWc and dbc), and with upsample_sum on Triton u
-  itself is gathered from the stage maps by each of these kernels and by the statistics kernel: u
-  is never stored, forward or backward. Otherwise: one read of u for the statistics, one pass for
+  (g = dL/dd recomputed per tile; pass 1 also sums dWc and dbc), and unless another upsample_sum
+  backend is named, u itself is gathered from the stage maps (the finest stage from its features,
+  StageOne) by each of these kernels and by the statistics kernel: u is never stored, forward or
+  backward. Otherwise: one read of u for the statistics, one pass for
   d and a cuBLAS GEMM; backward one reduction pass (which also writes d for the classifier's weight gradient)
   and one elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
   torch's default (CPU) generator, so torch.manual_seed reproduces a run and backward regenerates
@@ -135,7 +136,7 @@ class _DecoderTrainFunction(torch.autograd.Function):
         gamma, beta, wc, bc = tensors[3 * n : 3 * n + 4]
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
-        if cfg.glue == "triton" and _gathers(cfg, feats[0], K):  # u never stored: both kernels gather it
+        if cfg.glue == "triton" and _gathers(cfg, K):  # u never stored: both kernels gather it
             return _triton_forward(ctx, cfg, _gather_source(feats, A, a), feats, A, a, gamma, beta, wc, bc,
                                    (B, H, W, D, K))
         z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
@@ -173,7 +174,7 @@ class _DecoderTrainFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]  # one per tensor input
         H, W = cfg.size
         B, D, K = feats[0].shape[0], A[0].shape[0], wc.shape[0]
-        if cfg.glue == "triton" and _gathers(cfg, feats[0], K):  # u gathered in both passes, never stored
+        if cfg.glue == "triton" and _gathers(cfg, K):  # u gathered in both passes, never stored
             u2 = _gather_source(feats, A, a)
         else:
             z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
@@ -260,17 +261,13 @@ def _gather_source(feats, A, a) -> list:
     return [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
 
 
-def _gathers(cfg: _TrainCfg, like: torch.Tensor, K: int) -> bool:
+def _gathers(cfg: _TrainCfg, K: int) -> bool:
     """Whether the Triton glue gathers u from the stage maps in its kernels (forward: the statistics, then the
-    classifier with u and d computed in its prologue; backward: both passes) instead of running the upsample_sum
-    op: where that op's backend resolves to Triton (whose gather the kernels share: the same u, bit for bit, in
-    every pass) and the classifier fits the fused kernels (K <= MAX_CLASSES). u is then never stored."""
-    from ..upsample_sum.op import SPEC as UPSAMPLE
-
-    try:
-        return K <= MAX_CLASSES and UPSAMPLE.resolve(cfg.backend, like).backend == "triton"
-    except Exception:  # noqa: BLE001 - the unfused path raises the upsample_sum op's own error for this backend
-        return False
+    classifier with u and d computed in its prologue; backward: both passes, so every pass sees the same u, bit
+    for bit) instead of running the upsample_sum op forward: where upsample_sum's backend is "auto" or "triton"
+    (the gather is the Triton kernel's; another backend asked for by name runs as asked) and the classifier fits
+    the fused kernels (K <= MAX_CLASSES). u is then never stored."""
+    return K <= MAX_CLASSES and cfg.backend in ("auto", "triton") and cfg.n <= 4
 
 
 def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
