@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, MAX_STAGE_ONE_CHANNELS, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "84dfd7349ccccd9ffa6872629f894e929c5a6345", "triton_kernels.py": "79564e7041747044a92cb89b69366fdabb6545ce"}
+MODELLED = {"op.py": "c6ec2d02404ea49f1410f9ce4e2d9a62c58f5692", "triton_kernels.py": "79564e7041747044a92cb89b69366fdabb6545ce"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)

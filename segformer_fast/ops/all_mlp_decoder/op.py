@@ -37,9 +37,9 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
   (g = dL/dd recomputed per tile; pass 1 also sums dWc and dbc), and unless another upsample_sum
   backend is named, u itself is gathered from the stage maps (the finest stage from its features,
   StageOne) by each of these kernels and by the statistics kernel: u is never stored, forward or
-  backward. Otherwise: one read of u for the statistics, one pass for
-  d and a cuBLAS GEMM; backward one reduction pass (which also writes d for the classifier's weight gradient)
-  and one elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
+  backward. Otherwise: one read of u for the statistics, one pass for d and a cuBLAS GEMM; backward
+  one reduction pass (which also writes d for the classifier's weight gradient) and one
+  elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
   torch's default (CPU) generator, so torch.manual_seed reproduces a run and backward regenerates
   the mask from the seed; its draws are not torch.nn.functional.dropout's.
 """
@@ -181,18 +181,17 @@ class _DecoderTrainFunction(torch.autograd.Function):
             u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
             del z
         if cfg.glue == "triton":
-            gu, dgamma, dbeta, dwc, dbc = _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd,
-                                                           needs[3 * n : 3 * n + 4], (B, H, W, D, K))
+            gu, dgamma, dbeta, dwc, dbc, gu_sum = _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean,
+                                                                   invstd, needs[3 * n : 3 * n + 4], (B, H, W, D, K))
         else:
             gu, dgamma, dbeta, dwc, dbc = _torch_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, kept,
                                                           needs[3 * n : 3 * n + 4], (B, H, W, D, K))
+            gu_sum = None
         gu = gu.to(feats[0].dtype).view(B, H, W, D)
         sizes = [s for c in feats for s in (c.shape[2], c.shape[3])]
         # Every stage's bias gradient is sum(dL/du): the upsampling adjoint keeps a gradient's total (the bilinear
         # weights of each output pixel sum to one), so sum(gz_i) = sum(gu) for all i. The fused Triton pass 2 sums
         # gu as it writes it; else one sum of gu serves all stages.
-        gu_sum = getattr(ctx, "gu_sum", None)
-        ctx.gu_sum = None
         if gu_sum is None and any(needs[2 * n : 3 * n]):
             gu_sum = gu.view(-1, D).sum(0, dtype=torch.float32)
         gz = torch.ops.segformer_fast.upsample_sum_backward(gu, sizes, [], None, None, False, False, False, cfg.backend)
@@ -207,8 +206,8 @@ class _DecoderTrainFunction(torch.autograd.Function):
             else:
                 grad_feats.append(None)
             if needs[n + i]:  # sum over images of c_b (C, h*w) gz_b (h*w, D): the NCHW features, no NHWC copy
-                gA = torch.bmm(c.reshape(B, C, -1).to(gz2.dtype), gz[i].reshape(B, -1, D)).sum(0, dtype=torch.float32).t()
-                grad_A.append(gA.to(Ai.dtype))
+                gA = torch.bmm(c.reshape(B, C, -1).to(gz2.dtype), gz[i].reshape(B, -1, D))
+                grad_A.append(gA.sum(0, dtype=torch.float32).t().to(Ai.dtype))
             else:
                 grad_A.append(None)
             grad_a.append(gu_sum.to(Ai.dtype) if needs[2 * n + i] else None)
@@ -302,7 +301,8 @@ def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
 
 def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs, shape):
     """The glue's backward in two Triton passes over the recomputed u (N, D), or over u gathered from the stage
-    maps ``u2`` (a list; the fused classifier only): (dL/du (N, D) in u's dtype, dgamma, dbeta, dWc, dbc)."""
+    maps ``u2`` (a list; the fused classifier only): (dL/du (N, D) in u's dtype, dgamma, dbeta, dWc, dbc, and
+    sum(dL/du) (D,) fp32 where the fused pass 2 summed it, else None)."""
     from .triton_kernels import (bn_relu_dropout_bwd_linear_triton, bn_relu_dropout_bwd_reduce_linear_triton,
                                  bn_relu_dropout_bwd_reduce_triton, bn_relu_dropout_bwd_triton)
 
@@ -322,9 +322,8 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
             sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
         gu, gu_sum = bn_relu_dropout_bwd_linear_triton(u2, H, W, gl, wc, mean, invstd, scale, shift, gscale, sum_g,
                                                        sum_gx, ctx.count, *fused_args)
-        ctx.gu_sum = gu_sum  # every stage's bias gradient (see the backward)
         return (gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc.to(wc.dtype) if needs[2] else None,
-                dbc.to(wc.dtype) if needs[3] else None)
+                dbc.to(wc.dtype) if needs[3] else None, gu_sum)
     g = gl @ wc.to(u2.dtype)  # (B*H*W, D) dL/dd
     # pass 1: sum(gy), sum(gy * xhat) and the forward's d again (for dWc), one read of u and g
     d, sum_g, sum_gx = bn_relu_dropout_bwd_reduce_triton(u2, g, mean, invstd, scale, shift, *args)
@@ -336,7 +335,7 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
         sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
     # pass 2: dL/du, in place on g
     gu = bn_relu_dropout_bwd_triton(u2, g, mean, invstd, scale, shift, gscale, sum_g, sum_gx, ctx.count, *args, out=g)
-    return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc
+    return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc, None
 
 
 def _triton_condition(x: torch.Tensor, facts: dict) -> str | None:
