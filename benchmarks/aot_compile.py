@@ -198,9 +198,9 @@ def _cases(model: str, image: int, batch: int, dtype):
         ("all_mlp_decoder", "bwd pass 1, u gathered, classifier fused (sums, dWc, dbc)", tag,
          partial(bn_relu_dropout_bwd_reduce_linear_triton, src, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D),
                  v, v, v, v, p, 1234, cfg.decoder_dropout2d)),
-        ("all_mlp_decoder", "bwd pass 2, u gathered, classifier fused (dL/du)", tag,
+        ("all_mlp_decoder", "bwd pass 2, u gathered, classifier fused (dL/du, dA_1)", tag,
          partial(bn_relu_dropout_bwd_linear_triton, src, H, H, t(N, cfg.num_classes), t(cfg.num_classes, D), v, v, v,
-                 v, v, v, v, N, p, 1234, cfg.decoder_dropout2d)),
+                 v, v, v, v, N, p, 1234, cfg.decoder_dropout2d, stage_one_grad=True)),
     ]
     K = cfg.num_classes
     logits, labels = t(batch, H, H, K), t(batch, image, image, dt=torch.int64)

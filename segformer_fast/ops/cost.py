@@ -27,9 +27,10 @@ SMS = 132  # H100/H200 SXM streaming multiprocessors (for the programs-per-SM no
 EXP_FLOPS = 16
 # One erf (libdevice erff): a ~10-term polynomial in FMAs plus a few selects, about 20 flops (estimate).
 ERF_FLOPS = 20
-# One bilinear sample from its 4 taps and 2 fractions: 1 - lx, 1 - ly, 6 multiplies, 3 adds (as written:
-# (1-ly)((1-lx)v00 + lx v01) + ly((1-lx)v10 + lx v11)), about 11 flops.
-LERP2D_FLOPS = 11
+# One bilinear sample from its 4 taps (triton_math.lerp2d): the four weight products are formed once per pixel
+# and shared by its channels (or classes), so per value a multiply and 3 FMAs, w00 v00 + w01 v01 + w10 v10 + w11 v11:
+# 7 flops.
+LERP2D_FLOPS = 7
 # The least a bilinear upsampling (or its adjoint) needs per output value: done separably, a 2-tap lerp
 # (3 flops) along one axis per output, the other axis's pass amortised over the upsampling factor (>= 1).
 LERP_MIN_FLOPS = 4

@@ -25,6 +25,7 @@ __all__ = [
     "bilinear_tap",
     "bilinear_weight",
     "bilinear_first_reader",
+    "lerp2d",
     "tanh",
     "gelu_erf",
     "gelu_tanh",
@@ -50,6 +51,16 @@ def bilinear_weight(o, i, scale, n_in, valid):
     i0, i1, l1 = bilinear_tap(o, scale, n_in)
     wt = tl.where(i0 == i, 1.0 - l1, 0.0) + tl.where(i1 == i, l1, 0.0)
     return tl.where(valid, wt, 0.0)
+
+
+@triton.jit
+def lerp2d(v00, v01, v10, v11, ly, lx):
+    # The bilinear sample of four fp32 taps with fractions ly, lx (shapes that broadcast against the taps', e.g.
+    # (P, 1) against (P, D)): the four products of weights are formed at the fractions' shape, once per pixel, so a
+    # tap costs one multiply or FMA (4 per sample, not the nested form's 6). NaN/inf in any tap stays in the sum.
+    wy0 = 1.0 - ly
+    wx0 = 1.0 - lx
+    return (wy0 * wx0) * v00 + (wy0 * lx) * v01 + (ly * wx0) * v10 + (ly * lx) * v11
 
 
 @triton.jit

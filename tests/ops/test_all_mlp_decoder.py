@@ -414,10 +414,18 @@ def test_triton_stage_one_computed_in_kernel():
                kernels.bn_relu_dropout_linear_triton(u, H, W, scale, shift, wc, None, 0.2, 3)]
         red = kernels.bn_relu_dropout_bwd_reduce_linear_triton(u, H, W, gl, wc, mean, invstd, scale, shift, 0.2, 3)
         return out + [*red, *kernels.bn_relu_dropout_bwd_linear_triton(u, H, W, gl, wc, mean, invstd, scale, shift,
-                                                                        scale, red[0], red[1], B * H * W, 0.2, 3)]
+                                                                        scale, red[0], red[1], B * H * W, 0.2, 3,
+                                                                        stage_one_grad=True)]
 
-    for x, y in zip(run(src), run(maps)):
+    got, want = run(src), run(maps)
+    assert got[-1] is not None and want[-1] is None  # dA_1 only where pass 2 has the finest stage's features
+    for x, y in zip(got[:-1], want[:-1]):
         assert torch.equal(x, y)
+    # dA_1 = sum over pixels of gu^T c_1 (gu as stored), against fp64 on the same gu
+    gu = got[-3].double()
+    ref = gu.t() @ c1.double().permute(0, 2, 3, 1).reshape(-1, C1)
+    assert got[-1].shape == (D, C1) and got[-1].dtype == torch.float32
+    torch.testing.assert_close(got[-1].double(), ref, rtol=1e-5, atol=1e-5 * B * H * W * gu.abs().max().item())
     with pytest.raises(ValueError, match="finest stage's features"):
         kernels.bn_stats_gather_triton([kernels.StageOne(c1[:, :, :4], A1, a1), *rest], H, W)
     with pytest.raises(ValueError, match="finest stage's A"):

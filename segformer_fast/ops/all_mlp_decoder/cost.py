@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, MAX_STAGE_ONE_CHANNELS, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "c6ec2d02404ea49f1410f9ce4e2d9a62c58f5692", "triton_kernels.py": "79564e7041747044a92cb89b69366fdabb6545ce"}
+MODELLED = {"op.py": "59200d269e95bca16b20d5529973306df102d304", "triton_kernels.py": "be79bcb21e15cddca0f65324fccea7b3d2305105"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)
@@ -42,6 +42,8 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     stage_mm = sum(2 * n * c * D for n, c in zip(pix, channels))  # flops of the stage GEMMs (one pass)
     cls_mm = 2 * T * D * K
     up = upsample_sum_roofline(B, D, H, W, sizes, db)
+    # backward: the finest stage is at (H, W), its map's gradient is dL/du itself; the adjoint runs for the others
+    up_bwd = upsample_sum_roofline(B, D, H, W, sizes[1:], db) if len(sizes) > 1 else None
     upsampled = sum((h, w) != (H, W) for h, w in sizes)
     up_min = E * (upsampled * LERP_MIN_FLOPS + len(sizes) - 1)
     # the dropout mask is drawn in the kernels (Philox from a seed), in each of the three passes that need it
@@ -64,6 +66,11 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     def stages(tag: str) -> list[Part]:
         parts = []
         for i, (n, c, f) in list(enumerate(zip(pix, channels, feat)))[first:]:
+            if one:  # z = A c by bmm on the (B, h*w, C) view of the NCHW features (a transposed cuBLAS operand);
+                # every stage's bias is added once with the finest stage's, in the gathering kernels
+                parts.append(_gemm(f"stage {i + 1} z = A c (bmm on the NCHW view){tag}", n, D, c,
+                                   f * db + D * c * db, n * D * db))
+                continue
             # c.permute(0, 2, 3, 1).reshape(-1, C) of an NCHW-contiguous map is a copy
             parts.append(Part(f"torch: stage {i + 1} NCHW -> NHWC copy{tag}", 2 * f * db))
             parts.append(_gemm(f"stage {i + 1} z = A c + a{tag}", n, D, c, f * db + D * c * db, n * D * db))
@@ -100,10 +107,13 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
     )
     # the classifier fused into both backward passes (K <= MAX_CLASSES): g = gl Wc per tile (padded class lanes,
     # counted as computed), never stored; pass 1 also sums gl^T d (dWc, d never stored) and gl (dbc) into fp32
-    # partials of LINEAR_PROGRAMS row ranges; gl's tile is re-read by the D / 64 channel blocks of its rows, which
-    # run side by side (L2)
+    # partials of LINEAR_PROGRAMS row ranges; gl's tile is re-read by the D / 64 channel blocks of its rows (D / 32 in
+    # pass 2 summing dA_1), which run side by side (L2)
     lanes = sum(class_blocks(K)) if K <= MAX_CLASSES else K
     lin_partials = LINEAR_PROGRAMS * (2 * D + K * D + K) * FP32
+    # pass 2 with the finest stage's features (StageOne) also sums dA_1 = gu^T c_1 (one tl.dot per tile, c_1's tile
+    # re-read from cache): (LINEAR_PROGRAMS, D, C_1) fp32 partials, summed by torch
+    a1_partials = LINEAR_PROGRAMS * D * channels[0] * FP32 if one else 0
     # with upsample_sum on Triton both passes gather u from the recomputed stage maps (u never stored)
     fused_bwd = (
         Part("_bn_relu_dropout_bwd_linear_kernel (pass 1: sums, dWc, dbc; u gathered)", maps_bytes + T * K * db
@@ -111,9 +121,12 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
              other_flops=gather + E * 10 + philox,
              note="the stage maps and gl once; u, g and d never stored"),
         Part("torch: pass 1 partial sums", lin_partials + (2 * D + K * D + K) * FP32, other_flops=lin_partials / FP32),
-        Part("_bn_relu_dropout_bwd_linear_kernel (pass 2: dL/du; u gathered)", maps_bytes + T * K * db + K * D * db
-             + E * db, gemm_flops=2 * T * D * lanes + one_mm, other_flops=gather + E * 10 + philox,
-             note="the stage maps and gl once, dL/du written"),
+        Part("_bn_relu_dropout_bwd_linear_kernel (pass 2: dL/du" + (", dA_1" if one else "") + "; u gathered)",
+             maps_bytes + T * K * db + K * D * db + E * db + a1_partials, gemm_flops=2 * T * D * lanes + 2 * one_mm,
+             other_flops=gather + E * 10 + philox,
+             note="the stage maps and gl once, dL/du written" + ("; dA_1 = gu^T c_1 partials" if one else "")),
+        *((Part("torch: dA_1 partial sums", a1_partials + D * channels[0] * FP32, other_flops=a1_partials / FP32),)
+          if one else ()),
     )
     bwd_parts = [
         *stages(" (recomputed)"),
@@ -129,16 +142,16 @@ def roofline(B: int, H: int, W: int, channels: Sequence[int], sizes: Sequence[tu
             # reads u and g, writes dL/du in place on g, in u's dtype
             Part("triton: BN backward pass 2 (dL/du)", E * 3 * db, other_flops=E * 10 + philox),
         )),
-        *up["backward"].parts,
+        *(up_bwd["backward"].parts if up_bwd else ()),
     ]
     if K > MAX_CLASSES:  # every stage's bias gradient is sum(gu) (the fused pass 2 sums it as it writes gu)
         bwd_parts.append(Part("torch: grad a = gu.sum (all stages)", E * db, other_flops=E))
     for i, (n, c, f) in enumerate(zip(pix, channels, feat)):
-        bwd_parts += [
-            _gemm(f"stage {i + 1} grad c = gz A", n, c, D, n * D * db + D * c * db, f * db),
+        bwd_parts.append(_gemm(f"stage {i + 1} grad c = gz A", n, c, D, n * D * db + D * c * db, f * db))
+        if not (i == 0 and one):  # the finest stage's dA_1: in pass 2
             # per image c_b (C, h*w) gz_b (h*w, D) on the NCHW features (no NHWC copy), then a sum over images
-            _gemm(f"stage {i + 1} grad A = sum_b c_b gz_b", D, c, n, n * D * db + f * db, 2 * B * c * D * db),
-        ]
+            bwd_parts.append(_gemm(f"stage {i + 1} grad A = sum_b c_b gz_b", D, c, n, n * D * db + f * db,
+                                   2 * B * c * D * db))
     bwd = Cost(
         gemm_flops=3 * stage_mm + 2 * cls_mm, other_flops=up_min + E * (2 + 3 + 8) + up["backward"].other_flops,
         # features and the logits' gradient in; the features' gradients out (the weight gradients are small)

@@ -46,6 +46,7 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -68,6 +69,16 @@ def _stage(c: torch.Tensor, A: torch.Tensor, a: torch.Tensor | None) -> torch.Te
     x = c.permute(0, 2, 3, 1).reshape(B * h * w, C)
     z = torch.addmm(a.to(x.dtype), x, A.t().to(x.dtype)) if a is not None else x @ A.t().to(x.dtype)
     return z.view(B, h, w, A.shape[0])
+
+
+def _stage_map(c: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) features -> (B, h, w, D) = A c per pixel, no bias, channels-last, by a batched GEMM on the
+    (B, h*w, C) view of the features (NCHW or channels-last memory alike: a strided operand cuBLAS takes as it is,
+    no NHWC copy)."""
+    B, C, h, w = c.shape
+    D = A.shape[0]
+    x = c.reshape(B, C, h * w).transpose(1, 2)  # a view of contiguous NCHW (or channels-last) memory
+    return torch.bmm(x, A.t().to(c.dtype).expand(B, C, D)).view(B, h, w, D)
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -180,9 +191,11 @@ class _DecoderTrainFunction(torch.autograd.Function):
             z = [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
             u2 = torch.ops.segformer_fast.upsample_sum(z, H, W, None, None, False, cfg.backend).view(-1, D)
             del z
+        gA1 = None  # dA_1 where the fused pass 2 computed it
         if cfg.glue == "triton":
-            gu, dgamma, dbeta, dwc, dbc, gu_sum = _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean,
-                                                                   invstd, needs[3 * n : 3 * n + 4], (B, H, W, D, K))
+            gu, dgamma, dbeta, dwc, dbc, gu_sum, gA1 = _triton_backward(
+                ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs[3 * n : 3 * n + 4], (B, H, W, D, K),
+                stage_one_grad=needs[n])
         else:
             gu, dgamma, dbeta, dwc, dbc = _torch_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, kept,
                                                           needs[3 * n : 3 * n + 4], (B, H, W, D, K))
@@ -194,7 +207,12 @@ class _DecoderTrainFunction(torch.autograd.Function):
         # gu as it writes it; else one sum of gu serves all stages.
         if gu_sum is None and any(needs[2 * n : 3 * n]):
             gu_sum = gu.view(-1, D).sum(0, dtype=torch.float32)
-        gz = torch.ops.segformer_fast.upsample_sum_backward(gu, sizes, [], None, None, False, False, False, cfg.backend)
+        # the finest stage is at (H, W): its map's gradient is gu itself (the adjoint of a same-size bilinear resize is
+        # the identity), so the adjoint runs for the coarser maps only
+        gz = [gu]
+        if n > 1:
+            gz += torch.ops.segformer_fast.upsample_sum_backward(gu, sizes[2:], [], None, None, False, False, False,
+                                                                 cfg.backend)
         del gu
         grad_feats, grad_A, grad_a = [], [], []
         for i, (c, Ai) in enumerate(zip(feats, A)):
@@ -205,7 +223,9 @@ class _DecoderTrainFunction(torch.autograd.Function):
                 grad_feats.append(gc.to(c.dtype))
             else:
                 grad_feats.append(None)
-            if needs[n + i]:  # sum over images of c_b (C, h*w) gz_b (h*w, D): the NCHW features, no NHWC copy
+            if i == 0 and gA1 is not None:
+                grad_A.append(gA1.to(Ai.dtype))
+            elif needs[n + i]:  # sum over images of c_b (C, h*w) gz_b (h*w, D): the NCHW features, no NHWC copy
                 gA = torch.bmm(c.reshape(B, C, -1).to(gz2.dtype), gz[i].reshape(B, -1, D))
                 grad_A.append(gA.sum(0, dtype=torch.float32).t().to(Ai.dtype))
             else:
@@ -255,8 +275,12 @@ def _gather_source(feats, A, a) -> list:
     from .triton_kernels import MAX_STAGE_ONE_CHANNELS, StageOne
 
     if len(feats) > 1 and feats[0].shape[1] <= MAX_STAGE_ONE_CHANNELS:
-        first = [StageOne(feats[0].contiguous(), A[0], a[0])]
-        return first + [_stage(c, Ai, ai) for c, Ai, ai in zip(feats[1:], A[1:], a[1:])]
+        # every stage's bias enters u once (each output pixel's bilinear weights sum to one): all of them are added
+        # with the finest stage's, and the other maps are A_i c_i alone, batched GEMMs on the NCHW features
+        biases = [ai for ai in a if ai is not None]
+        ab = functools.reduce(torch.add, biases) if biases else None
+        first = [StageOne(feats[0].contiguous(), A[0], ab)]
+        return first + [_stage_map(c, Ai) for c, Ai in zip(feats[1:], A[1:])]
     return [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]
 
 
@@ -299,10 +323,11 @@ def _triton_forward(ctx, cfg, u, feats, A, a, gamma, beta, wc, bc, shape):
     return logits.view(B, H, W, K).permute(0, 3, 1, 2), mean, var_unbiased
 
 
-def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs, shape):
+def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs, shape, stage_one_grad=False):
     """The glue's backward in two Triton passes over the recomputed u (N, D), or over u gathered from the stage
-    maps ``u2`` (a list; the fused classifier only): (dL/du (N, D) in u's dtype, dgamma, dbeta, dWc, dbc, and
-    sum(dL/du) (D,) fp32 where the fused pass 2 summed it, else None)."""
+    maps ``u2`` (a list; the fused classifier only): (dL/du (N, D) in u's dtype, dgamma, dbeta, dWc, dbc,
+    sum(dL/du) (D,) fp32 where the fused pass 2 summed it, else None, and the finest stage's dA_1 (D, C1) fp32 where
+    ``stage_one_grad`` asked for it and pass 2 gathered that stage from its features (StageOne), else None)."""
     from .triton_kernels import (bn_relu_dropout_bwd_linear_triton, bn_relu_dropout_bwd_reduce_linear_triton,
                                  bn_relu_dropout_bwd_reduce_triton, bn_relu_dropout_bwd_triton)
 
@@ -320,10 +345,11 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
         dgamma, dbeta = sum_gx, sum_g  # this rank's: DDP averages them
         if cfg.group is not None:
             sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
-        gu, gu_sum = bn_relu_dropout_bwd_linear_triton(u2, H, W, gl, wc, mean, invstd, scale, shift, gscale, sum_g,
-                                                       sum_gx, ctx.count, *fused_args)
+        gu, gu_sum, gA1 = bn_relu_dropout_bwd_linear_triton(u2, H, W, gl, wc, mean, invstd, scale, shift, gscale,
+                                                            sum_g, sum_gx, ctx.count, *fused_args,
+                                                            stage_one_grad=stage_one_grad)
         return (gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc.to(wc.dtype) if needs[2] else None,
-                dbc.to(wc.dtype) if needs[3] else None, gu_sum)
+                dbc.to(wc.dtype) if needs[3] else None, gu_sum, gA1)
     g = gl @ wc.to(u2.dtype)  # (B*H*W, D) dL/dd
     # pass 1: sum(gy), sum(gy * xhat) and the forward's d again (for dWc), one read of u and g
     d, sum_g, sum_gx = bn_relu_dropout_bwd_reduce_triton(u2, g, mean, invstd, scale, shift, *args)
@@ -335,7 +361,7 @@ def _triton_backward(ctx, u2, grad_logits, gamma, beta, wc, mean, invstd, needs,
         sum_g, sum_gx = all_reduce_sum([sum_g, sum_gx], cfg.group)
     # pass 2: dL/du, in place on g
     gu = bn_relu_dropout_bwd_triton(u2, g, mean, invstd, scale, shift, gscale, sum_g, sum_gx, ctx.count, *args, out=g)
-    return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc, None
+    return gu, dgamma if needs[0] else None, dbeta if needs[1] else None, dwc, dbc, None, None
 
 
 def _triton_condition(x: torch.Tensor, facts: dict) -> str | None:

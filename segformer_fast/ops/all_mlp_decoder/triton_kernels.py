@@ -99,15 +99,22 @@ def _u_rows(z0_ptr, z1_ptr, z2_ptr, z3_ptr, h0, w0, sh0, sw0, h1, w1, sh1, sw1, 
 
 
 @triton.jit
+def _stage_one_features(c_ptr, C1, rows, N, HW, BLOCK_C1: tl.constexpr):
+    # the finest stage's features c_1 at the flat pixel rows from NCHW (B, C1, H, W): (BLOCK_R, BLOCK_C1), zero past
+    # N and C1, in c's dtype
+    cc = tl.arange(0, BLOCK_C1)
+    return tl.load(c_ptr + ((rows // HW) * C1 * HW + rows % HW)[:, None] + (cc * HW)[None, :],
+                   mask=(rows < N)[:, None] & (cc < C1)[None, :], other=0.0)
+
+
+@triton.jit
 def _stage_one(c_ptr, aw_ptr, ab_ptr, C1, rows, cols, N, H, W, D, dt, HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr,
                PRECISION: tl.constexpr):
     # the finest stage's map z_1 = A_1 c_1 + a_1 at (rows, cols) from its NCHW features (B, C1, H, W): one tl.dot,
     # rounded to dt as the stage GEMM stores z_1; (BLOCK_R, BLOCK_D) fp32
-    HW = H * W
     cc = tl.arange(0, BLOCK_C1)
     c_ok = cc < C1
-    x = tl.load(c_ptr + ((rows // HW) * C1 * HW + rows % HW)[:, None] + (cc * HW)[None, :],
-                mask=(rows < N)[:, None] & c_ok[None, :], other=0.0)
+    x = _stage_one_features(c_ptr, C1, rows, N, H * W, BLOCK_C1)
     w = tl.load(aw_ptr + cols[None, :] * C1 + cc[:, None], mask=c_ok[:, None] & (cols < D)[None, :], other=0.0)
     z = tl.dot(x.to(dt), w.to(dt), input_precision=PRECISION)
     if HAS_AB:
@@ -349,7 +356,8 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, a
                                        seed, N, H, W, D, K, P, ROWS_PER_PROG, p, inv_keep,
                                        NUM_MAPS: tl.constexpr, GATHER: tl.constexpr, HAS_C1: tl.constexpr,
                                        HAS_AB: tl.constexpr, BLOCK_C1: tl.constexpr,
-                                       REDUCE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
+                                       REDUCE: tl.constexpr, STAGE_ONE_GRAD: tl.constexpr,
+                                       HAS_DROPOUT: tl.constexpr, DROPOUT2D: tl.constexpr,
                                        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                        BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
     # The glue's backward with u gathered from the stage maps (GATHER; else read: z0 is u) and the classifier's
@@ -358,7 +366,9 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, a
     # registers) and ROWS_PER_PROG rows.
     # REDUCE (pass 1): part[0/1, pid] = sums of gy and gy * xhat; wpart[pid] = gl^T d (its dWc columns), d
     #   recomputed and never stored; bpart[pid] = sum gl (dbc), from the first channel block's programs.
-    # else (pass 2): gu = gscale * (gy - c1 - xhat * c2) and part[pid] = its fp32 column sums.
+    # else (pass 2): gu = gscale * (gy - c1 - xhat * c2) and part[pid] = its fp32 column sums; with STAGE_ONE_GRAD
+    #   (HAS_C1) also wpart[pid] = gu^T c_1 over its rows, (BLOCK_D, C1) blocks of the finest stage's dA_1 (D, C1):
+    #   the finest stage's map is at (H, W), its gradient is gu itself, so dA_1 = sum gu^T c_1 needs no other read.
     cb = tl.program_id(0)
     pid = tl.program_id(1)
     dt = z0_ptr.dtype.element_ty
@@ -384,6 +394,8 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, a
         c1 = tl.load(c1_ptr + cols, mask=mask_d, other=0.0)
         c2 = tl.load(c2_ptr + cols, mask=mask_d, other=0.0)
         s_gu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if STAGE_ONE_GRAD:
+            ga1 = tl.zeros((BLOCK_D, BLOCK_C1), dtype=tl.float32)
     row0 = pid.to(tl.int64) * ROWS_PER_PROG
     for r in range(0, ROWS_PER_PROG, BLOCK_R):
         rows = row0 + r + tl.arange(0, BLOCK_R)
@@ -416,8 +428,12 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, a
                 b2 += tl.sum(gl2.to(tl.float32), axis=0)
         else:
             gu = gscale[None, :] * (gy - c1[None, :] - xhat * c2[None, :])
-            tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=m)
+            gu_st = gu.to(gu_ptr.dtype.element_ty)
+            tl.store(gu_ptr + offs, gu_st, mask=m)
             s_gu += tl.sum(tl.where(m, gu, 0.0), axis=0)
+            if STAGE_ONE_GRAD:  # dA_1 from gu as stored (rounded), as the GEMM on the stored gu computes it
+                x1 = _stage_one_features(f1_ptr, C1, rows, N, H * W, BLOCK_C1).to(dt)
+                ga1 += tl.dot(tl.trans(tl.where(m, gu_st, 0.0).to(dt)), x1, input_precision=PRECISION)
     if REDUCE:
         pid64 = pid.to(tl.int64)
         tl.store(part_ptr + pid64 * D + cols, s1, mask=mask_d)
@@ -431,6 +447,10 @@ def _bn_relu_dropout_bwd_linear_kernel(z0_ptr, z1_ptr, z2_ptr, z3_ptr, f1_ptr, a
             tl.store(bpart_ptr + pid64 * K + n2, b2, mask=(n2 < K) & (n2 * 0 + cb == 0))
     else:
         tl.store(part_ptr + pid.to(tl.int64) * D + cols, s_gu, mask=mask_d)
+        if STAGE_ONE_GRAD:
+            cc = tl.arange(0, BLOCK_C1)
+            tl.store(wpart_ptr + (pid.to(tl.int64) * D + cols[:, None]) * C1 + cc[None, :], ga1,
+                     mask=mask_d[:, None] & (cc < C1)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,7 +717,8 @@ def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scal
 def _linear_bwd_config(u: torch.Tensor, reduce: bool) -> dict:
     """The fused backward's tile: BLOCK_R rows x BLOCK_D channels (a program's Wc columns and, in pass 1, its dWc
     block stay in registers: (160, 64) each for K = 150 in 16 bits, (160, 32) in fp32), about REDUCE_PROGRAMS row
-    ranges per channel block. Pass 1 holds more (dWc, the sums): 16 rows a tile. No spills at sm_90 or sm_80 with u
+    ranges per channel block. Pass 1 holds more (dWc, the sums), and so does pass 2 summing dA_1 (``reduce`` for
+    both): 16 rows a tile. No spills at sm_90 or sm_80 with u
     gathered from four maps (AOT report)."""
     if gpu_launch_config(u):
         fp32 = u.dtype == torch.float32
@@ -706,7 +727,7 @@ def _linear_bwd_config(u: torch.Tensor, reduce: bool) -> dict:
     return dict(BLOCK_R=32, BLOCK_D=32, num_warps=1, num_stages=1, REDUCE_PROGRAMS=3)
 
 
-def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool):
+def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool, stage_one_grad: bool = False):
     op = "bn_relu_dropout_bwd_linear"
     zs, src, args, N, D, meta = _u_source(op, u, H, W)
     z0 = zs[0]
@@ -716,23 +737,27 @@ def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool):
     K = gl.shape[1]
     n1, n2 = class_blocks(K)
     p, inv_keep = _dropout_args(p, H * W, dropout2d)
-    cfg = _linear_bwd_config(z0, reduce)
+    stage_one_grad = stage_one_grad and meta["HAS_C1"]
+    cfg = _linear_bwd_config(z0, reduce or stage_one_grad)  # dA_1's block in registers: pass 1's smaller tile
+    if stage_one_grad and cfg["BLOCK_D"] > 32:
+        cfg["BLOCK_D"] = 32  # with 64 channels a program spills 330-440 B at sm_80 in 16 bits (AOT report)
     P, per = _reduce_split(N, cfg)
     gl, wc = gl.to(z0.dtype).contiguous(), wc.to(z0.dtype).contiguous()
     f32 = dict(dtype=torch.float32, device=z0.device)
     part = empty(2 if reduce else 1, P, D, **f32)
-    wpart = empty(P, K, D, **f32) if reduce else vecs[0]
+    C1 = src[3]
+    wpart = empty(P, K, D, **f32) if reduce else empty(P, D, C1, **f32) if stage_one_grad else vecs[0]
     bpart = empty(P, K, **f32) if reduce else vecs[0]
     gu = vecs[0] if reduce else empty(N, D, dtype=z0.dtype, device=z0.device)
     _bn_relu_dropout_bwd_linear_kernel[(triton.cdiv(D, cfg["BLOCK_D"]), P)](
         *zs, *src, gl, wc, gu, part, wpart, bpart, *vecs, *cvecs, *args, seed, N, H, W, D, K, P, per, p, inv_keep,
-        **meta, REDUCE=reduce, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
+        **meta, REDUCE=reduce, STAGE_ONE_GRAD=stage_one_grad, HAS_DROPOUT=p > 0, DROPOUT2D=dropout2d,
         PRECISION=dot_precision(z0.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N1=n1, BLOCK_N2=n2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if reduce:
         sum_g, sum_gx = part.sum(1)  # fixed-order reductions over the row ranges
         return sum_g, sum_gx, wpart.sum(0), bpart.sum(0)
-    return gu, part[0].sum(0)
+    return gu, part[0].sum(0), wpart.sum(0) if stage_one_grad else None
 
 
 def bn_relu_dropout_bwd_reduce_linear_triton(u, H: int, W: int, gl: torch.Tensor, wc: torch.Tensor,
@@ -751,11 +776,14 @@ def bn_relu_dropout_bwd_reduce_linear_triton(u, H: int, W: int, gl: torch.Tensor
 def bn_relu_dropout_bwd_linear_triton(u, H: int, W: int, gl: torch.Tensor, wc: torch.Tensor, mean: torch.Tensor,
                                       invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                                       gscale: torch.Tensor, sum_g: torch.Tensor, sum_gx: torch.Tensor, count: int,
-                                      p: float = 0.0, seed: int = 0, dropout2d: bool = False
-                                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                                      p: float = 0.0, seed: int = 0, dropout2d: bool = False,
+                                      stage_one_grad: bool = False
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward pass 2 with the classifier fused: (dL/du as :func:`bn_relu_dropout_bwd_triton` gives it, (B*H*W, D)
-    in u's dtype; its column sums (D,) fp32, from the values before rounding), u and g = gl Wc as in pass 1."""
+    in u's dtype; its column sums (D,) fp32, from the values before rounding; with ``stage_one_grad`` and the finest
+    stage given as a :class:`StageOne`, dA_1 = sum over pixels of (dL/du as stored)^T c_1, (D, C1) fp32, else None),
+    u and g = gl Wc as in pass 1."""
     D = u[-1].shape[-1] if isinstance(u, (list, tuple)) else u.shape[-1]
     vecs = [_vec(t, D, name) for t, name in ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift"))]
     cvecs = [_vec(gscale, D, "gscale"), _vec(sum_g, D, "sum_g") / count, _vec(sum_gx, D, "sum_gx") / count]
-    return _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce=False)
+    return _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce=False, stage_one_grad=stage_one_grad)

@@ -44,7 +44,7 @@ import triton.language as tl
 from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
 from .plan import column_plan
-from ..triton_math import bilinear_tap
+from ..triton_math import bilinear_tap, lerp2d
 
 __all__ = ["launch_config", "bwd_launch_config", "upsample_cross_entropy_fwd_triton", "upsample_cross_entropy_bwd_triton"]
 
@@ -66,7 +66,7 @@ def _gather(x_ptr, o00, o01, o10, o11, ly, lx, cls, mask):
     v01 = tl.load(x_ptr + o01 + cls, mask=mask, other=0.0).to(tl.float32)
     v10 = tl.load(x_ptr + o10 + cls, mask=mask, other=0.0).to(tl.float32)
     v11 = tl.load(x_ptr + o11 + cls, mask=mask, other=0.0).to(tl.float32)
-    return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+    return lerp2d(v00, v01, v10, v11, ly, lx)
 
 
 @triton.jit

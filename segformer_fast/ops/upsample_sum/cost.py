@@ -17,7 +17,7 @@ from ..cost import BF16, FP32, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part, cdiv, n
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "b6c8dd1a72dd85c14165ee9b6206101ec874d9f0",
+MODELLED = {"triton_kernels.py": "70938d5b5b696f72f370ed2bba85b788c37e9795",
             "op.py": "4b57c1002321900563282cd4010f03b53cae640d"}
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ...utils.debug import empty
 from ..triton_launch import check_interpreter_dtypes, gpu_launch_config
-from ..triton_math import bilinear_tap, bilinear_weight
+from ..triton_math import bilinear_tap, bilinear_weight, lerp2d as _lerp2d
 
 __all__ = ["launch_config", "reader_ranges", "backward_schedule", "upsample_sum_fwd_triton",
            "upsample_sum_bwd_triton"]
@@ -45,9 +45,7 @@ def _gather(z_ptr, h, w, scale_h, scale_w, b, oh, ow, offs_d, mask, D):
     v01 = tl.load(z_ptr + ((row0 + x1) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
     v10 = tl.load(z_ptr + ((row1 + x0) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
     v11 = tl.load(z_ptr + ((row1 + x1) * D)[:, None] + d, mask=mask, other=0.0).to(tl.float32)
-    ly = ly[:, None]
-    lx = lx[:, None]
-    return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+    return _lerp2d(v00, v01, v10, v11, ly[:, None], lx[:, None])
 
 
 @triton.jit
