@@ -17,7 +17,7 @@ from ..cost import BF16, FP32, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part, cdiv, n
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "70938d5b5b696f72f370ed2bba85b788c37e9795",
+MODELLED = {"triton_kernels.py": "e99e1fe30c116c1c3d27e88c6fd57e9e3c11c7bc",
             "op.py": "4b57c1002321900563282cd4010f03b53cae640d"}
 
 

@@ -359,11 +359,14 @@ def upsample_sum_bwd_triton(
         part_scale = empty(n_blocks, D, dtype=torch.float32, device=grad.device) if need_dscale else grad
         zs = [maps[min(i, len(maps) - 1)] for i in range(MAX_MAPS)] if need_dscale else [grad] * MAX_MAPS
         shapes = maps if need_dscale else [torch.empty(0, h, w, 0) for h, w in sizes]
-        _upsample_sum_bwd_prep_kernel[(n_blocks, triton.cdiv(D, block_d))](
+        # with dscale the prep pass also gathers u: in fp32 half the channels a program (the full tile spills 32 B
+        # at sm_90, AOT report)
+        prep_d = block_d // 2 if need_dscale and grad.dtype == torch.float32 and block_d >= 64 else block_d
+        _upsample_sum_bwd_prep_kernel[(n_blocks, triton.cdiv(D, prep_d))](
             gm, part_shift, part_scale, grad, out if relu else grad,
             *zs, *_map_args(shapes, H, W), n_pix, H, W, D,
             NUM_MAPS=len(sizes), RELU=relu, NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift,
-            BLOCK_P=block_p, BLOCK_D=block_d, num_warps=_num_warps(grad.dtype),
+            BLOCK_P=block_p, BLOCK_D=prep_d, num_warps=_num_warps(grad.dtype),
         )
         if need_dshift:
             dshift = part_shift.sum(0)
