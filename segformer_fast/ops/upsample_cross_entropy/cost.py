@@ -16,7 +16,7 @@ from .plan import column_plan
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"triton_kernels.py": "6b15e931e2ec6abcc7b3b6cb1d56f8b935f106d7",
+MODELLED = {"triton_kernels.py": "faf4431bf59779d10d7950598f0183d86d43eeb6",
             "op.py": "8e7bdd094de36ffcbb672680b40597ae080976c4"}
 
 
