@@ -37,7 +37,10 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
   (g = dL/dd recomputed per tile; pass 1 also sums dWc and dbc), and unless another upsample_sum
   backend is named, u itself is gathered from the stage maps (the finest stage from its features,
   StageOne) by each of these kernels and by the statistics kernel: u is never stored, forward or
-  backward. Otherwise: one read of u for the statistics, one pass for d and a cuBLAS GEMM; backward
+  backward. There the other maps are A_i c_i alone (batched GEMMs on the NCHW features, no NHWC
+  copy; every stage's bias is added once, with the finest stage's, since each output pixel's
+  bilinear weights sum to one), and pass 2 also sums the finest stage's dA_1 = sum dL/du^T c_1.
+  Otherwise: one read of u for the statistics, one pass for d and a cuBLAS GEMM; backward
   one reduction pass (which also writes d for the classifier's weight gradient) and one
   elementwise pass. The dropout mask is Philox in the kernels from a seed drawn from
   torch's default (CPU) generator, so torch.manual_seed reproduces a run and backward regenerates
