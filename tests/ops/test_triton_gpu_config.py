@@ -198,7 +198,10 @@ def test_upsample_sum(monkeypatch, case, dtype):
     assert len(launches["_upsample_sum_fwd_kernel"]) == 1 and len(launches["_upsample_sum_bwd_kernel"]) == 1
     assert len(launches["_upsample_sum_bwd_prep_kernel"]) == int(affine)
     for name, calls in launches.items():
-        assert all(call == want for call in calls), (name, calls, want)
+        # the prep pass gathering u for dscale runs half the channels a program in fp32 (no spills at sm_90)
+        halve = name == "_upsample_sum_bwd_prep_kernel" and dtype == torch.float32 and want["BLOCK_D"] >= 64
+        expect = dict(want, BLOCK_D=want["BLOCK_D"] // 2) if halve else want
+        assert all(call == expect for call in calls), (name, calls, expect)
 
 
 # ---------------------------------------------------------------------------------------------
