@@ -22,7 +22,7 @@ from .op import MAX_CLASSES, MAX_STAGE_ONE_CHANNELS, class_blocks
 
 __all__ = ["roofline", "MODELLED"]
 
-MODELLED = {"op.py": "79e701803c7a33db670b4bbd206fe2afbef89468", "triton_kernels.py": "be79bcb21e15cddca0f65324fccea7b3d2305105"}
+MODELLED = {"op.py": "a0b2c396d4fe13077e37f3d4583f4dad575954c1", "triton_kernels.py": "e3838bc684902f19bfb874d5fbe0ab969af64a42"}
 PHILOX_FLOPS = 10  # one dropout draw (Philox counter-based RNG, 4 values per round): an estimate
 REDUCE_PROGRAMS = 256  # row ranges of the Triton reductions on a GPU (triton_kernels.launch_config)
 LINEAR_PROGRAMS = 128  # row ranges of the fused classifier backward on a GPU (triton_kernels._linear_bwd_config)

@@ -49,7 +49,6 @@ the GEMMs are cuBLAS and upsample_sum has its own backend in both):
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -281,7 +280,7 @@ def _gather_source(feats, A, a) -> list:
         # every stage's bias enters u once (each output pixel's bilinear weights sum to one): all of them are added
         # with the finest stage's, and the other maps are A_i c_i alone, batched GEMMs on the NCHW features
         biases = [ai for ai in a if ai is not None]
-        ab = functools.reduce(torch.add, biases) if biases else None
+        ab = sum(biases) if biases else None
         first = [StageOne(feats[0].contiguous(), A[0], ab)]
         return first + [_stage_map(c, Ai) for c, Ai in zip(feats[1:], A[1:])]
     return [_stage(c, Ai, ai) for c, Ai, ai in zip(feats, A, a)]

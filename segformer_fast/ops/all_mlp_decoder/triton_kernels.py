@@ -714,16 +714,17 @@ def bn_relu_dropout_linear_triton(maps: list[torch.Tensor], H: int, W: int, scal
     return out
 
 
-def _linear_bwd_config(u: torch.Tensor, reduce: bool) -> dict:
+def _linear_bwd_config(u: torch.Tensor, reduce: bool, stage_one_grad: bool = False) -> dict:
     """The fused backward's tile: BLOCK_R rows x BLOCK_D channels (a program's Wc columns and, in pass 1, its dWc
     block stay in registers: (160, 64) each for K = 150 in 16 bits, (160, 32) in fp32), about REDUCE_PROGRAMS row
-    ranges per channel block. Pass 1 holds more (dWc, the sums), and so does pass 2 summing dA_1 (``reduce`` for
-    both): 16 rows a tile. No spills at sm_90 or sm_80 with u
-    gathered from four maps (AOT report)."""
+    ranges per channel block. Pass 1 holds more (dWc, the sums): 16 rows a tile. Pass 2 summing dA_1
+    (``stage_one_grad``) holds its (BLOCK_D, C1) block: 16 rows x 32 channels (64 channels spill 330-440 B at sm_80
+    in 16 bits). No spills at sm_90 or sm_80 with u gathered from four maps (AOT report)."""
     if gpu_launch_config(u):
         fp32 = u.dtype == torch.float32
-        return dict(BLOCK_R=16 if reduce or fp32 else 32, BLOCK_D=32 if fp32 else 64,
-                    num_warps=4 if fp32 and not reduce else 8, num_stages=1, REDUCE_PROGRAMS=128)
+        heavy = reduce or stage_one_grad
+        return dict(BLOCK_R=16 if heavy or fp32 else 32, BLOCK_D=32 if fp32 or stage_one_grad else 64,
+                    num_warps=4 if fp32 and not heavy else 8, num_stages=1, REDUCE_PROGRAMS=128)
     return dict(BLOCK_R=32, BLOCK_D=32, num_warps=1, num_stages=1, REDUCE_PROGRAMS=3)
 
 
@@ -738,9 +739,7 @@ def _linear_bwd(u, H, W, gl, wc, vecs, cvecs, p, seed, dropout2d, reduce: bool, 
     n1, n2 = class_blocks(K)
     p, inv_keep = _dropout_args(p, H * W, dropout2d)
     stage_one_grad = stage_one_grad and meta["HAS_C1"]
-    cfg = _linear_bwd_config(z0, reduce or stage_one_grad)  # dA_1's block in registers: pass 1's smaller tile
-    if stage_one_grad and cfg["BLOCK_D"] > 32:
-        cfg["BLOCK_D"] = 32  # with 64 channels a program spills 330-440 B at sm_80 in 16 bits (AOT report)
+    cfg = _linear_bwd_config(z0, reduce, stage_one_grad)
     P, per = _reduce_split(N, cfg)
     gl, wc = gl.to(z0.dtype).contiguous(), wc.to(z0.dtype).contiguous()
     f32 = dict(dtype=torch.float32, device=z0.device)
