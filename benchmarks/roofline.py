@@ -60,8 +60,12 @@ class Call:
     count: int
     shapes: dict
 
-    def cost(self) -> dict[str, Cost]:
-        return _model(self.op)(**self.shapes)
+    def cost(self, **variant) -> dict[str, Cost]:
+        return _model(self.op)(**self.shapes, **variant)
+
+    def variants(self) -> dict[str, dict]:
+        """{label: keyword arguments} of the op's other modes (its cost module's VARIANTS), reported apart."""
+        return getattr(importlib.import_module(f"segformer_fast.ops.{self.op}.cost"), "VARIANTS", {})
 
 
 def _model(op: str) -> Callable[..., dict[str, Cost]]:
@@ -168,10 +172,28 @@ def row(call: Call, direction: str, cost: Cost) -> dict[str, Any]:
 
 def report(model: str = "b2", image: int = 1024, batch: int = 8) -> dict[str, Any]:
     """The whole roofline as a JSON-able dict (rows per call and direction, then per-op totals)."""
-    rows = []
+    rows, variant_rows = [], []
     for call in segformer_calls(model, image, batch):
         costs = call.cost()
         rows += [row(call, direction, costs[direction]) for direction in ("forward", "backward")]
+        for label, kwargs in call.variants().items():
+            costs = call.cost(**kwargs)
+            variant_rows += [dict(row(call, direction, costs[direction]), variant=label)
+                             for direction in ("forward", "backward")]
+    default = {(t["op"], t["direction"]): t["predicted_ms"] for t in _totals(rows)}
+    variants = [dict(t, variant=label) for label in dict.fromkeys(r["variant"] for r in variant_rows)
+                for t in _totals([r for r in variant_rows if r["variant"] == label])
+                if t["predicted_ms"] != default[(t["op"], t["direction"])]]  # only what the mode changes
+    return {
+        "model": model, "image": image, "batch": batch, "dtype": DTYPE,
+        "rates": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "gemm_flops_per_s": GEMM_FLOPS_PER_S,
+                  "fp32_flops_per_s": FP32_FLOPS_PER_S},
+        "flag_ratio": FLAG_RATIO, "rows": rows, "totals": _totals(rows), "variants": variants,
+    }
+
+
+def _totals(rows: list[dict]) -> list[dict]:
+    """Per op and direction: the rows summed over the calls of the step."""
     totals = []
     for op in dict.fromkeys(r["op"] for r in rows):
         for direction in ("forward", "backward"):
@@ -186,12 +208,7 @@ def report(model: str = "b2", image: int = 1024, batch: int = 8) -> dict[str, An
                            "launches_ms": _r(sum(r["launches_ms"] for r in sel), 4),
                            "largest_launch": worst, "largest_launch_ms": _r(by_part[worst], 4),
                            "ratio": _r(pred / bound, 4), "flag": pred / bound > FLAG_RATIO})
-    return {
-        "model": model, "image": image, "batch": batch, "dtype": DTYPE,
-        "rates": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "gemm_flops_per_s": GEMM_FLOPS_PER_S,
-                  "fp32_flops_per_s": FP32_FLOPS_PER_S},
-        "flag_ratio": FLAG_RATIO, "rows": rows, "totals": totals,
-    }
+    return totals
 
 
 def _g(x: float) -> str:
@@ -236,6 +253,16 @@ def markdown(data: dict, measured: bool = False) -> str:
             m = t.get("measured_ms")
             line += f" {m:.3f} | {t['bound_ms'] / m:.0%} |" if m else " | |"
         lines.append(line)
+    if data.get("variants"):
+        lines += ["", "## Other modes", "",
+                  "An op's non-default modes (its cost module's VARIANTS), summed over the step as above, where "
+                  "they differ from the default; not in the other tables.", "",
+                  "| op | mode | direction | bound ms | predicted ms | ratio | flag | largest launch (ms) |",
+                  "|---|---|---|---:|---:|---:|---|---|"]
+        for t in data["variants"]:
+            lines.append(f"| {t['op']} | {t['variant']} | {t['direction']} | {t['bound_ms']:.3f} | "
+                         f"{t['predicted_ms']:.3f} | {t['ratio']:.2f} | {flag if t['flag'] else ''} | "
+                         f"`{t['largest_launch']}` ({t['largest_launch_ms']:.3f}) |")
     lines += [
         "",
         "## Per call",
@@ -303,9 +330,8 @@ def _runners(call: Call, device, dtype) -> dict[str, Callable[[], Any]]:
         scale = (C // h) ** -0.5
         o, lse = sr_attention_fwd_triton(q, k, v, h, scale)
 
-        def bwd():  # the op's backward: O from lse, then Delta, dK/dV, dQ
-            o2, _ = sr_attention_fwd_triton(q, k, v, h, scale, lse=lse)
-            return sr_attention_bwd_triton(do, q, k, v, o2, lse, h, scale)
+        def bwd():  # the op's backward with O kept (memory="save", the default): Delta, dQ, then dK/dV
+            return sr_attention_bwd_triton(do, q, k, v, o, lse, h, scale)
 
         return {"forward": lambda: sr_attention_fwd_triton(q, k, v, h, scale), "backward": bwd}
     if call.op == "dwconv3x3_gelu":

@@ -15,8 +15,10 @@ __all__ = ["MemoryMode", "MEMORY_MODES", "LAYER_MEMORY_MODES",
 class MemoryMode(str, enum.Enum):
     """What training keeps for backward. A ``str`` enum: ``MemoryMode.SAVE == "save"``.
 
-    - ``SAVE``: the fused ops' own minimum (the fused FFN/MLP keeps its input and fc1's output).
-    - ``RECOMPUTE``: the fused FFN/MLP keeps only its input and recomputes the rest in backward.
+    - ``SAVE``: the fused ops' own minimum (the fused FFN/MLP keeps its input and fc1's output; the
+      fused attention its input, row log-sum-exp and output before the projection).
+    - ``RECOMPUTE``: the fused FFN/MLP keeps only its input, the fused attention its input and
+      log-sum-exp; each recomputes the rest in backward.
     - ``CHECKPOINT``: ``RECOMPUTE`` in the layers plus activation checkpointing of whole blocks
       (and, in SegFormer, the patch embeddings, stage norms and decoder): each keeps only its input
       and reruns its forward in backward.

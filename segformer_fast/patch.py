@@ -226,12 +226,13 @@ def _on_meta(cls, *args, **kwargs):
         return cls(*args, **kwargs)
 
 
-def _hf_attention(m: nn.Module, backend: str) -> nn.Module:
+def _hf_attention(m: nn.Module, backend: str, memory: str) -> nn.Module:
     sr = m.sequence_reduction_ratio
     dim = m.q_proj.in_features
     eps = m.sequence_reduction.layer_norm.eps if sr > 1 else 1e-5
     fused = _on_meta(FusedSpatialReductionAttention, dim, m.num_attention_heads, sr, qkv_bias=m.q_proj.bias is not None,
-                     attn_drop=float(m.attention_dropout), proj_drop=0.0, sr_eps=eps, backend=backend)
+                     attn_drop=float(m.attention_dropout), proj_drop=0.0, sr_eps=eps, backend=backend,
+                     memory=memory)
     fused.q, fused.k, fused.v, fused.proj = m.q_proj, m.k_proj, m.v_proj, m.o_proj
     fused.scale = m.scaling
     if sr > 1:
@@ -267,7 +268,8 @@ def _replacements(model: nn.Module, backend: str, memory: str):
         for parent in model.modules():
             for name, child in parent.named_children():
                 if type(child) is SpatialReductionAttention:
-                    out.append((parent, name, FusedSpatialReductionAttention.from_reference(child, backend=backend)))
+                    new = FusedSpatialReductionAttention.from_reference(child, backend=backend, memory=memory)
+                    out.append((parent, name, new))
                 elif type(child) is MixFFN:
                     out.append((parent, name, FusedMixFFN.from_reference(child, memory=memory, backend=backend)))
                 elif type(child) is AllMLPDecoder:
@@ -285,7 +287,7 @@ def _replacements(model: nn.Module, backend: str, memory: str):
         for name, child in parent.named_children():
             cls = type(child).__name__
             if cls == "SegformerAttention":
-                out.append((parent, name, _hf_attention(child, backend)))
+                out.append((parent, name, _hf_attention(child, backend, memory)))
             elif cls == "SegformerMixMLP":
                 out.append((parent, name, _hf_mlp(child, backend, memory)))
             elif cls == "SegformerDecodeHead":
@@ -319,7 +321,8 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
         model: a ``segformer_fast.SegFormer`` (reference backend) or a transformers Segformer model.
         backend: "auto" (default: ``SEGFORMER_FAST_BACKEND`` or the fastest present), "torch",
             "triton", "cuda" or "cpp". A backend that is not available raises.
-        memory: Mix-FFN activation policy, "save" or "recompute".
+        memory: the attention's and Mix-FFN's activation policy, "save" or "recompute" (see
+            ``segformer_fast.configs.MemoryMode``).
     Returns:
         The same model object, patched (patching again first undoes the previous patch).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import validate_backend
+from ..configs import LAYER_MEMORY_MODES, MemoryMode
 from ..ops.sr_attention import sr_attention
 from ..ops.sr_attention.op import sr_attention_inference
 from .attention import SpatialReductionAttention
@@ -24,6 +25,10 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
         dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps: as the reference.
         backend: "auto" (default: ``SEGFORMER_FAST_BACKEND`` or per-device best), "torch",
             "triton" or "cuda"; a per-module attribute, changeable after construction.
+        memory: what training keeps for backward: "save" keeps x, the row log-sum-exp and the
+            attention output (2C + h values per token); "recompute" keeps x and the log-sum-exp
+            (C + h) and recomputes the attention output in backward (two more (N x M) matmuls per
+            head). A per-module attribute, changeable after construction.
 
     Forward: x (B, N, C), hw = (H, W) -> (B, N, C). In training with ``attn_drop > 0`` the fused op
     (which has no attention-probability dropout) is bypassed and the reference forward runs.
@@ -34,13 +39,15 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, sr_eps: float = 1e-5, backend: str = "auto"):
+                 proj_drop: float = 0.0, sr_eps: float = 1e-5, backend: str = "auto", memory: str = "save"):
         super().__init__(dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps)
+        MemoryMode.parse(memory, allowed=LAYER_MEMORY_MODES)
         self.backend = validate_backend(backend, check_available=False)
+        self.memory = memory
 
     @classmethod
     def from_reference(cls, module: SpatialReductionAttention, **kw) -> "FusedSpatialReductionAttention":
-        """A fused module sharing ``module``'s Parameter objects (and submodules); kw: e.g. backend."""
+        """A fused module sharing ``module``'s Parameter objects (and submodules); kw: backend, memory."""
         if not isinstance(module, SpatialReductionAttention):
             raise TypeError(f"from_reference needs a SpatialReductionAttention, got {type(module).__name__}")
         eps = module.sr_norm.eps if module.sr_ratio > 1 else 1e-5
@@ -66,7 +73,8 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
             # checked and no autograd / dispatcher layer is entered
             y = sr_attention_inference(x, hw, self.num_heads, self.sr_ratio, w, eps, backend)
         else:
-            y = sr_attention(x, tuple(hw), self.num_heads, sr=self.sr_ratio, eps=eps, backend=backend, **w)
+            y = sr_attention(x, tuple(hw), self.num_heads, sr=self.sr_ratio, eps=eps, backend=backend,
+                             save_output=self.memory == "save", **w)
         return self.proj_drop(y) if self.training and self.proj_drop.p > 0 else y
 
     def _op_weights(self) -> tuple[dict, float]:
@@ -87,4 +95,4 @@ class FusedSpatialReductionAttention(SpatialReductionAttention):
         return w, mods["sr_norm"].eps
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, backend={self.backend!r}, memory={self.memory!r}"

@@ -45,7 +45,7 @@ class Block(nn.Module):
     ):
         """``backend=None`` builds the pure-PyTorch reference layers; any backend name builds the
         fused layers, whose ops resolve that backend per call. ``memory`` ("save" or "recompute")
-        is the fused Mix-FFN's activation policy."""
+        is the fused attention's and Mix-FFN's activation policy."""
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         if backend is None:
@@ -54,7 +54,7 @@ class Block(nn.Module):
             from .attention_fused import FusedSpatialReductionAttention
 
             self.attn = FusedSpatialReductionAttention(
-                dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps, backend=backend
+                dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop, sr_eps, backend=backend, memory=memory
             )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)

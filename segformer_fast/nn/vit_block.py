@@ -25,7 +25,7 @@ class ViTBlock(nn.Module):
         eps: LayerNorm epsilon (1e-6 in ViT / SETR).
         backend: None builds the pure-PyTorch reference layers; a backend name builds the fused
             attention (sr_attention op, resolving that backend per call) and the fused MLP.
-        memory: the fused MLP's activation policy, "save" or "recompute".
+        memory: the fused attention's and MLP's activation policy, "save" or "recompute".
 
     Forward: x (B, N, C) -> (B, N, C); N may include a cls token.
     """
@@ -40,7 +40,8 @@ class ViTBlock(nn.Module):
         else:
             from .attention_fused import FusedSpatialReductionAttention
 
-            self.attn = FusedSpatialReductionAttention(dim, num_heads, 1, qkv_bias, 0.0, drop, backend=backend)
+            self.attn = FusedSpatialReductionAttention(dim, num_heads, 1, qkv_bias, 0.0, drop, backend=backend,
+                                                       memory=memory)
             self.mlp = FusedMlp(dim, dim * mlp_ratio, drop, memory=memory)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)

@@ -92,8 +92,9 @@ def _empty_like(x):
 
 def sr_attention_onnx(x, height, width, num_heads: int, sr: int, q_weight, q_bias, k_weight, k_bias, v_weight,
                       v_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight, norm_bias, eps: float,
-                      backend: str):
-    """segformer_fast::sr_attention -> (y (B, N, C), lse (B, h, N) fp32), as sr_attention_reference."""
+                      backend: str, save_output: bool):
+    """segformer_fast::sr_attention -> (y (B, N, C), lse (B, h, N) fp32, o (B, N, C) or empty), as
+    sr_attention_reference."""
     op = _op()
     q = _linear(x, q_weight, q_bias)  # (B, N, C)
     if sr > 1:
@@ -117,7 +118,7 @@ def sr_attention_onnx(x, height, width, num_heads: int, sr: int, q_weight, q_bia
     lse = op.ReduceLogSumExp(scores, op.Constant(value_ints=[-1]), keepdims=0)  # (B, h, N)
     o = op.MatMul(op.Softmax(scores, axis=-1), vh)  # (B, h, N, d)
     o = op.Reshape(op.Transpose(op.CastLike(o, x), perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-    return _linear(o, proj_weight, proj_bias), lse
+    return _linear(o, proj_weight, proj_bias), lse, (o if save_output else _empty_like(x))
 
 
 def _dwconv_gelu(h, height, width, weight, bias, approximate):

@@ -44,11 +44,11 @@ def assert_close(name, got, ref):
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
-def check(backend, b, h, w, c, heads, sr, qkv_bias=True, device="cpu"):
+def check(backend, b, h, w, c, heads, sr, qkv_bias=True, device="cpu", save_output=True):
     m = make(c, heads, sr, qkv_bias, device)
     params = list(m.parameters())
     x = torch.randn(b, h * w, c, device=device, requires_grad=True)
-    y = sr_attention(x, (h, w), heads, **weights(m), backend=backend)
+    y = sr_attention(x, (h, w), heads, **weights(m), backend=backend, save_output=save_output)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x] + params, g)
 
@@ -81,11 +81,33 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("save_output", [True, False], ids=["save", "recompute"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_{}x{}_C{}_h{}_sr{}".format(*s))
-def test_matches_reference(backend, shape):
+def test_matches_reference(backend, shape, save_output):
+    """Forward and every gradient, with the attention output kept for backward and recomputed there."""
     device = _skip_unless(backend)
-    check(backend, *shape, device=device)
+    check(backend, *shape, device=device, save_output=save_output)
+
+
+@pytest.mark.parametrize("save_output", [True, False])
+def test_saved_tensors(save_output):
+    """What autograd keeps: x, lse and (save_output) o itself, the tensor the projection read, not a copy."""
+    m, x, w = _args(sr=2, b=2)
+    x.requires_grad_()
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = sr_attention(x, (5, 7), 2, **w, backend="torch", save_output=save_output)
+    activations = [t for t in packed if t.shape[:1] == (2,)]  # the weights are (C, ...) with C = 64
+    shapes = sorted(tuple(t.shape) for t in activations)
+    assert shapes == sorted([(2, 35, 64), (2, 2, 35)] + ([(2, 35, 64)] if save_output else []))
+    y.sum().backward()  # the backward runs from what was kept
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -141,7 +163,7 @@ def test_bad_input(mutate, exc, match):
         sr_attention(a.pop("x"), a.pop("hw"), a.pop("num_heads"), **a)
 
 
-def _op_args(sr, backend, b=2, c=64, heads=2, h=5, w=7, grad=True):
+def _op_args(sr, backend, b=2, c=64, heads=2, h=5, w=7, grad=True, save_output=True):
     dev = backend_device(backend)
     m = make(c, heads, sr).to(dev)
     x = torch.randn(b, h * w, c, device=dev, requires_grad=grad)
@@ -149,12 +171,13 @@ def _op_args(sr, backend, b=2, c=64, heads=2, h=5, w=7, grad=True):
     ws = [wt.get(k) if sr > 1 or not k.startswith(("sr_", "norm_")) else None for k in sr_op._WEIGHT_NAMES]
     if not grad:
         ws = [None if t is None else t.detach() for t in ws]
-    return (x, h, w, heads, sr, *ws, 1e-5, backend)
+    return (x, h, w, heads, sr, *ws, 1e-5, backend, save_output)
 
 
+@pytest.mark.parametrize("save_output", [True, False])
 @pytest.mark.parametrize("sr", [1, 2])
-def test_opcheck(sr):
-    torch.library.opcheck(torch.ops.segformer_fast.sr_attention.default, _op_args(sr, "torch"))
+def test_opcheck(sr, save_output):
+    torch.library.opcheck(torch.ops.segformer_fast.sr_attention.default, _op_args(sr, "torch", save_output=save_output))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -495,16 +518,17 @@ def test_aten_core_in_the_layer(aten_on_cpu, monkeypatch):
     monkeypatch.setattr(sr_op.CORE, "_cache", {})
     m, x, w = _args(sr=2, b=3)
     wd = sr_op._weights_like(x, [w.get(k) for k in sr_op._WEIGHT_NAMES])
-    y, lse = sr_op._fwd(x, (5, 7), 2, 2, wd, 1e-5, "torch", "aten")
-    y_ref, lse_ref = sr_op._fwd(x, (5, 7), 2, 2, wd, 1e-5, "torch", "torch")
+    y, lse, o = sr_op._fwd(x, (5, 7), 2, 2, wd, 1e-5, "torch", "aten")
+    y_ref, lse_ref, o_ref = sr_op._fwd(x, (5, 7), 2, 2, wd, 1e-5, "torch", "torch")
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-6)
     dy = torch.randn_like(y)
-    dx, g = sr_op._bwd(dy, x, lse, (5, 7), 2, 2, wd, 1e-5, "torch", "aten")
-    dx_ref, g_ref = sr_op._bwd(dy, x, lse_ref, (5, 7), 2, 2, wd, 1e-5, "torch", "torch")
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
-    for k in g_ref:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    dx_ref, g_ref = sr_op._bwd(dy, x, lse_ref, o_ref, (5, 7), 2, 2, wd, 1e-5, "torch", "torch")
+    for saved in (o, o.new_empty(0)):  # the output kept, and recomputed from lse
+        dx, g = sr_op._bwd(dy, x, lse, saved, (5, 7), 2, 2, wd, 1e-5, "torch", "aten")
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+        for k in g_ref:
+            torch.testing.assert_close(g[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
     assert "efficient_backward" in aten_on_cpu.calls
 
 

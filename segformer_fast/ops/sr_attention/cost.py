@@ -3,8 +3,9 @@
 Shapes: q, o (B, N, C), k, v (B, M, C), heads h of dim d = C / h, lse (B, h, N) fp32; S = B*h*N*M
 scores. Only the attention core is modelled, not the q/k/v/output projections or the spatial
 reduction (cuBLAS matmuls in torch). The minimum backward is flash attention's with O and lse
-given (5 matmuls); the op as written saves only x and lse, so its backward first recomputes O
-(a 6th and 7th matmul).
+given (5 matmuls). The op as written (memory="save", its default: ``save_output=True``) keeps O, and
+its backward runs 7: the dQ kernel and the dK/dV kernel each form S and dP. With ``save_output=False``
+(memory="recompute": x and lse kept) the backward first recomputes O, a forward pass (9 matmuls).
 
 MODELLED: the git blobs of the files this model describes; benchmarks/roofline.py reports the model
 as stale when they change (then update the model and MODELLED, and regenerate the report).
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 from ..cost import BF16, EXP_FLOPS, FP32, L2_BYTES, SMS, Cost, Part, cdiv
 
-__all__ = ["roofline", "MODELLED"]
+__all__ = ["roofline", "MODELLED", "VARIANTS"]
 
 MODELLED = {"triton_kernels.py": "ad9a6652606238ed65a8115769cdee8bf2197caa",  # autotuned tiles: the default modelled
-            "op.py": "aad2fa593b38bb7f18c9a682548a0ece5083fb31"}
+            "op.py": "c45d351dc3bf4275d3fa4fa50185644809fca152"}
+# the other memory mode, reported beside the default: {label: roofline() keyword arguments}
+VARIANTS = {'memory="recompute" (O recomputed in backward)': {"save_output": False}}
 BLOCK_N, BLOCK_M = 64, 32  # launch_config(): query rows, key rows per tile
 DKDV_CTAS_PER_SM, DKDV_MIN_QUERY_BLOCKS = 4, 4  # triton_kernels' constants of dkdv_splits()
 
@@ -30,8 +33,10 @@ def dkdv_splits(N: int, M: int, bh: int, sms: int = SMS) -> int:
     return cdiv(N, cdiv(q_blocks, splits) * BLOCK_N)
 
 
-def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16) -> dict[str, Cost]:
-    """{"forward": Cost, "backward": Cost} of one attention core call (one layer)."""
+def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16,
+             save_output: bool = True) -> dict[str, Cost]:
+    """{"forward": Cost, "backward": Cost} of one attention core call (one layer); ``save_output``: O kept by the
+    forward (memory="save"), else recomputed from lse in backward."""
     bn, bm = BLOCK_N, BLOCK_M
     d = C // heads
     S = B * heads * N * M
@@ -76,13 +81,15 @@ def roofline(B: int, N: int, M: int, C: int, heads: int, dtype_bytes: int = BF16
         exps=S,
         notes="q, k, v, o, dO, lse read; dQ, dK, dV written (flash backward: 5 matmuls, one exp per score)",
         parts=(
-            Part("_sr_attention_fwd_kernel (O from lse)", 2 * q + 2 * kv * kv_reads + rows, gemm_flops=2 * mm,
-                 other_flops=S * (3 + EXP_FLOPS),
-                 note=f"O recomputed: the op keeps x and lse, not O; {q_grid}"),
+            *(() if save_output else (
+                Part("_sr_attention_fwd_kernel (O from lse)", 2 * q + 2 * kv * kv_reads + rows, gemm_flops=2 * mm,
+                     other_flops=S * (3 + EXP_FLOPS),
+                     note=f'O recomputed: memory="recompute" keeps x and lse, not O; {q_grid}'),)),
             # runs first: q, dO, O, lse in (K/V re-reads in L2); Delta = rowsum(dO * O) out for dK/dV, and dQ
             Part("_sr_attention_bwd_dq_kernel", 3 * q + 2 * rows + 2 * kv * kv_reads + q,
                  gemm_flops=3 * mm, other_flops=S * (5 + EXP_FLOPS) + 2 * B * N * C,
-                 note=f"{q_grid}; writes Delta; recomputes S and P (3 exps per score in the whole backward)"),
+                 note=f"{q_grid}; writes Delta; recomputes S and P "
+                      f"({2 if save_output else 3} exps per score in the whole backward)"),
             Part("_sr_attention_bwd_dkdv_kernel", 2 * kv + (2 * q + 2 * rows) * qdo_reads + dkdv_out,
                  gemm_flops=4 * mm, other_flops=S * (5 + EXP_FLOPS),
                  note=f"{k_grid}; q/dO/lse/Delta requested {n_kb}x per (b,h) "

@@ -11,16 +11,20 @@ The reduction is the Conv2d(k=s=sr) written as a matmul over non-overlapping pat
 layout (reduce.py): no NCHW copy. The attention core is flash-style: the (N, M) scores never exist
 as a whole, forward or backward.
 
-Saved for backward: x and the row log-sum-exp (B, h, N) only -- not q, k, v, nor o. The backward
-recomputes q, the reduction, k and v (matmuls, cheap next to attention), then O from the saved lse
-(P = exp(S - lse), one pass with no online max), then
+Saved for backward (``save_output``, memory="save" in the modules, the default): x, the row
+log-sum-exp (B, h, N) and the attention output o (B, N, C) -- not q, k, v, nor any (N, M) tile. o is
+the tensor the forward wrote anyway (the projection's input), so keeping it moves no extra bytes; it
+spares the backward a forward pass over all scores. With ``save_output=False`` (memory="recompute")
+only x and lse are kept, and the backward also recomputes O from the saved lse (P = exp(S - lse), one
+pass with no online max). Either way the backward recomputes q, the reduction, k and v (matmuls,
+cheap next to attention), then
     dO = dy Wp,  dWp = dy^T O,  Delta = rowsum(dO * O) per head,
     dP = dO V^T, dS = P * (dP - Delta),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d),  dV = P^T dO,
     dbk = 0 (the key bias shifts each query's scores by a constant, which softmax ignores),
 and chains through the projections, the LayerNorm and the patch matmul (whose adjoint scatters
 the patch gradients back to the tokens; cropped tokens get no gradient from the reduction).
-This keeps the saved activations at about C + h values per token against 3C or more for eager
-attention, at the price of one extra attention forward in the backward.
+This keeps the saved activations at 2C + h values per token (C + h with save_output=False) against
+3C or more for eager attention (which also keeps the (N, M) probabilities).
 
 Implementations (``backend``):
 - ``torch``: PyTorch ops. Attention core on CPU: ATen's tiled CPU flash-attention kernels
@@ -351,16 +355,19 @@ def _qkv(x, hw, sr, w, eps, kind):
 
 
 def _fwd(x, hw, num_heads, sr, w, eps, kind, core):
+    """(y, lse, o): the output, the row log-sum-exp and the attention output before the projection."""
     q, k, v, _, _ = _qkv(x, hw, sr, w, eps, kind)
     o, lse = attention_core_fwd(q, k, v, num_heads, (x.shape[2] // num_heads) ** -0.5, core)
-    return F.linear(o, w["proj_weight"], w["proj_bias"]), lse
+    return F.linear(o, w["proj_weight"], w["proj_bias"]), lse, o
 
 
-def _bwd(dy, x, lse, hw, num_heads, sr, w, eps, kind, core):
+def _bwd(dy, x, lse, o, hw, num_heads, sr, w, eps, kind, core):
+    """dx and the weight gradients; ``o`` is the saved attention output, or empty (recomputed from lse)."""
     c = x.shape[2]
     scale = (c // num_heads) ** -0.5
     q, k, v, kvx, saved = _qkv(x, hw, sr, w, eps, kind)
-    o, _ = attention_core_fwd(q, k, v, num_heads, scale, core, lse=lse)  # recomputed from the saved lse
+    if o.numel() == 0:
+        o, _ = attention_core_fwd(q, k, v, num_heads, scale, core, lse=lse)  # recomputed from the saved lse
     dy2, o2 = dy.reshape(-1, c), o.reshape(-1, c)
     g = {"proj_weight": dy2.t() @ o2, "proj_bias": dy2.sum(0)}
     do = torch.matmul(dy, w["proj_weight"])  # (B, N, C)
@@ -410,51 +417,57 @@ def _op_forward(
     v_weight: torch.Tensor, v_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
     sr_weight: Optional[torch.Tensor], sr_bias: Optional[torch.Tensor],
     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-    eps: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    eps: float, backend: str, save_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, lse, o): o, the attention output before the projection, when ``save_output`` (kept for backward),
+    else an empty tensor."""
     w = _weights_like(x, (q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
                           sr_weight, sr_bias, norm_weight, norm_bias))
-    y, lse = SPEC.resolve(backend, x).forward(x, (height, width), num_heads, sr, w, eps)
-    return y.contiguous(), lse.contiguous()
+    y, lse, o = SPEC.resolve(backend, x).forward(x, (height, width), num_heads, sr, w, eps)
+    return y.contiguous(), lse.contiguous(), (o.contiguous() if save_output else o.new_empty(0))
 
 
 def _op_forward_fake(x, height, width, num_heads, sr, *args):
     b, n, c = x.shape
-    return x.new_empty((b, n, c)), x.new_empty((b, num_heads, n), dtype=torch.promote_types(x.dtype, torch.float32))
+    save_output = args[-1]
+    return (x.new_empty((b, n, c)), x.new_empty((b, num_heads, n), dtype=torch.promote_types(x.dtype, torch.float32)),
+            x.new_empty((b, n, c) if save_output else (0,)))
 
 
 def _op_backward(
-    grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int, sr: int,
-    weights: list[Optional[torch.Tensor]], eps: float, backend: str,
+    grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, height: int, width: int, num_heads: int,
+    sr: int, weights: list[Optional[torch.Tensor]], eps: float, backend: str,
 ) -> list[torch.Tensor]:
-    """Returns [dx] + the gradient of every weight in ``weights`` that is not None, in order (in its dtype)."""
+    """Returns [dx] + the gradient of every weight in ``weights`` that is not None, in order (in its dtype).
+    ``o``: the saved attention output, or an empty tensor (then recomputed from x and lse)."""
     dtypes = {k: t.dtype for k, t in zip(_WEIGHT_NAMES, weights) if t is not None}
     w = _weights_like(x, weights)
-    dx, g = SPEC.resolve(backend, x).backward(grad, x, lse, (height, width), num_heads, sr, w, eps)
+    dx, g = SPEC.resolve(backend, x).backward(grad, x, lse, o, (height, width), num_heads, sr, w, eps)
     return [dx] + [g[k].to(dtypes[k]).contiguous() for k in _WEIGHT_NAMES if w[k] is not None]
 
 
-def _op_backward_fake(grad, x, lse, height, width, num_heads, sr, weights, eps, backend):
+def _op_backward_fake(grad, x, lse, o, height, width, num_heads, sr, weights, eps, backend):
     return [torch.empty_like(x)] + [torch.empty_like(t) for t in weights if t is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    x, height, width, num_heads, sr, *weights, eps, backend = inputs
+    x, height, width, num_heads, sr, *weights, eps, backend, _save_output = inputs
     ctx.args = (height, width, num_heads, sr, eps, backend)
     ctx.present = [t is not None for t in weights]
-    ctx.save_for_backward(x, output[1], *[t for t in weights if t is not None])
+    # output[2]: the attention output o, or empty (recomputed in backward)
+    ctx.save_for_backward(x, output[1], output[2], *[t for t in weights if t is not None])
 
 
-def _backward(ctx, grad, _grad_lse):
-    x, lse, *present = ctx.saved_tensors
+def _backward(ctx, grad, _grad_lse, _grad_o):
+    x, lse, o, *present = ctx.saved_tensors
     height, width, num_heads, sr, eps, backend = ctx.args
     it = iter(present)
     weights = [next(it) if p else None for p in ctx.present]
     res = torch.ops.segformer_fast.sr_attention_backward(
-        grad.contiguous(), x, lse, height, width, num_heads, sr, weights, eps, backend)
+        grad.contiguous(), x, lse, o, height, width, num_heads, sr, weights, eps, backend)
     it = iter(res[1:])
     grads = [next(it) if p else None for p in ctx.present]
-    return (res[0], None, None, None, None, *grads, None, None)
+    return (res[0], None, None, None, None, *grads, None, None, None)
 
 
 _sr_attention_op, _sr_attention_backward_op = fused_op(
@@ -561,6 +574,7 @@ def sr_attention(
     norm_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     backend: str = "auto",
+    save_output: bool = True,
 ) -> torch.Tensor:
     """Fused spatial-reduction attention of a MiT block, output projection included.
 
@@ -575,6 +589,9 @@ def sr_attention(
         backend: "auto", "torch", "triton" or "cuda" (see the module docstring). float64 is computed
             in fp64 by the torch ops ("torch", "auto", and "triton", whose fp32 core falls back to the
             torch core); the "cuda" kernels take float32, float16 and bfloat16 (TypeError otherwise).
+        save_output: keep the attention output o (before the projection) for backward: C more values per
+            token (C + h + C in all, with x and lse), and the backward skips recomputing o (two of its nine
+            (N x M x d) matmuls). False keeps x and lse only.
     Returns:
         (B, N, C): proj(attention(x)), before any dropout. Same dtype as x; the weights are in x's dtype,
         or fp32 with fp16/bf16 x (mixed precision: cast inside the op, fp32 gradients).
@@ -595,6 +612,7 @@ def sr_attention(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *w.values()))
     if not needs_grad and not torch.compiler.is_compiling():  # inference: skip the op dispatcher's overhead
         return _forward_only(x, hw, num_heads, sr, w, eps, backend)
-    y, _ = torch.ops.segformer_fast.sr_attention(
-        x.contiguous(), *(s if isinstance(s, torch.SymInt) else int(s) for s in hw), num_heads, sr, *(w[k] for k in _WEIGHT_NAMES), float(eps), backend)
+    y, _, _ = torch.ops.segformer_fast.sr_attention(
+        x.contiguous(), *(s if isinstance(s, torch.SymInt) else int(s) for s in hw), num_heads, sr,
+        *(w[k] for k in _WEIGHT_NAMES), float(eps), backend, bool(save_output))
     return y
