@@ -60,6 +60,10 @@ def test_patched_hf_training_matches_unpatched():
     fast = _hf(drop_path_rate=0.0, classifier_dropout_prob=0.0).train()
     fast.load_state_dict(ref.state_dict())
     sf.patch(fast, memory="recompute")
+    fused = [m.fused() for m in fast.modules() if hasattr(m, "fused")]
+    assert {type(f).__name__ for f in fused if hasattr(f, "memory")} == {"FusedSpatialReductionAttention",
+                                                                        "FusedMixFFN"}
+    assert {f.memory for f in fused if hasattr(f, "memory")} == {"recompute"}
     x = torch.randn(2, 3, 64, 96)
     labels = torch.randint(0, 5, (2, 64, 96))
     out_ref = ref(pixel_values=x, labels=labels, output_hidden_states=True)

@@ -102,7 +102,8 @@ def test_memory_mode_parse_and_layer_mode():
         MemoryMode.parse("checkpoint", allowed=LAYER_MEMORY_MODES)
     model = sf.segformer("b0", backend="auto", memory=MemoryMode.CHECKPOINT, **TINY)
     assert model.memory == "checkpoint" and "memory='checkpoint'" in repr(model)
-    assert model.encoder.stages[0].checkpoint and model.encoder.stages[0].blocks[0].mlp.memory == "recompute"
+    block = model.encoder.stages[0].blocks[0]
+    assert model.encoder.stages[0].checkpoint and block.mlp.memory == block.attn.memory == "recompute"
 
 
 def test_model_loss_is_fused_except_for_the_reference_backend():

@@ -105,3 +105,33 @@ def test_training_forward_saves_no_scores():
     w = {k.replace("sr_norm.", "norm_").replace(".", "_"): p for k, p in fused.named_parameters()}
     big = _big_tensors(lambda: sr_attention_reference(x, hw, heads, sr=sr, **w), n, m)
     assert (1, heads, n, m) in big
+
+
+def test_memory_mode_keeps_the_output_or_not():
+    """memory="save" keeps x, lse and the attention output o; "recompute" keeps x and lse only. Same gradients."""
+    import copy
+    import pickle
+
+    hw, c, heads, sr = (8, 12), 64, 2, 2
+    ref = SpatialReductionAttention(c, heads, sr)
+    x = torch.randn(2, hw[0] * hw[1], c)
+    saved, grads = {}, {}
+    for memory in ("save", "recompute"):
+        fused = FusedSpatialReductionAttention.from_reference(ref, backend="torch", memory=memory).train()
+        assert fused.memory == memory and f"memory={memory!r}" in repr(fused)
+        for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert clone.memory == memory
+        xg = x.clone().requires_grad_()
+        with SavedTensorRecorder(list(fused.parameters()) + [xg]) as rec:
+            y = fused(xg, hw)
+        saved[memory] = rec.bytes
+        y.square().sum().backward()
+        grads[memory] = [xg.grad] + [p.grad.clone() for p in fused.parameters()]
+        for p in fused.parameters():
+            p.grad = None
+    # the output o: (B, N, C) fp32 more in "save"; everything else kept alike
+    assert saved["save"] - saved["recompute"] == x.numel() * 4, saved
+    for a, b in zip(grads["save"], grads["recompute"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        FusedSpatialReductionAttention(c, heads, sr, memory="checkpoint")
