@@ -219,10 +219,16 @@ def test_upsample_cross_entropy(backend, dtype, reduction, record_property):
 SR_SHAPES = [(3, 7, 9, 64, 2, 2), (1, 13, 11, 32, 1, 4), (1, 5, 7, 64, 2, 1)]
 
 
+# every backend with the attention output kept for backward (memory="save"); the kernels' own backends also with
+# it recomputed there in 16 bits (memory="recompute")
+SR_MODES = [(b, True) for b in KERNEL_BACKENDS] + [("triton", False), ("cuda", False)]
+
+
 @pytest.mark.parametrize("shape", SR_SHAPES, ids=lambda s: "B{}_{}x{}_C{}_h{}_sr{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_sr_attention(backend, dtype, shape, record_property):
+@pytest.mark.parametrize("backend, save_output", SR_MODES,
+                         ids=[f"{b}-{'save' if keep else 'recompute'}" for b, keep in SR_MODES])
+def test_sr_attention(backend, save_output, dtype, shape, record_property):
     device = _skip_unless_runs(backend, dtype)
     b, h, w, c, heads, sr = shape
     s = c**-0.5  # weights of unit gain: activations stay of order one
@@ -240,8 +246,8 @@ def test_sr_attention(backend, dtype, shape, record_property):
     def call(fn, p, **kw):
         return fn(p["x"], (h, w), heads, sr=sr, **{k: v for k, v in p.items() if k != "x"}, **kw)
 
-    _check_rule(lambda p, _: call(sr_attention, p, backend=backend), lambda p, _: call(sr_attention_reference, p),
-                t, dtype, device, record_property)
+    _check_rule(lambda p, _: call(sr_attention, p, backend=backend, save_output=save_output),
+                lambda p, _: call(sr_attention_reference, p), t, dtype, device, record_property)
 
 
 # ---------------------------------------------------------------------------------------------
