@@ -36,9 +36,15 @@ __all__ = ["Impl", "OpSpec", "Decision", "Explanation", "NoImplementationError",
            "get_spec", "specs", "explain", "resolve_ops", "clear_caches"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# auto's measured order for an op with kernels in every backend: the compiled CUDA kernels, then
-# Triton, on a GPU; the C++ kernels on the CPU (Triton's interpreter is never auto's choice).
-KERNEL_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# auto's order for an op with kernels in every backend (dwconv3x3_gelu, upsample_sum, upsample_cross_entropy).
+# On a GPU: Triton, then the compiled CUDA kernels. Not yet measured on a GPU; chosen because the Triton
+# kernels hold the newer algorithms (the loss backward without the window recompute, the upsample_sum backward
+# reading the gradient once for all maps, the dwconv backward's gz in the input's dtype, not an fp32 scratch:
+# 10 bytes per element in 16 bits against 14), are the ones the roofline models and the
+# ahead-of-time report compiles without spills, are executed by every CI run (interpreter), and only a Triton
+# conv lets mix_ffn run its fused kernels. On the CPU the C++ kernels (Triton's interpreter is never auto's
+# choice).
+KERNEL_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 
 class NoImplementationError(NotImplementedError):
