@@ -22,8 +22,10 @@ kernel failure) is recorded for that provider and case, and the run goes on. ``g
 ``--budget`` seconds are spent.
 
 ``--roofline`` then times each fused op at its roofline shapes (``benchmarks/roofline.py``
-``measure()``) in the budget left, into ``roofline_b2_1024_bf16_measured.{json,md}`` (a GPU only; gpu_check.sh
-does not pass it).
+``measure()``) in the budget left, into ``roofline_b2_1024_bf16_measured.{json,md}``; ``--backends`` then each
+op's implementations against each other at those shapes (``benchmarks/backend_table.py``), into
+``backend_table_b2_1024.{json,md}``, the measurements auto's per-GPU order is taken from. A GPU only;
+gpu_check.sh passes both.
 
 ``--dry-run`` runs the same code on the CPU with B0 at 64x64, one timed round and no warm-up, so
 the script is exercised where there is no GPU (tests/test_gpu_check.py).
@@ -396,6 +398,21 @@ def _roofline(device: torch.device, out_dir: str, deadline: float) -> None:
         print(f"gpu_bench: roofline measurement failed: {_error_text(exc)}", flush=True)
 
 
+def _backend_table(device: torch.device, out_dir: str, deadline: float) -> None:
+    """--backends: each op's implementations timed against each other; its own files, never the cases' status."""
+    if device.type != "cuda":
+        print("gpu_bench: --backends needs a CUDA device; skipped", flush=True)
+        return
+    from benchmarks import backend_table
+
+    try:
+        backend_table.write(backend_table.measure(device, deadline=deadline - 5.0), out_dir)
+    except KeyboardInterrupt:
+        print("gpu_bench: backend table interrupted (time limit)", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the cases' results stand
+        print(f"gpu_bench: backend table failed: {_error_text(exc)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu"))
@@ -407,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roofline", action="store_true",
                         help="then, on a GPU, time each fused op against its roofline (benchmarks/roofline.py "
                              "measure(): B2 1024x1024 batch 8) within the budget left -> roofline_*_measured.{json,md}")
+    parser.add_argument("--backends", action="store_true",
+                        help="then, on a GPU, time each op's implementations against each other (benchmarks/"
+                             "backend_table.py) within the budget left -> backend_table_b2_1024.{json,md}")
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -487,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: interrupted; results so far written", flush=True)
         return 130
     write(record, args.out, t_start)
-    if args.roofline:
-        _roofline(device, args.out, deadline)
+    if args.roofline:  # with --backends too: 60% of the budget left, the rest for the backend table
+        left = max(0.0, deadline - time.perf_counter())
+        _roofline(device, args.out, time.perf_counter() + (0.6 * left if args.backends else left))
+    if args.backends:
+        _backend_table(device, args.out, deadline)
     errors = sum(r["status"] != "ok" for r in record["results"])
     print(f"gpu_bench: {len(record['results'])} results, {errors} errors, {len(record['skipped'])} cases skipped; "
           f"wrote {os.path.join(args.out, 'gpu_bench.json')} and gpu_bench.md", flush=True)

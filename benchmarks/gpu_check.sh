@@ -7,8 +7,9 @@
 #   2. build     pip install --no-build-isolation --no-deps -e . for sm_90 (fallback: build_ext --inplace),
 #                then `segformer-fast info`; the cuda and triton backends must be present -> build.log, backends.json
 #   3. bench     benchmarks/gpu_bench.py (ours / patched HF / HF eager / HF SDPA) -> gpu_bench.json, gpu_bench.md;
-#                then --roofline: each fused op timed at B2 1024 batch 8 against its bound, in the budget left
-#                -> roofline_b2_1024_bf16_measured.json, .md
+#                then --roofline: each fused op timed at B2 1024 batch 8 against its bound, and --backends: each
+#                op's implementations (Triton, CUDA C++, ATen attention) against each other, in the budget left
+#                -> roofline_b2_1024_bf16_measured.json, .md, backend_table_b2_1024.json, .md
 #   4. tests     the test suite on the GPU (all but tests/test_gpu_check.py, this script's dry run, and
 #                tests/test_aot_compile.py, the no-GPU compile), in
 #                three parallel shards, with the time left -> tests.log, tests.xml (junit), test_counts.json
@@ -46,7 +47,7 @@ BUDGET=${GPU_CHECK_BUDGET:-560}
 BENCH_LIMIT=${GPU_CHECK_BENCH_LIMIT:-190}
 for f in phases.tsv meta.txt env.txt env.json build.log backends.json gpu_bench.json gpu_bench.md gpu_bench.log \
     tests.log tests.xml test_counts.json summary.md summary.err DRY_RUN roofline_b2_1024_bf16_measured.json \
-    roofline_b2_1024_bf16_measured.md; do
+    roofline_b2_1024_bf16_measured.md backend_table_b2_1024.json backend_table_b2_1024.md; do
   rm -f "${OUTDIR:?}/$f"
 done
 rm -f "$OUTDIR"/tests-*.xml "$OUTDIR"/tests-*.log "$OUTDIR"/outcomes-*.jsonl
@@ -153,7 +154,8 @@ if (( DRY )); then
   bench_args=(--dry-run)
 else
   limit=$(min "$BENCH_LIMIT" $(( $(remaining) - 150 )))
-  bench_args=(--roofline)  # then each fused op at its roofline shapes, in the bench budget left
+  # then each fused op at its roofline shapes, and each op's implementations against each other, in the budget left
+  bench_args=(--roofline --backends)
 fi
 : > "$OUTDIR/gpu_bench.log"
 run_phase bench "$limit" "$OUTDIR/gpu_bench.log" \

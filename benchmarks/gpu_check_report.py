@@ -268,8 +268,12 @@ def cmd_summary(out_dir: str, print_short: bool = False) -> int:
         bench_lines.pop(0)
     roof = _read_text(p("roofline_b2_1024_bf16_measured.md"))
     if roof:  # gpu_bench --roofline: the per-op table (the per-call rows stay in its own file)
-        per_op = roof.split("## Per op", 1)[-1].split("\n## Per call")[0].splitlines()
+        per_op = roof.split("## Per op", 1)[-1].split("\n## ")[0].splitlines()
         bench_lines += ["", "## Roofline, measured (roofline_b2_1024_bf16_measured.md)"] + per_op
+    table = _read_text(p("backend_table_b2_1024.md"))
+    impls = [line for line in (table or "").split("\nPer call:")[0].splitlines() if line.startswith("|")]
+    if impls:  # gpu_bench --backends: each op's implementations, fastest first
+        bench_lines += ["", "## Implementations per op (backend_table_b2_1024.md)", ""] + impls
     _write(p("summary.md"), "\n".join(lines + bench_lines).rstrip() + "\n")
     if print_short:  # the per-row table left out; the rows that failed listed instead
         cut = next((i for i, line in enumerate(bench_lines) if line.startswith("| case | provider")), len(bench_lines))
@@ -277,6 +281,8 @@ def cmd_summary(out_dir: str, print_short: bool = False) -> int:
         short += [line for line in bench_lines[cut:] if line.startswith("Skipped:")]
         if roof:
             short += ["", "## Roofline, measured"] + [line for line in per_op if line.startswith("|")]
+        if impls:
+            short += ["", "## Implementations per op"] + impls
         rows = (_read_json(p("gpu_bench.json")) or {}).get("results", [])
         bad = [f"- {r['case']} {r['provider']}: {r['status']} {r.get('error') or ''}" for r in rows if r["status"] != "ok"]
         short += (["", "Not ok:"] + bad[:30]) if bad else []

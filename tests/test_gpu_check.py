@@ -105,3 +105,25 @@ def test_summary_carries_the_measured_roofline_table(tmp_path, capsys):
     assert "| sr_attention | forward |" in summary and "67% |" in summary  # the first op at 1.5x its bound
     assert "## Per call" not in summary
     assert "| upsample_sum | backward |" in capsys.readouterr().out
+
+
+def test_summary_carries_the_backend_table(tmp_path, capsys):
+    """gpu_bench --backends's per-op table (each implementation, fastest first) goes into summary.md and the
+    printed summary; its per-call rows and failures stay in its own file."""
+    from benchmarks import backend_table
+
+    rows = [dict(op="upsample_sum", shape="s", calls=1, backend="triton", forward_ms=1.0, train_ms=3.0),
+            dict(op="upsample_sum", shape="s", calls=1, backend="cuda", forward_ms=2.0, train_ms=5.0),
+            dict(op="sr_attention.core", shape="s", calls=1, backend="aten", error="RuntimeError: no")]
+    data = dict(meta=dict(model="b2", image=1024, batch=8, dtype="bfloat16", device="GPU", capability=[9, 0],
+                          torch="x", repeat=5), rows=rows,
+                totals={"upsample_sum": {"triton": {"forward": 1.0, "train": 3.0},
+                                         "cuda": {"forward": 2.0, "train": 5.0}}, "sr_attention.core": {}},
+                order={"upsample_sum": ["triton", "cuda"], "sr_attention.core": []})
+    backend_table.write(data, str(tmp_path))
+    assert gpu_check_report.main(["summary", str(tmp_path), "--print-short"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Implementations per op" in summary
+    assert "| upsample_sum | triton | 1.000 | 3.000 | 1 |" in summary and "| upsample_sum | cuda | 2.000 | 5.000 | 2 |" in summary
+    assert "Per call" not in summary and "RuntimeError" not in summary
+    assert "| upsample_sum | cuda |" in capsys.readouterr().out

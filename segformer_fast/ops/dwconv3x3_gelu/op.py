@@ -102,12 +102,17 @@ def _param_grads(x, c):
 
 
 _NEEDS = ("dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd")
+# Auto's order per CUDA GPU, (major, minor) -> order, e.g. (9, 0): ("cuda", "triton", "torch"). Filled from
+# measurements on that GPU only (benchmarks/backend_table.py, run by benchmarks/gpu_check.sh); a GPU not listed
+# gets KERNEL_PREFERENCE's order.
+GPU_PREFERENCE: dict[tuple[int, int], tuple[str, ...]] = {}
+
 SPEC = register(OpSpec("dwconv3x3_gelu", [
     Impl("torch", _torch_fwd, _torch_bwd, note="F.conv2d + GELU (NCHW views), fp32 backward"),
     Impl("triton", _triton_fwd, _triton_bwd, note="Triton kernels (triton_kernels.py)"),
     Impl("cpp", _cpp_fwd, _cpp_bwd, needs=_NEEDS, note="C++/OpenMP, fp32 (other dtypes upcast)"),
     Impl("cuda", _cuda_fwd, _cuda_bwd, needs=_NEEDS, note="CUDA kernels"),
-], prefer=KERNEL_PREFERENCE))
+], prefer=KERNEL_PREFERENCE, prefer_gpu=GPU_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
 

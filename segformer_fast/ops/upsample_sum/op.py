@@ -117,6 +117,11 @@ def _split(res, n, need_dscale, need_dshift):
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp32 arithmetic: fp64 runs on torch only
 
+# Auto's order per CUDA GPU, (major, minor) -> order, e.g. (9, 0): ("cuda", "triton", "torch"). Filled from
+# measurements on that GPU only (benchmarks/backend_table.py, run by benchmarks/gpu_check.sh); a GPU not listed
+# gets KERNEL_PREFERENCE's order.
+GPU_PREFERENCE: dict[tuple[int, int], tuple[str, ...]] = {}
+
 SPEC = register(OpSpec("upsample_sum", [
     Impl("torch", _torch_fwd, _torch_bwd, note="F.interpolate and its ATen backward, fp32 math (fp64 for fp64)"),
     Impl("triton", _triton_fwd, _triton_bwd, dtypes=_KERNEL_DTYPES, note="Triton kernels (triton_kernels.py)"),
@@ -124,7 +129,7 @@ SPEC = register(OpSpec("upsample_sum", [
          note="C++/OpenMP, fp32 (16-bit dtypes upcast)"),
     Impl("cuda", _cuda_fwd, _cuda_bwd, dtypes=_KERNEL_DTYPES, needs=("upsample_sum_fwd", "upsample_sum_bwd"),
          note="CUDA kernels"),
-], prefer=KERNEL_PREFERENCE))
+], prefer=KERNEL_PREFERENCE, prefer_gpu=GPU_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
 
