@@ -8,6 +8,8 @@ through the public op (autograd, as a model calls it): ``forward`` with no grad,
 and a backward from a random output gradient. Times are medians of CUDA-event-timed repeats, summed
 over the calls of the step (each call times its count of layers). The ops and implementations:
 
+- ``sr_attention``: the whole layer with the CUDA patch gather and LayerNorm kernels against torch's ops
+  (both around the attention core auto picks);
 - ``sr_attention.core``: the Triton kernels against ATen's flash / memory-efficient attention;
 - ``dwconv3x3_gelu``, ``upsample_sum``, ``upsample_cross_entropy``: Triton against the CUDA C++ kernels;
 - ``mix_ffn`` with its conv on each of those two (only a Triton conv runs the fused Mix-FFN kernels).
@@ -15,8 +17,8 @@ over the calls of the step (each call times its count of layers). The ops and im
 An implementation that cannot run (not built, a condition it refuses, out of memory) records why and
 the rest go on. ``order`` lists each op's implementations fastest first by train time (those that ran
 every call), which is what an op's ``prefer_gpu`` table takes for this GPU's compute capability:
-``GPU_PREFERENCE`` in dwconv3x3_gelu's (which mix_ffn follows), upsample_sum's and upsample_cross_entropy's
-op.py, ``CORE_GPU_PREFERENCE`` in sr_attention's for the attention core (with "torch" last in each).
+``GPU_PREFERENCE`` in dwconv3x3_gelu's (which mix_ffn follows), upsample_sum's, upsample_cross_entropy's and
+sr_attention's op.py, ``CORE_GPU_PREFERENCE`` in sr_attention's for the attention core (with "torch" last).
 Writes ``backend_table_<model>_<image>.{json,md}`` into ``--out``. On a CPU (a test, at toy shapes)
 the same code runs on Triton's interpreter and the CUDA stand-in.
 """
@@ -37,13 +39,15 @@ import torch
 from benchmarks.roofline import segformer_calls
 
 GPU_OPS = {
+    "sr_attention": ("cuda", "triton"),
     "sr_attention.core": ("triton", "aten"),
     "dwconv3x3_gelu": ("triton", "cuda"),
     "mix_ffn": ("triton", "cuda"),
     "upsample_sum": ("triton", "cuda"),
     "upsample_cross_entropy": ("triton", "cuda"),
 }
-_CALL_OP = {"sr_attention": "sr_attention.core"}  # a roofline call's op -> the op whose implementations are timed
+# a roofline call's op -> the ops whose implementations are timed at its shapes
+_CALL_OPS = {"sr_attention": ("sr_attention", "sr_attention.core")}
 
 
 def _runner(op: str, backend: str, shapes: dict, device: torch.device,
@@ -55,6 +59,23 @@ def _runner(op: str, backend: str, shapes: dict, device: torch.device,
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt).requires_grad_(grad)
 
     s = shapes
+    if op == "sr_attention":  # the whole layer: the reduction, LayerNorm and projections around the core
+        from segformer_fast.ops import sr_attention
+
+        B, N, M, C, h = s["B"], s["N"], s["M"], s["C"], s["heads"]
+        side, sr = int(round(N**0.5)), int(round((N / M) ** 0.5))
+        x = t(B, N, C, grad=True)
+        w = {f"{n}_weight": t(C, C, scale=C**-0.5, grad=True) for n in ("q", "k", "v", "proj")}
+        w.update({f"{n}_bias": t(C, grad=True) for n in ("q", "k", "v", "proj")})
+        if sr > 1:
+            w.update(sr_weight=t(C, C, sr, sr, scale=(C * sr * sr) ** -0.5, grad=True), sr_bias=t(C, grad=True),
+                     norm_weight=t(C, grad=True), norm_bias=t(C, grad=True))
+        gy = t(B, N, C)
+
+        def call():
+            return sr_attention(x, (side, side), h, sr=sr, backend=backend, **w)
+
+        return {"forward": call, "train": lambda: call().backward(gy)}
     if op == "sr_attention.core":
         from segformer_fast.ops.sr_attention.op import attention_core_bwd, attention_core_fwd
 
@@ -157,8 +178,9 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
     device = torch.device(device)
     dtype = dtype or torch.bfloat16
     rows = []
-    for call in calls if calls is not None else segformer_calls(model, image, batch):
-        op = _CALL_OP.get(call.op, call.op)
+    jobs = [(call, op) for call in (calls if calls is not None else segformer_calls(model, image, batch))
+            for op in _CALL_OPS.get(call.op, (call.op,))]
+    for call, op in jobs:
         for backend in GPU_OPS.get(op, ()):
             row = {"op": op, "shape": call.label, "calls": call.count, "backend": backend}
             rows.append(row)

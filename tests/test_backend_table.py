@@ -17,7 +17,7 @@ from benchmarks import backend_table  # noqa: E402
 from benchmarks.roofline import Call  # noqa: E402
 
 TOY = [
-    Call("sr_attention", "toy attention", 2, dict(B=1, N=16, M=4, C=64, heads=2, dtype_bytes=4)),
+    Call("sr_attention", "toy attention", 2, dict(B=1, N=16, M=4, C=64, heads=2, dtype_bytes=4)),  # 4x4, sr 2
     Call("mix_ffn", "toy mix_ffn", 2, dict(B=1, H=5, W=6, C=8, hidden=32, dtype_bytes=4)),
     Call("dwconv3x3_gelu", "toy dwconv", 2, dict(B=1, H=5, W=6, C=32, dtype_bytes=4)),
     Call("upsample_sum", "toy upsample_sum", 1, dict(B=1, D=8, H=8, W=8, sizes=[(8, 8), (4, 4)], dtype_bytes=4)),
@@ -38,7 +38,8 @@ def test_every_op_and_implementation_timed_or_explained(cuda_standin, tmp_path):
         if key != ("sr_attention.core", "aten"):
             assert "error" not in r, r
             assert r["forward_ms"] > 0 and r["train_ms"] > 0 and r["calls"] in (1, 2)
-    assert data["order"]["sr_attention.core"] == ["triton"]
+    assert data["order"]["sr_attention.core"] == ["triton"] and sorted(data["order"]["sr_attention"]) == [
+        "cuda", "triton"]
     for op in ("dwconv3x3_gelu", "mix_ffn", "upsample_sum", "upsample_cross_entropy"):
         per = data["totals"][op]
         assert sorted(data["order"][op]) == ["cuda", "triton"]
@@ -49,7 +50,7 @@ def test_every_op_and_implementation_timed_or_explained(cuda_standin, tmp_path):
     assert "| mix_ffn | triton |" in md and "sr_attention.core aten" in md
     skipped = backend_table.measure("cpu", dtype=torch.float32, repeat=1, warmup=0, calls=TOY[:1], deadline=0.0)
     assert all(r["error"] == "skipped: time budget" for r in skipped["rows"]) and skipped["order"] == {
-        "sr_attention.core": []}
+        "sr_attention": [], "sr_attention.core": []}
 
 
 def test_a_fallback_is_not_timed_as_the_backend_asked():

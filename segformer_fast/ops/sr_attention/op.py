@@ -391,6 +391,10 @@ def _impl(kind: str, core: str) -> tuple[Callable, Callable]:
     return functools.partial(_fwd, kind=kind, core=core), functools.partial(_bwd, kind=kind, core=core)
 
 
+# Auto's order of the whole layer per CUDA GPU, (major, minor) -> order; filled from measurements on that GPU
+# only (benchmarks/backend_table.py, run by benchmarks/gpu_check.sh); a GPU not listed gets the order below.
+GPU_PREFERENCE: dict[tuple[int, int], tuple[str, ...]] = {}
+
 SPEC = register(OpSpec("sr_attention", [
     Impl("torch", *_impl("torch", "torch"), note="PyTorch matmuls + the torch attention core"),
     Impl("triton", *_impl("torch", "triton"),
@@ -401,7 +405,7 @@ SPEC = register(OpSpec("sr_attention", [
          note="CUDA patch gather/scatter and bias+LayerNorm, cuBLAS matmuls, the best attention core present"),
     Impl("cpp", *_impl("torch", "torch"),
          note="no kernel of ours: the torch implementation, whose CPU core is ATen's C++ flash attention"),
-], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}))
+], prefer={"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}, prefer_gpu=GPU_PREFERENCE))
 IMPLEMENTED = tuple(SPEC.impls)
 
 
