@@ -124,6 +124,7 @@ def test_summary_carries_the_backend_table(tmp_path, capsys):
     assert gpu_check_report.main(["summary", str(tmp_path), "--print-short"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "## Implementations per op" in summary
-    assert "| upsample_sum | triton | 1.000 | 3.000 | 1 |" in summary and "| upsample_sum | cuda | 2.000 | 5.000 | 2 |" in summary
+    assert "| upsample_sum | triton | 1.000 | 3.000 | 1 |" in summary
+    assert "| upsample_sum | cuda | 2.000 | 5.000 | 2 |" in summary
     assert "Per call" not in summary and "RuntimeError" not in summary
     assert "| upsample_sum | cuda |" in capsys.readouterr().out
