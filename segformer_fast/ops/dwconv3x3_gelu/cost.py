@@ -14,7 +14,7 @@ from ..cost import BF16, ERF_FLOPS, EXP_FLOPS, FP32, Cost, Part, cdiv, next_pow2
 __all__ = ["roofline", "MODELLED"]
 
 MODELLED = {"triton_kernels.py": "da53091a45c17c42077a73c35848fe54a10e34db",  # forward tiles: the default
-            "op.py": "ab17bbd042121023d4958e475cffbcb98710633a"}
+            "op.py": "bccde773517667246454355be6bca914a5316d67"}
 
 CONV_FLOPS = 9 * 2 + 1  # 9 tap FMAs + the bias
 GELU_FLOPS = ERF_FLOPS + 4  # 0.5 z (1 + erf(z / sqrt 2))

@@ -18,7 +18,7 @@ from ..cost import BF16, EXP_FLOPS, FP32, L2_BYTES, SMS, Cost, Part, cdiv
 __all__ = ["roofline", "MODELLED", "VARIANTS"]
 
 MODELLED = {"triton_kernels.py": "ad9a6652606238ed65a8115769cdee8bf2197caa",  # autotuned tiles: the default modelled
-            "op.py": "c45d351dc3bf4275d3fa4fa50185644809fca152"}
+            "op.py": "f9d901e70aaab74b8c67f1522128881a9273d2e1"}
 # the other memory mode, reported beside the default: {label: roofline() keyword arguments}
 VARIANTS = {'memory="recompute" (O recomputed in backward)': {"save_output": False}}
 BLOCK_N, BLOCK_M = 64, 32  # launch_config(): query rows, key rows per tile

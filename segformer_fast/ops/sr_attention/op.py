@@ -618,5 +618,5 @@ def sr_attention(
         return _forward_only(x, hw, num_heads, sr, w, eps, backend)
     y, _, _ = torch.ops.segformer_fast.sr_attention(
         x.contiguous(), *(s if isinstance(s, torch.SymInt) else int(s) for s in hw), num_heads, sr,
-        *(w[k] for k in _WEIGHT_NAMES), float(eps), backend, bool(save_output))
+        *(w[k] for k in _WEIGHT_NAMES), float(eps), backend, bool(save_output and needs_grad))
     return y

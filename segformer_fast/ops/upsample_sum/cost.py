@@ -18,7 +18,7 @@ from ..cost import BF16, FP32, LERP2D_FLOPS, LERP_MIN_FLOPS, Cost, Part, cdiv, n
 __all__ = ["roofline", "MODELLED"]
 
 MODELLED = {"triton_kernels.py": "e99e1fe30c116c1c3d27e88c6fd57e9e3c11c7bc",
-            "op.py": "4b57c1002321900563282cd4010f03b53cae640d"}
+            "op.py": "54eeae594f4a4f5680fd7b7c5f71f323a13878f2"}
 
 
 def _readers(n_in: int, n_out: int) -> int:
