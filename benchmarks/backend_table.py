@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.roofline import segformer_calls
+from benchmarks.roofline import segformer_calls, time_ms
 
 GPU_OPS = {
     "sr_attention": ("cuda", "triton"),
@@ -136,22 +135,7 @@ def _runner(op: str, backend: str, shapes: dict, device: torch.device,
 
 def _time_ms(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int, grad: bool) -> float:
     with torch.set_grad_enabled(grad):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return time_ms(fn, device, repeat, warmup)
 
 
 def _error(exc: BaseException) -> str:

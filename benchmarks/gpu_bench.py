@@ -383,34 +383,23 @@ def write(record: dict, out_dir: str, t_start: float) -> None:
     atomic_write_text(os.path.join(out_dir, "gpu_bench.md"), to_markdown(record))
 
 
-def _roofline(device: torch.device, out_dir: str, deadline: float) -> None:
-    """--roofline: the fused ops timed at their roofline shapes; its own files, never the cases' status."""
+def _measure_ops(flag: str, device: torch.device, out_dir: str, deadline: float) -> None:
+    """--roofline (each fused op against its bound) or --backends (each op's implementations against each other),
+    at the roofline shapes, into their own files: never the cases' status."""
     if device.type != "cuda":
-        print("gpu_bench: --roofline needs a CUDA device; skipped", flush=True)
+        print(f"gpu_bench: {flag} needs a CUDA device; skipped", flush=True)
         return
-    from benchmarks import roofline
+    from benchmarks import backend_table, roofline
 
     try:
-        roofline.write_measured(roofline.measure(device, deadline=deadline - 5.0), out_dir)
+        if flag == "--roofline":
+            roofline.write_measured(roofline.measure(device, deadline=deadline - 5.0), out_dir)
+        else:
+            backend_table.write(backend_table.measure(device, deadline=deadline - 5.0), out_dir)
     except KeyboardInterrupt:
-        print("gpu_bench: roofline measurement interrupted (time limit)", flush=True)
+        print(f"gpu_bench: {flag} interrupted (time limit)", flush=True)
     except Exception as exc:  # noqa: BLE001 - the cases' results stand
-        print(f"gpu_bench: roofline measurement failed: {_error_text(exc)}", flush=True)
-
-
-def _backend_table(device: torch.device, out_dir: str, deadline: float) -> None:
-    """--backends: each op's implementations timed against each other; its own files, never the cases' status."""
-    if device.type != "cuda":
-        print("gpu_bench: --backends needs a CUDA device; skipped", flush=True)
-        return
-    from benchmarks import backend_table
-
-    try:
-        backend_table.write(backend_table.measure(device, deadline=deadline - 5.0), out_dir)
-    except KeyboardInterrupt:
-        print("gpu_bench: backend table interrupted (time limit)", flush=True)
-    except Exception as exc:  # noqa: BLE001 - the cases' results stand
-        print(f"gpu_bench: backend table failed: {_error_text(exc)}", flush=True)
+        print(f"gpu_bench: {flag} failed: {_error_text(exc)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     write(record, args.out, t_start)
     if args.roofline:  # with --backends too: 60% of the budget left, the rest for the backend table
         left = max(0.0, deadline - time.perf_counter())
-        _roofline(device, args.out, time.perf_counter() + (0.6 * left if args.backends else left))
+        _measure_ops("--roofline", device, args.out, time.perf_counter() + (0.6 * left if args.backends else left))
     if args.backends:
-        _backend_table(device, args.out, deadline)
+        _measure_ops("--backends", device, args.out, deadline)
     errors = sum(r["status"] != "ok" for r in record["results"])
     print(f"gpu_bench: {len(record['results'])} results, {errors} errors, {len(record['skipped'])} cases skipped; "
           f"wrote {os.path.join(args.out, 'gpu_bench.json')} and gpu_bench.md", flush=True)

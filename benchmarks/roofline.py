@@ -388,7 +388,8 @@ def _runners(call: Call, device, dtype) -> dict[str, Callable[[], Any]]:
     raise ValueError(f"no runner for op {call.op!r}")
 
 
-def _time_ms(fn: Callable[[], Any], device, repeat: int, warmup: int) -> float:
+def time_ms(fn: Callable[[], Any], device, repeat: int, warmup: int) -> float:
+    """Median of ``repeat`` timed calls of ``fn`` after ``warmup`` untimed ones (CUDA events on a GPU), in ms."""
     import time
 
     import torch
@@ -455,10 +456,10 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
                 continue
             try:
                 if direction in run:
-                    ms = _time_ms(run[direction], device, repeat, warmup)
+                    ms = time_ms(run[direction], device, repeat, warmup)
                 else:  # the backward timed with its forward
-                    ms = (_time_ms(run["backward+forward"], device, repeat, warmup)
-                          - _time_ms(run["forward"], device, repeat, warmup))
+                    ms = (time_ms(run["backward+forward"], device, repeat, warmup)
+                          - time_ms(run["forward"], device, repeat, warmup))
                 r["measured_ms"] = _r(ms * call.count, 4)
             except Exception as exc:  # noqa: BLE001 - recorded per row
                 r["measure_error"] = f"{type(exc).__name__}: {exc}"[:200]
