@@ -35,7 +35,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.roofline import segformer_calls, time_ms
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script or imported from tests: the repository root holds the benchmarks package
+    sys.path.insert(0, ROOT)
+
+from benchmarks.roofline import segformer_calls, time_ms  # noqa: E402
 
 GPU_OPS = {
     "sr_attention": ("cuda", "triton"),

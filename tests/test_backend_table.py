@@ -7,11 +7,15 @@ table, and the order and files it writes.
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the benchmarks package
 
 from benchmarks import backend_table  # noqa: E402
 from benchmarks.roofline import Call  # noqa: E402

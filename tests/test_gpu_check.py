@@ -110,6 +110,7 @@ def test_summary_carries_the_measured_roofline_table(tmp_path, capsys):
 def test_summary_carries_the_backend_table(tmp_path, capsys):
     """gpu_bench --backends's per-op table (each implementation, fastest first) goes into summary.md and the
     printed summary; its per-call rows and failures stay in its own file."""
+    sys.path.insert(0, ROOT)  # the benchmarks package
     from benchmarks import backend_table
 
     rows = [dict(op="upsample_sum", shape="s", calls=1, backend="triton", forward_ms=1.0, train_ms=3.0),
