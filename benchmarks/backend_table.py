@@ -15,7 +15,8 @@ over the calls of the step (each call times its count of layers). The ops and im
 - ``mix_ffn`` with its conv on each of those two (only a Triton conv runs the fused Mix-FFN kernels).
 
 An implementation that cannot run (not built, a condition it refuses, out of memory) records why and
-the rest go on. ``order`` lists each op's implementations fastest first by train time (those that ran
+the rest go on; an interrupt (the GPU check's time limit sends SIGINT) ends the table with what was
+measured kept. ``order`` lists each op's implementations fastest first by train time (those that ran
 every call), which is what an op's ``prefer_gpu`` table takes for this GPU's compute capability:
 ``GPU_PREFERENCE`` in dwconv3x3_gelu's (which mix_ffn follows), upsample_sum's, upsample_cross_entropy's and
 sr_attention's op.py, ``CORE_GPU_PREFERENCE`` in sr_attention's for the attention core (with "torch" last).
@@ -165,25 +166,27 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
     (default: :func:`benchmarks.roofline.segformer_calls` of model, image, batch)."""
     device = torch.device(device)
     dtype = dtype or torch.bfloat16
-    rows = []
+    rows, interrupted = [], False
     jobs = [(call, op) for call in (calls if calls is not None else segformer_calls(model, image, batch))
             for op in _CALL_OPS.get(call.op, (call.op,))]
     for call, op in jobs:
         for backend in GPU_OPS.get(op, ()):
             row = {"op": op, "shape": call.label, "calls": call.count, "backend": backend}
             rows.append(row)
-            if deadline is not None and time.perf_counter() > deadline:
-                row["error"] = "skipped: time budget"
+            if interrupted or (deadline is not None and time.perf_counter() > deadline):
+                row["error"] = "skipped: interrupted" if interrupted else "skipped: time budget"
                 continue
-            probe = torch.empty(1, device=device, dtype=dtype)
-            why = _resolves_to(op, backend, probe, call.shapes)
-            if why:
-                row["error"] = why
-                continue
+            run = None
             try:
+                why = _resolves_to(op, backend, torch.empty(1, device=device, dtype=dtype), call.shapes)
+                if why:
+                    row["error"] = why
+                    continue
                 run = _runner(op, backend, call.shapes, device, dtype)
                 for kind, grad in (("forward", False), ("train", True)):
                     row[f"{kind}_ms"] = round(_time_ms(run[kind], device, repeat, warmup, grad) * call.count, 4)
+            except KeyboardInterrupt:  # a time limit's SIGINT: what was measured is still returned (and written)
+                row["error"], interrupted = "interrupted", True
             except Exception as exc:  # noqa: BLE001 - recorded per row
                 row["error"] = _error(exc)
             run = None
@@ -201,7 +204,7 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
     meta = {"model": model, "image": image, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
             "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
-            "torch": torch.__version__, "repeat": repeat}
+            "torch": torch.__version__, "repeat": repeat, "interrupted": interrupted}
     return {"meta": meta, "rows": rows, "totals": totals, "order": order}
 
 

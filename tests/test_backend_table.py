@@ -61,3 +61,23 @@ def test_a_fallback_is_not_timed_as_the_backend_asked():
     # head dim 24: the Triton core declares a fallback to the torch core, which must not be timed as "triton"
     why = backend_table._resolves_to("sr_attention.core", "triton", torch.empty(1), dict(C=48, heads=2))
     assert why == "'triton' falls back to 'torch' here"
+
+
+def test_an_interrupt_keeps_what_was_measured(cuda_standin, monkeypatch):
+    """A time limit's SIGINT (KeyboardInterrupt) mid-table: the rows timed so far are kept, the rest marked."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the toy run needs the interpreter and the CUDA stand-in (no GPU)")
+    real = backend_table._runner
+
+    def runner(op, backend, *args):
+        if op == "upsample_sum" and backend == "cuda":
+            raise KeyboardInterrupt
+        return real(op, backend, *args)
+
+    monkeypatch.setattr(backend_table, "_runner", runner)
+    data = backend_table.measure("cpu", dtype=torch.float32, repeat=1, warmup=0, calls=TOY[3:5])
+    got = {(r["op"], r["backend"]): r for r in data["rows"]}
+    assert got[("upsample_sum", "triton")]["train_ms"] > 0
+    assert got[("upsample_sum", "cuda")]["error"] == "interrupted"
+    assert {got[("upsample_cross_entropy", b)]["error"] for b in ("triton", "cuda")} == {"skipped: interrupted"}
+    assert data["meta"]["interrupted"] and data["order"]["upsample_sum"] == ["triton"]  # those timed at every call
