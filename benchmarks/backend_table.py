@@ -41,6 +41,7 @@ if ROOT not in sys.path:  # run as a script or imported from tests: the reposito
     sys.path.insert(0, ROOT)
 
 from benchmarks.roofline import segformer_calls, time_ms  # noqa: E402
+from segformer_fast.utils.atomic import atomic_write_text  # noqa: E402
 
 GPU_OPS = {
     "sr_attention": ("cuda", "triton"),
@@ -176,7 +177,6 @@ def measure(device="cuda", model: str = "b2", image: int = 1024, batch: int = 8,
             if interrupted or (deadline is not None and time.perf_counter() > deadline):
                 row["error"] = "skipped: interrupted" if interrupted else "skipped: time budget"
                 continue
-            run = None
             try:
                 why = _resolves_to(op, backend, torch.empty(1, device=device, dtype=dtype), call.shapes)
                 if why:
@@ -238,11 +238,8 @@ def write(data: dict, out_dir: str) -> tuple[str, str]:
     """``backend_table_<model>_<image>.{json,md}`` in ``out_dir``, each written whole (temporary file, then renamed)."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"backend_table_{data['meta']['model']}_{data['meta']['image']}")
-    for path, text in ((stem + ".json", json.dumps(data, indent=1) + "\n"), (stem + ".md", markdown(data))):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    atomic_write_text(stem + ".json", json.dumps(data, indent=1) + "\n")
+    atomic_write_text(stem + ".md", markdown(data))
     print(f"wrote {stem}.json and {stem}.md", flush=True)
     return stem + ".json", stem + ".md"
 

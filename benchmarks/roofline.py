@@ -180,7 +180,8 @@ def report(model: str = "b2", image: int = 1024, batch: int = 8) -> dict[str, An
             costs = call.cost(**kwargs)
             variant_rows += [dict(row(call, direction, costs[direction]), variant=label)
                              for direction in ("forward", "backward")]
-    default = {(t["op"], t["direction"]): t["predicted_ms"] for t in _totals(rows)}
+    totals = _totals(rows)
+    default = {(t["op"], t["direction"]): t["predicted_ms"] for t in totals}
     variants = [dict(t, variant=label) for label in dict.fromkeys(r["variant"] for r in variant_rows)
                 for t in _totals([r for r in variant_rows if r["variant"] == label])
                 if t["predicted_ms"] != default[(t["op"], t["direction"])]]  # only what the mode changes
@@ -188,7 +189,7 @@ def report(model: str = "b2", image: int = 1024, batch: int = 8) -> dict[str, An
         "model": model, "image": image, "batch": batch, "dtype": DTYPE,
         "rates": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "gemm_flops_per_s": GEMM_FLOPS_PER_S,
                   "fp32_flops_per_s": FP32_FLOPS_PER_S},
-        "flag_ratio": FLAG_RATIO, "rows": rows, "totals": _totals(rows), "variants": variants,
+        "flag_ratio": FLAG_RATIO, "rows": rows, "totals": totals, "variants": variants,
     }
 
 

@@ -317,9 +317,9 @@ def segformer(variant: str | SegFormerConfig = "b0", num_classes: int = 150, bac
             "cuda" or "cpp". A backend that is not available raises.
         memory: what training keeps for backward: "save" (default), "recompute" (the fused Mix-FFN
             keeps only its input, the fused attention its input and log-sum-exp, and each recomputes
-            the rest in backward; no effect with backend "torch") or "checkpoint" ("recompute" plus activation checkpointing of each block,
-            patch embedding, stage norm and the decoder, while training with grad enabled;
-            gradients as with "save").
+            the rest in backward; no effect with backend "torch") or "checkpoint" ("recompute" plus
+            activation checkpointing of each block, patch embedding, stage norm and the decoder, while
+            training with grad enabled; gradients as with "save").
         **overrides: any SegFormerConfig field, e.g. ``depths=(1, 1, 1, 1)``, ``drop_path_rate=0.0``.
     Returns:
         A SegFormer nn.Module (train mode, as nn.Modules start).
