@@ -92,7 +92,7 @@ def test_matches_reference(backend, shape, save_output):
 
 @pytest.mark.parametrize("save_output", [True, False])
 def test_saved_tensors(save_output):
-    """What autograd keeps: x, lse and (save_output) o itself, the tensor the projection read, not a copy."""
+    """What autograd keeps for the activations: x, lse and, with save_output, o (B, N, C); no other activation."""
     m, x, w = _args(sr=2, b=2)
     x.requires_grad_()
     packed = []
